@@ -1,0 +1,344 @@
+//! Configuration: the TOML file (or `wrap` flags) read as a raw form, validated once into [`Config`].
+//!
+//! Nothing downstream re-checks a setting: a bad value never survives loading, and every error names
+//! the config path it came from (`upstream.command: program "x" not found on PATH`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub sessions: SessionConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where `/mcp` and the health endpoints listen.
+    pub listen: SocketAddr,
+    /// Exact `Origin` values browsers may send (scheme://host[:port]); `*` allows any.
+    pub allowed_origins: Vec<String>,
+    /// Also allow any `Origin` whose host is loopback (localhost, 127.0.0.1, [::1]).
+    pub allow_loopback_origins: bool,
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// How long a client may take to send its request headers.
+    pub header_read_timeout: Duration,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub kind: UpstreamKind,
+    /// How long one call may take, end to end, before the client gets a timeout error.
+    pub call_timeout: Duration,
+    /// How long a request waits for the upstream to be (re)started and initialized.
+    pub connect_timeout: Duration,
+    /// The longest pause between restarts of a dying stdio child.
+    pub restart_backoff_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum UpstreamKind {
+    /// A child process spoken to over stdio.
+    Stdio {
+        program: String,
+        args: Vec<String>,
+        /// The child's whole environment: nothing else of the gateway's is passed on.
+        env: Vec<(String, String)>,
+        cwd: Option<PathBuf>,
+    },
+    /// A remote MCP server spoken to over Streamable HTTP.
+    Http { url: hyper::Uri },
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// A session unused this long is ended.
+    pub idle_timeout: Duration,
+    /// At most this many live sessions; `initialize` beyond it gets 503.
+    pub max: usize,
+}
+
+/// A configuration error, naming where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}: {1}")]
+    Invalid(String, String),
+}
+
+fn invalid(path: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(path.to_string(), message.into())
+}
+
+/// The variables a stdio child inherits from the gateway unless the config names others.
+pub const DEFAULT_ENV_PASSTHROUGH: &[&str] = &["PATH", "HOME", "LANG", "TMPDIR"];
+
+/// The config file's shape. Unknown fields are errors, so a typo never silently does nothing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub sessions: RawSessions,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub allow_loopback_origins: Option<bool>,
+    pub max_body_bytes: Option<u64>,
+    pub header_read_timeout_ms: Option<u64>,
+    pub shutdown_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// The stdio server's command line: program then arguments.
+    pub command: Option<Vec<String>>,
+    /// A remote Streamable HTTP server's endpoint, e.g. `http://127.0.0.1:3001/mcp`.
+    pub url: Option<String>,
+    /// Variables set for the child.
+    pub env: Option<BTreeMap<String, String>>,
+    /// Variables copied from the gateway's own environment (default: PATH, HOME, LANG, TMPDIR).
+    pub env_passthrough: Option<Vec<String>>,
+    pub cwd: Option<PathBuf>,
+    pub call_timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    pub restart_backoff_max_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSessions {
+    pub idle_timeout_secs: Option<u64>,
+    pub max: Option<u64>,
+}
+
+impl RawConfig {
+    /// Reads and parses a TOML file (not yet validated).
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Validates every setting and fills in defaults.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let s = self.server;
+        let listen = s.listen.as_deref().unwrap_or("127.0.0.1:3402");
+        let listen: SocketAddr = listen
+            .parse()
+            .map_err(|_| invalid("server.listen", format!("{listen:?} is not an address like 127.0.0.1:3402")))?;
+        let allowed_origins = s.allowed_origins.unwrap_or_default();
+        for (i, o) in allowed_origins.iter().enumerate() {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(invalid(
+                    &format!("server.allowed_origins[{i}]"),
+                    format!("{o:?} must be \"*\" or start with http:// or https://"),
+                ));
+            }
+        }
+        let max_body_bytes = positive("server.max_body_bytes", s.max_body_bytes, 1 << 20)?;
+        let server = ServerConfig {
+            listen,
+            allowed_origins: allowed_origins.into_iter().map(|o| o.trim_end_matches('/').to_string()).collect(),
+            allow_loopback_origins: s.allow_loopback_origins.unwrap_or(true),
+            max_body_bytes: usize::try_from(max_body_bytes)
+                .map_err(|_| invalid("server.max_body_bytes", "too large"))?,
+            header_read_timeout: ms("server.header_read_timeout_ms", s.header_read_timeout_ms, 10_000)?,
+            shutdown_timeout: ms("server.shutdown_timeout_ms", s.shutdown_timeout_ms, 10_000)?,
+        };
+
+        let u = self.upstream;
+        let kind = match (u.command, u.url) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("upstream", "set either `command` (stdio) or `url` (HTTP), not both"));
+            }
+            (None, None) => {
+                return Err(invalid("upstream", "set `command` (a stdio server) or `url` (a Streamable HTTP server)"));
+            }
+            (Some(command), None) => {
+                let mut parts = command.into_iter();
+                let program = parts
+                    .next()
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| invalid("upstream.command", "is empty; give the program and its arguments"))?;
+                if find_program(&program).is_none() {
+                    return Err(invalid(
+                        "upstream.command",
+                        format!("program {program:?} not found (not a file, and not on PATH)"),
+                    ));
+                }
+                let passthrough = u
+                    .env_passthrough
+                    .unwrap_or_else(|| DEFAULT_ENV_PASSTHROUGH.iter().map(|s| s.to_string()).collect());
+                let mut env: Vec<(String, String)> = passthrough
+                    .into_iter()
+                    .filter_map(|k| std::env::var(&k).ok().map(|v| (k, v)))
+                    .collect();
+                for (k, v) in u.env.unwrap_or_default() {
+                    if k.is_empty() || k.contains('=') {
+                        return Err(invalid("upstream.env", format!("{k:?} is not a valid variable name")));
+                    }
+                    env.retain(|(name, _)| name != &k);
+                    env.push((k, v));
+                }
+                if let Some(cwd) = &u.cwd
+                    && !cwd.is_dir()
+                {
+                    return Err(invalid("upstream.cwd", format!("{} is not a directory", cwd.display())));
+                }
+                UpstreamKind::Stdio {
+                    program,
+                    args: parts.collect(),
+                    env,
+                    cwd: u.cwd,
+                }
+            }
+            (None, Some(url)) => {
+                if u.env.is_some() || u.env_passthrough.is_some() || u.cwd.is_some() {
+                    return Err(invalid("upstream", "`env`, `env_passthrough` and `cwd` apply only to a `command` upstream"));
+                }
+                let uri: hyper::Uri = url
+                    .parse()
+                    .map_err(|e| invalid("upstream.url", format!("{url:?} is not a URL: {e}")))?;
+                match uri.scheme_str() {
+                    Some("http") => {}
+                    Some("https") => {
+                        return Err(invalid("upstream.url", "https upstreams are not supported yet; use http:// (e.g. behind a local TLS terminator)"));
+                    }
+                    _ => return Err(invalid("upstream.url", format!("{url:?} must start with http://"))),
+                }
+                if uri.host().is_none() {
+                    return Err(invalid("upstream.url", format!("{url:?} has no host")));
+                }
+                UpstreamKind::Http { url: uri }
+            }
+        };
+        let upstream = UpstreamConfig {
+            kind,
+            call_timeout: ms("upstream.call_timeout_ms", u.call_timeout_ms, 60_000)?,
+            connect_timeout: ms("upstream.connect_timeout_ms", u.connect_timeout_ms, 30_000)?,
+            restart_backoff_max: ms("upstream.restart_backoff_max_ms", u.restart_backoff_max_ms, 5_000)?,
+        };
+
+        let sessions = SessionConfig {
+            idle_timeout: Duration::from_secs(positive(
+                "sessions.idle_timeout_secs",
+                self.sessions.idle_timeout_secs,
+                3600,
+            )?),
+            max: positive("sessions.max", self.sessions.max, 10_000)? as usize,
+        };
+        Ok(Config {
+            server,
+            upstream,
+            sessions,
+        })
+    }
+}
+
+fn positive(path: &str, v: Option<u64>, default: u64) -> Result<u64, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(0) => Err(invalid(path, "must be greater than 0")),
+        Some(n) => Ok(n),
+    }
+}
+
+fn ms(path: &str, v: Option<u64>, default: u64) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_millis(positive(path, v, default)?))
+}
+
+/// Finds a program the way a shell would: a path with a slash as is, else on `PATH`.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return p.is_file().then_some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "t.toml".into(),
+            message: e.to_string(),
+        })?;
+        raw.validate()
+    }
+
+    #[test]
+    fn a_minimal_stdio_config_gets_the_defaults() {
+        let c = parse("[upstream]\ncommand = [\"sh\", \"-c\", \"cat\"]").unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:3402");
+        assert_eq!(c.server.max_body_bytes, 1 << 20);
+        assert!(matches!(c.upstream.kind, UpstreamKind::Stdio { ref program, .. } if program == "sh"));
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_that_name_the_field() {
+        let e = parse("[upstream]\ncommand = [\"sh\"]\ncomand = 1").unwrap_err().to_string();
+        assert!(e.contains("comand"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_program_is_named() {
+        let e = parse("[upstream]\ncommand = [\"no-such-program-xyz\"]").unwrap_err().to_string();
+        assert!(e.starts_with("upstream.command:"), "{e}");
+        assert!(e.contains("no-such-program-xyz"), "{e}");
+    }
+
+    #[test]
+    fn zero_limits_and_bad_addresses_are_refused() {
+        let e = parse("[server]\nmax_body_bytes = 0\n[upstream]\ncommand = [\"sh\"]").unwrap_err();
+        assert!(e.to_string().starts_with("server.max_body_bytes:"), "{e}");
+        let e = parse("[server]\nlisten = \"nowhere\"\n[upstream]\ncommand = [\"sh\"]").unwrap_err();
+        assert!(e.to_string().starts_with("server.listen:"), "{e}");
+    }
+
+    #[test]
+    fn an_upstream_must_be_exactly_one_kind() {
+        assert!(parse("").unwrap_err().to_string().starts_with("upstream:"));
+        let both = "[upstream]\ncommand = [\"sh\"]\nurl = \"http://127.0.0.1:1/mcp\"";
+        assert!(parse(both).unwrap_err().to_string().starts_with("upstream:"));
+        let https = "[upstream]\nurl = \"https://example.com/mcp\"";
+        assert!(parse(https).unwrap_err().to_string().starts_with("upstream.url:"));
+    }
+
+    #[test]
+    fn the_child_environment_holds_only_what_is_named() {
+        let c = parse("[upstream]\ncommand = [\"sh\"]\nenv_passthrough = []\nenv = { A = \"1\" }").unwrap();
+        let UpstreamKind::Stdio { env, .. } = c.upstream.kind else { panic!() };
+        assert_eq!(env, vec![("A".to_string(), "1".to_string())]);
+    }
+}

@@ -1,0 +1,216 @@
+//! JSON-RPC 2.0 messages as MCP uses them: parsing, classification, and the error codes Tollgate speaks.
+//!
+//! A message is kept as the JSON object it arrived as (`serde_json::Map`), so fields Tollgate does not
+//! know pass through untouched; only `id`, `method`, `params._meta.progressToken` and friends are read
+//! or rewritten.
+
+use serde_json::{Map, Value, json};
+
+/// The MCP protocol revisions Tollgate speaks with its clients, oldest first.
+pub const SUPPORTED_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
+/// The newest revision in [`SUPPORTED_VERSIONS`]; what Tollgate asks its stdio upstream for.
+pub const LATEST_VERSION: &str = "2025-11-25";
+/// What a request without an `MCP-Protocol-Version` header is taken to speak (transport spec).
+pub const DEFAULT_HEADER_VERSION: &str = "2025-03-26";
+
+/// Whether Tollgate speaks this protocol revision.
+pub fn is_supported_version(v: &str) -> bool {
+    SUPPORTED_VERSIONS.contains(&v)
+}
+
+/// Standard JSON-RPC and MCP error codes, and Tollgate's own (the table in README.md).
+pub mod code {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INVALID_PARAMS: i64 = -32602;
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// MCP 2026-07-28: an `Mcp-Method` / `Mcp-Name` / version header disagrees with the body.
+    pub const HEADER_MISMATCH: i64 = -32020;
+    /// MCP 2026-07-28: the requested protocol revision is not supported; `data.supported` lists ours.
+    pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
+    /// The upstream MCP server is not running or cannot be reached.
+    pub const UPSTREAM_UNAVAILABLE: i64 = -32030;
+    /// The upstream did not answer within the configured call timeout.
+    pub const UPSTREAM_TIMEOUT: i64 = -32031;
+    /// The upstream answered something that is not valid MCP.
+    pub const UPSTREAM_PROTOCOL: i64 = -32032;
+    /// The upstream went away while the call was in flight.
+    pub const UPSTREAM_CLOSED: i64 = -32033;
+    /// The `Mcp-Session-Id` names no live session (HTTP 404).
+    pub const SESSION_NOT_FOUND: i64 = -32034;
+    /// The request's `Origin` is not allowed (HTTP 403).
+    pub const ORIGIN_FORBIDDEN: i64 = -32035;
+    /// The request body is larger than the configured limit (HTTP 413).
+    pub const BODY_TOO_LARGE: i64 = -32036;
+    /// The request's `Accept` or `Content-Type` cannot be served (HTTP 406 / 415).
+    pub const NOT_ACCEPTABLE: i64 = -32037;
+    /// The client cancelled the request.
+    pub const REQUEST_CANCELLED: i64 = -32038;
+    /// The gateway is shutting down or at its session limit (HTTP 503).
+    pub const UNAVAILABLE: i64 = -32039;
+}
+
+/// What kind of JSON-RPC message an object is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Has `method` and `id`: expects an answer.
+    Request,
+    /// Has `method`, no `id`.
+    Notification,
+    /// Has `id` and `result` or `error`.
+    Response,
+}
+
+/// Why a body is not a single JSON-RPC message.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("body is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("JSON-RPC batches are not supported (MCP removed batching in 2025-06-18); send one message per POST")]
+    Batch,
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+/// One JSON-RPC message, kept as its JSON object.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub obj: Map<String, Value>,
+    pub kind: Kind,
+}
+
+impl Message {
+    /// Parses one message from a POST body. Arrays (batches) and non-objects are refused.
+    pub fn parse(body: &[u8]) -> Result<Message, ParseError> {
+        let value: Value = serde_json::from_slice(body)?;
+        match value {
+            Value::Object(obj) => Message::from_object(obj),
+            Value::Array(_) => Err(ParseError::Batch),
+            _ => Err(ParseError::Invalid("a JSON-RPC message must be a JSON object")),
+        }
+    }
+
+    /// Classifies an object as a request, notification or response.
+    pub fn from_object(obj: Map<String, Value>) -> Result<Message, ParseError> {
+        if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+            return Err(ParseError::Invalid(r#"the "jsonrpc" member must be "2.0""#));
+        }
+        let id = obj.get("id");
+        if let Some(id) = id
+            && !(id.is_string() || id.is_i64() || id.is_u64())
+        {
+            return Err(ParseError::Invalid(r#"the "id" member must be a string or an integer"#));
+        }
+        let kind = match (obj.get("method"), id) {
+            (Some(Value::String(_)), Some(_)) => Kind::Request,
+            (Some(Value::String(_)), None) => Kind::Notification,
+            (Some(_), _) => return Err(ParseError::Invalid(r#"the "method" member must be a string"#)),
+            (None, Some(_)) if obj.contains_key("result") || obj.contains_key("error") => Kind::Response,
+            (None, _) => {
+                return Err(ParseError::Invalid(
+                    r#"a JSON-RPC message needs a "method" (request or notification) or a "result"/"error" (response)"#,
+                ));
+            }
+        };
+        Ok(Message { obj, kind })
+    }
+
+    pub fn id(&self) -> Option<&Value> {
+        self.obj.get("id")
+    }
+
+    pub fn method(&self) -> Option<&str> {
+        self.obj.get("method").and_then(Value::as_str)
+    }
+
+    pub fn params(&self) -> Option<&Map<String, Value>> {
+        self.obj.get("params").and_then(Value::as_object)
+    }
+
+    /// `params.<key>` as a string, e.g. the tool name of a `tools/call`.
+    pub fn param_str(&self, key: &str) -> Option<&str> {
+        self.params()?.get(key)?.as_str()
+    }
+
+    /// `params._meta.progressToken`, if the client asked for progress.
+    pub fn progress_token(&self) -> Option<&Value> {
+        self.params()?.get("_meta")?.as_object()?.get("progressToken")
+    }
+
+    /// Replaces `params._meta.progressToken` (which must exist) and returns the old one.
+    pub fn replace_progress_token(&mut self, token: Value) -> Option<Value> {
+        let meta = self.obj.get_mut("params")?.as_object_mut()?.get_mut("_meta")?.as_object_mut()?;
+        meta.insert("progressToken".into(), token)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.obj).expect("a JSON map always serializes")
+    }
+}
+
+/// The body field that `Mcp-Name` mirrors for the methods that carry one (MCP 2026-07-28).
+pub fn name_param_of(method: &str) -> Option<&'static str> {
+    match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        _ => None,
+    }
+}
+
+/// Whether a response message is an error.
+pub fn is_error_response(v: &Value) -> bool {
+    v.get("error").is_some()
+}
+
+/// A JSON-RPC error response object.
+pub fn error_response(id: Value, code: i64, message: &str, data: Option<Value>) -> Value {
+    let mut err = json!({ "code": code, "message": message });
+    if let Some(data) = data {
+        err["data"] = data;
+    }
+    json!({ "jsonrpc": "2.0", "id": id, "error": err })
+}
+
+/// A JSON-RPC success response object.
+pub fn result_response(id: Value, result: Value) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id, "result": result })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_a_notification_and_a_response_are_told_apart() {
+        let req = Message::parse(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).unwrap();
+        assert_eq!(req.kind, Kind::Request);
+        let note = Message::parse(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).unwrap();
+        assert_eq!(note.kind, Kind::Notification);
+        let resp = Message::parse(br#"{"jsonrpc":"2.0","id":"a","result":{}}"#).unwrap();
+        assert_eq!(resp.kind, Kind::Response);
+    }
+
+    #[test]
+    fn batches_and_malformed_messages_are_refused_with_a_reason() {
+        assert!(matches!(Message::parse(b"[]"), Err(ParseError::Batch)));
+        assert!(matches!(Message::parse(b"{"), Err(ParseError::Json(_))));
+        assert!(matches!(Message::parse(br#"{"id":1,"method":"x"}"#), Err(ParseError::Invalid(_))));
+        assert!(matches!(
+            Message::parse(br#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#),
+            Err(ParseError::Invalid(_))
+        ));
+        assert!(matches!(Message::parse(br#"{"jsonrpc":"2.0","id":1}"#), Err(ParseError::Invalid(_))));
+    }
+
+    #[test]
+    fn the_progress_token_can_be_swapped_and_restored() {
+        let mut m = Message::parse(
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","_meta":{"progressToken":"p"}}}"#,
+        )
+        .unwrap();
+        let old = m.replace_progress_token(json!(7)).unwrap();
+        assert_eq!(old, json!("p"));
+        assert_eq!(m.progress_token(), Some(&json!(7)));
+    }
+}

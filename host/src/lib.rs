@@ -1,0 +1,37 @@
+//! Tollgate: a gateway that sells access to an MCP server.
+//!
+//! # Layout
+//! - [`cli`]: the command line (`wrap`, `serve`, `check`).
+//! - [`config`]: the TOML config (or `wrap` flags), validated once at start-up.
+//! - [`jsonrpc`]: JSON-RPC messages and the error-code table.
+//! - [`error`]: every client-facing error mapped to an HTTP status and JSON-RPC error, in one place.
+//! - [`proxy`]: the `/mcp` endpoint (Streamable HTTP) and the health endpoints.
+//! - [`session`]: client sessions (`Mcp-Session-Id`).
+//! - [`upstream`]: the upstream MCP server, a stdio child ([`upstream::stdio`]) or a remote
+//!   Streamable HTTP server ([`upstream::http`]).
+//! - [`sse`]: Server-Sent Events framing and parsing.
+//! - [`body`]: the response body type.
+//! - [`server`]: the HTTP server loop and graceful shutdown.
+//! - [`telemetry`]: logging set-up.
+
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod jsonrpc;
+pub mod proxy;
+pub mod server;
+pub mod session;
+pub mod sse;
+pub mod telemetry;
+pub mod upstream;
+
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+/// Runs the gateway on an already-bound listener until `shutdown` completes.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    let state = proxy::AppState::new(config);
+    server::run(listener, state, shutdown).await
+}

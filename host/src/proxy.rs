@@ -1,0 +1,464 @@
+//! The `/mcp` endpoint (Streamable HTTP, server side) and the public health endpoints.
+//!
+//! A POST carries one JSON-RPC message. Checks run in a fixed order (origin, media types, size,
+//! JSON, protocol version, routing headers, session) before anything reaches the upstream; answers
+//! go back as JSON, or as SSE when there is something to stream and the client accepts it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::body::{self, Body};
+use crate::config::Config;
+use crate::error::Error;
+use crate::jsonrpc::{self, Kind, Message, code};
+use crate::session::{Session, Sessions};
+use crate::sse;
+use crate::upstream::{self, Replies, Reply, Upstream};
+
+const SESSION_HEADER: &str = "mcp-session-id";
+
+/// What every request handler shares; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<StateInner>,
+}
+
+struct StateInner {
+    config: Config,
+    sessions: Sessions,
+    upstream: Upstream,
+}
+
+impl AppState {
+    /// Builds the state and starts the upstream.
+    pub fn new(config: Config) -> AppState {
+        let sessions = Sessions::new(config.sessions.max, config.sessions.idle_timeout);
+        let upstream = Upstream::start(&config, sessions.clone());
+        AppState {
+            inner: Arc::new(StateInner {
+                config,
+                sessions,
+                upstream,
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn sessions(&self) -> &Sessions {
+        &self.inner.sessions
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.inner.upstream
+    }
+
+    /// Ends the sessions idle past the timeout, and what the upstream holds for them.
+    pub async fn expire_idle_sessions(&self) {
+        for s in self.inner.sessions.expire_idle() {
+            tracing::debug!(session = %s.id, "session expired");
+            self.inner.upstream.end_session(&s).await;
+        }
+    }
+}
+
+/// Routes one HTTP request.
+pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    match (req.method(), path) {
+        (&Method::POST, "/mcp") => post(state, req).await,
+        (&Method::GET, "/mcp") => get_stream(state, req).await,
+        (&Method::DELETE, "/mcp") => delete(state, req).await,
+        (_, "/mcp") => {
+            let mut r = body::status(StatusCode::METHOD_NOT_ALLOWED);
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+            r
+        }
+        (&Method::GET, "/healthz") => body::json(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
+        (&Method::GET, "/readyz") => {
+            if state.upstream().is_ready().await {
+                body::json(StatusCode::OK, Bytes::from_static(br#"{"status":"ready"}"#))
+            } else {
+                body::json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Bytes::from_static(br#"{"status":"starting","reason":"the upstream is not initialized"}"#),
+                )
+            }
+        }
+        _ => body::json(StatusCode::NOT_FOUND, Bytes::from_static(br#"{"error":"not found"}"#)),
+    }
+}
+
+/// What the client's `Accept` header allows.
+#[derive(Debug, Clone, Copy)]
+struct Accepts {
+    json: bool,
+    sse: bool,
+}
+
+fn accepts(headers: &HeaderMap) -> Accepts {
+    let mut a = Accepts { json: false, sse: false };
+    let mut any = false;
+    for v in headers.get_all(header::ACCEPT) {
+        any = true;
+        for part in v.to_str().unwrap_or("").split(',') {
+            let media = part.split(';').next().unwrap_or("").trim();
+            match media {
+                "application/json" => a.json = true,
+                "text/event-stream" => a.sse = true,
+                "*/*" => {
+                    a.json = true;
+                    a.sse = true;
+                }
+                "application/*" => a.json = true,
+                "text/*" => a.sse = true,
+                _ => {}
+            }
+        }
+    }
+    if !any {
+        // No Accept header: a lenient client that takes either.
+        return Accepts { json: true, sse: true };
+    }
+    a
+}
+
+/// Browsers send `Origin`; only allowed ones may reach a (possibly local) gateway.
+fn check_origin(config: &Config, headers: &HeaderMap) -> Result<(), Error> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("");
+    let allowed = &config.server.allowed_origins;
+    if allowed.iter().any(|o| o == "*" || o == origin) {
+        return Ok(());
+    }
+    if config.server.allow_loopback_origins && is_loopback_origin(origin) {
+        return Ok(());
+    }
+    Err(Error::OriginForbidden(origin.to_string()))
+}
+
+fn is_loopback_origin(origin: &str) -> bool {
+    let Some(rest) = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) else {
+        return false;
+    };
+    let host = if let Some(v6) = rest.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        rest.split(':').next().unwrap_or("")
+    };
+    host == "localhost" || host == "::1" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn session_of(state: &AppState, headers: &HeaderMap) -> Result<Arc<Session>, Error> {
+    let id = headers.get(SESSION_HEADER).ok_or(Error::MissingSession)?;
+    let id = id.to_str().map_err(|_| Error::SessionNotFound)?;
+    state.sessions().get(id).ok_or(Error::SessionNotFound)
+}
+
+async fn read_body(parts: &Parts, body: hyper::body::Incoming, limit: usize) -> Result<Bytes, Error> {
+    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH)
+        && let Some(len) = len.to_str().ok().and_then(|l| l.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(Error::BodyTooLarge(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Error::BodyTooLarge(limit)),
+        Err(e) => Err(Error::BodyRead(e.to_string())),
+    }
+}
+
+/// Checks `MCP-Protocol-Version` (missing means 2025-03-26) and the 2026-07-28 routing headers.
+fn check_headers(headers: &HeaderMap, msg: &Message) -> Result<(), Error> {
+    if let Some(v) = headers.get("mcp-protocol-version") {
+        let v = v.to_str().unwrap_or("");
+        if !jsonrpc::is_supported_version(v) {
+            return Err(Error::UnsupportedVersion(v.to_string()));
+        }
+    }
+    if let Some(m) = headers.get("mcp-method")
+        && (msg.kind == Kind::Response || m.to_str().ok() != msg.method())
+    {
+        return Err(Error::HeaderMismatch("Mcp-Method"));
+    }
+    if let Some(n) = headers.get("mcp-name") {
+        let n = n.to_str().map_err(|_| Error::HeaderMismatch("Mcp-Name"))?;
+        let expected = msg.method().and_then(jsonrpc::name_param_of).and_then(|key| msg.param_str(key));
+        // A value the client had to encode (`=?base64?…?=`) is left to the upstream to check.
+        let encoded = n.starts_with("=?base64?");
+        if !encoded && expected != Some(n) {
+            return Err(Error::HeaderMismatch("Mcp-Name"));
+        }
+    }
+    Ok(())
+}
+
+async fn post(state: &AppState, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let mut id = Value::Null;
+    match post_inner(state, &parts, body, &mut id).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(id),
+    }
+}
+
+async fn post_inner(
+    state: &AppState,
+    parts: &Parts,
+    body: hyper::body::Incoming,
+    id_out: &mut Value,
+) -> Result<Response<Body>, Error> {
+    let config = state.config();
+    let headers = &parts.headers;
+    check_origin(config, headers)?;
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !content_type.trim_start().to_ascii_lowercase().starts_with("application/json") {
+        return Err(Error::UnsupportedMediaType);
+    }
+    let accept = accepts(headers);
+    if !accept.json && !accept.sse {
+        return Err(Error::NotAcceptable("application/json or text/event-stream"));
+    }
+    let raw = read_body(parts, body, config.server.max_body_bytes).await?;
+    let msg = Message::parse(&raw)?;
+    if let Some(id) = msg.id() {
+        *id_out = id.clone();
+    }
+    check_headers(headers, &msg)?;
+    let upstream = state.upstream();
+    let deadline = Instant::now() + config.upstream.call_timeout;
+    let call_timeout = config.upstream.call_timeout;
+
+    match (msg.kind, msg.method()) {
+        (Kind::Request, Some("initialize")) => {
+            let session = state.sessions().create()?;
+            let reply = with_deadline(deadline, call_timeout, upstream.initialize(&session, headers, msg, raw)).await;
+            let resp = match reply {
+                Ok(reply) => respond(reply, accept, deadline, call_timeout, id_out.clone()).await,
+                Err(e) => Err(e),
+            };
+            match resp {
+                Ok(mut r) if r.status().is_success() => {
+                    let v = HeaderValue::from_str(&session.id).expect("hex is a valid header value");
+                    r.headers_mut().insert(SESSION_HEADER, v);
+                    tracing::debug!(session = %session.id, "session started");
+                    Ok(r)
+                }
+                other => {
+                    state.sessions().remove(&session.id);
+                    other
+                }
+            }
+        }
+        (Kind::Request, Some("server/discover")) => {
+            let reply = with_deadline(deadline, call_timeout, upstream.discover(headers, msg, raw)).await?;
+            respond(reply, accept, deadline, call_timeout, id_out.clone()).await
+        }
+        (Kind::Request, Some("ping")) if !headers.contains_key(SESSION_HEADER) => {
+            let v = jsonrpc::result_response(id_out.clone(), serde_json::json!({}));
+            Ok(one(v, accept))
+        }
+        (Kind::Request, _) => {
+            let session = session_of(state, headers)?;
+            let reply = with_deadline(deadline, call_timeout, upstream.request(&session, headers, msg, raw)).await;
+            let reply = gone_ends_session(state, &session, reply).await?;
+            respond(reply, accept, deadline, call_timeout, id_out.clone()).await
+        }
+        (Kind::Notification, _) | (Kind::Response, _) => {
+            let session = session_of(state, headers)?;
+            let r = upstream.notify(&session, headers, msg, raw).await;
+            gone_ends_session(state, &session, r.map_err(Error::from)).await?;
+            Ok(body::status(StatusCode::ACCEPTED))
+        }
+    }
+}
+
+/// If the upstream ended this client's session, Tollgate's session ends too (the client gets 404
+/// and initializes again).
+async fn gone_ends_session<T>(state: &AppState, session: &Session, r: Result<T, Error>) -> Result<T, Error> {
+    if let Err(Error::Upstream(upstream::Error::SessionGone)) = &r {
+        state.sessions().remove(&session.id);
+    }
+    r
+}
+
+async fn with_deadline<T>(
+    deadline: Instant,
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, upstream::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout_at(deadline, fut).await {
+        Ok(r) => r.map_err(Error::from),
+        Err(_) => Err(upstream::Error::Timeout(timeout).into()),
+    }
+}
+
+/// One message as the whole answer: JSON if the client takes it, else a one-event SSE stream.
+fn one(v: Value, accept: Accepts) -> Response<Body> {
+    let bytes = serde_json::to_vec(&v).expect("JSON serializes");
+    if accept.json {
+        body::json(StatusCode::OK, bytes)
+    } else {
+        body::sse(Body::from(sse::frame(&bytes)))
+    }
+}
+
+fn is_final(v: &Value) -> bool {
+    v.get("method").is_none()
+}
+
+async fn respond(
+    reply: Reply,
+    accept: Accepts,
+    deadline: Instant,
+    timeout: Duration,
+    id: Value,
+) -> Result<Response<Body>, Error> {
+    match reply {
+        Reply::Done(v) => Ok(one(v, accept)),
+        Reply::Stream(replies) if replies.streamable && accept.sse => Ok(stream(replies, deadline, timeout, id)),
+        Reply::Stream(mut replies) => loop {
+            match tokio::time::timeout_at(deadline, replies.recv()).await {
+                Err(_) => return Err(upstream::Error::Timeout(timeout).into()),
+                Ok(None) => return Err(upstream::Error::Closed.into()),
+                Ok(Some(v)) if is_final(&v) => return Ok(one(v, accept)),
+                Ok(Some(_)) => continue,
+            }
+        },
+    }
+}
+
+/// Streams the replies to the client as SSE, event by event, until the final response (or the
+/// deadline, or the upstream going away — each ends the stream with a JSON-RPC error).
+fn stream(mut replies: Replies, deadline: Instant, timeout: Duration, id: Value) -> Response<Body> {
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        loop {
+            let (v, last) = match tokio::time::timeout_at(deadline, replies.recv()).await {
+                Ok(Some(v)) => {
+                    let last = is_final(&v);
+                    (v, last)
+                }
+                Ok(None) => {
+                    let e = upstream::Error::Closed;
+                    (jsonrpc::error_response(id.clone(), code::UPSTREAM_CLOSED, &e.to_string(), None), true)
+                }
+                Err(_) => {
+                    let e = upstream::Error::Timeout(timeout);
+                    tracing::warn!(error = %e, "request failed");
+                    (jsonrpc::error_response(id.clone(), code::UPSTREAM_TIMEOUT, &e.to_string(), None), true)
+                }
+            };
+            let frame = sse::frame(&serde_json::to_vec(&v).expect("JSON serializes"));
+            if tx.send(frame).await.is_err() || last {
+                // The client left (dropping `replies` abandons the call upstream) or we are done.
+                return;
+            }
+        }
+    });
+    body::sse(Body::Channel(rx))
+}
+
+async fn get_stream(state: &AppState, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let headers = req.headers();
+    let result = async {
+        check_origin(state.config(), headers)?;
+        if !accepts(headers).sse {
+            return Err(Error::NotAcceptable("text/event-stream"));
+        }
+        if let Some(v) = headers.get("mcp-protocol-version")
+            && !jsonrpc::is_supported_version(v.to_str().unwrap_or(""))
+        {
+            return Err(Error::UnsupportedVersion(v.to_str().unwrap_or("").to_string()));
+        }
+        let session = session_of(state, headers)?;
+        let r = state.upstream().open_stream(&session, headers).await;
+        let body = gone_ends_session(state, &session, r.map_err(Error::from)).await?;
+        Ok(body::sse(body))
+    }
+    .await;
+    result.unwrap_or_else(|e| e.into_response(Value::Null))
+}
+
+async fn delete(state: &AppState, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let headers = req.headers();
+    let result = async {
+        check_origin(state.config(), headers)?;
+        let session = session_of(state, headers)?;
+        state.sessions().remove(&session.id);
+        state.upstream().end_session(&session).await;
+        tracing::debug!(session = %session.id, "session ended by the client");
+        Ok::<_, Error>(body::status(StatusCode::NO_CONTENT))
+    }
+    .await;
+    result.unwrap_or_else(|e| e.into_response(Value::Null))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn accept_headers_are_read_as_clients_send_them() {
+        let a = accepts(&headers(&[("accept", "application/json, text/event-stream")]));
+        assert!(a.json && a.sse);
+        let a = accepts(&headers(&[("accept", "text/event-stream;q=0.9")]));
+        assert!(!a.json && a.sse);
+        let a = accepts(&headers(&[("accept", "*/*")]));
+        assert!(a.json && a.sse);
+        let a = accepts(&headers(&[("accept", "text/html")]));
+        assert!(!a.json && !a.sse);
+        let a = accepts(&HeaderMap::new());
+        assert!(a.json && a.sse);
+    }
+
+    #[test]
+    fn loopback_origins_are_recognised_and_lookalikes_are_not() {
+        assert!(is_loopback_origin("http://localhost:5173"));
+        assert!(is_loopback_origin("http://127.0.0.1"));
+        assert!(is_loopback_origin("https://[::1]:8080"));
+        assert!(!is_loopback_origin("http://localhost.evil.com"));
+        assert!(!is_loopback_origin("http://evil.com"));
+        assert!(!is_loopback_origin("null"));
+    }
+
+    #[test]
+    fn routing_headers_must_agree_with_the_body() {
+        let msg = Message::parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}"#).unwrap();
+        assert!(check_headers(&headers(&[("mcp-method", "tools/call"), ("mcp-name", "echo")]), &msg).is_ok());
+        assert!(matches!(
+            check_headers(&headers(&[("mcp-method", "tools/list")]), &msg),
+            Err(Error::HeaderMismatch("Mcp-Method"))
+        ));
+        assert!(matches!(
+            check_headers(&headers(&[("mcp-name", "add")]), &msg),
+            Err(Error::HeaderMismatch("Mcp-Name"))
+        ));
+        assert!(matches!(
+            check_headers(&headers(&[("mcp-protocol-version", "2026-07-28")]), &msg),
+            Err(Error::UnsupportedVersion(_))
+        ));
+    }
+}

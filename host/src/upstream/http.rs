@@ -1,0 +1,217 @@
+//! The Streamable HTTP upstream: one upstream session per Tollgate session (never one shared), the
+//! client's `MCP-Protocol-Version` forwarded, SSE answers streamed through event by event.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::{Error, Replies, Reply};
+use crate::body::Body;
+use crate::config::UpstreamConfig;
+use crate::jsonrpc::Message;
+use crate::session::Session;
+use crate::sse;
+
+const SESSION_HEADER: &str = "mcp-session-id";
+const VERSION_HEADER: &str = "mcp-protocol-version";
+/// The largest JSON answer read from the upstream (an SSE stream is not limited as a whole).
+const MAX_JSON_ANSWER: usize = 64 << 20;
+
+/// A pooled client for one remote MCP endpoint.
+pub struct HttpUpstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+    url: hyper::Uri,
+    connect_timeout: Duration,
+}
+
+impl HttpUpstream {
+    pub fn new(url: hyper::Uri, cfg: &UpstreamConfig) -> HttpUpstream {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        HttpUpstream {
+            client,
+            url,
+            connect_timeout: cfg.connect_timeout,
+        }
+    }
+
+    fn build(&self, method: Method, session: Option<&Session>, client_headers: &HeaderMap, body: Bytes) -> Request<Full<Bytes>> {
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = self.url.clone();
+        let h = req.headers_mut();
+        if method == Method::POST {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.insert(header::ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
+        } else if method == Method::GET {
+            h.insert(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
+            if let Some(v) = client_headers.get("last-event-id") {
+                h.insert("last-event-id", v.clone());
+            }
+        }
+        if let Some(v) = client_headers.get(VERSION_HEADER) {
+            h.insert(VERSION_HEADER, v.clone());
+        }
+        if let Some(id) = session.and_then(|s| s.upstream_session.get())
+            && let Ok(v) = HeaderValue::from_str(id)
+        {
+            h.insert(SESSION_HEADER, v);
+        }
+        req
+    }
+
+    async fn call(&self, req: Request<Full<Bytes>>) -> Result<http::Response<hyper::body::Incoming>, Error> {
+        self.client.request(req).await.map_err(|e| {
+            tracing::warn!(error = %e, url = %self.url, "HTTP upstream request failed");
+            Error::Unavailable(format!("cannot reach {}", self.url))
+        })
+    }
+
+    /// Sends one client request; on `initialize`, remembers the upstream's session id for this
+    /// client's session.
+    pub async fn send(
+        &self,
+        session: Option<&Session>,
+        client_headers: &HeaderMap,
+        msg: Message,
+        raw: Bytes,
+        is_init: bool,
+    ) -> Result<Reply, Error> {
+        let had_session = session.is_some_and(|s| s.upstream_session.get().is_some());
+        let resp = self.call(self.build(Method::POST, session, client_headers, raw)).await?;
+        let status = resp.status();
+        if is_init
+            && status.is_success()
+            && let (Some(s), Some(id)) = (session, resp.headers().get(SESSION_HEADER))
+            && let Ok(id) = id.to_str()
+        {
+            let _ = s.upstream_session.set(id.to_string());
+        }
+        if status == StatusCode::NOT_FOUND && had_session {
+            return Err(Error::SessionGone);
+        }
+        let client_id = msg.id().cloned().unwrap_or(Value::Null);
+        let is_sse = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if status.is_success() && is_sse {
+            return Ok(Reply::Stream(pump(resp.into_body(), client_id)));
+        }
+        let body = Limited::new(resp.into_body(), MAX_JSON_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| Error::Protocol(format!("reading the answer failed: {e}")))?
+            .to_bytes();
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(Value::Object(mut obj)) if obj.contains_key("result") || obj.contains_key("error") => {
+                if !status.is_success() {
+                    // An error answered at a non-2xx status: keep the upstream's error, with our id.
+                    obj.insert("id".into(), client_id);
+                }
+                Ok(Reply::Done(Value::Object(obj)))
+            }
+            _ if !status.is_success() => Err(Error::Protocol(format!("the upstream answered HTTP {status}"))),
+            _ => Err(Error::Protocol("the answer is not a JSON-RPC response".into())),
+        }
+    }
+
+    /// Forwards a client notification or response; the upstream answers 202.
+    pub async fn notify(&self, session: &Session, client_headers: &HeaderMap, raw: Bytes) -> Result<(), Error> {
+        let resp = self.call(self.build(Method::POST, Some(session), client_headers, raw)).await?;
+        match resp.status() {
+            s if s.is_success() => Ok(()),
+            StatusCode::NOT_FOUND => Err(Error::SessionGone),
+            s => Err(Error::Protocol(format!("the upstream answered HTTP {s} to a notification"))),
+        }
+    }
+
+    /// Opens the upstream's server-to-client stream for this session and pipes it through as is.
+    pub async fn open_stream(&self, session: &Session, client_headers: &HeaderMap) -> Result<Body, Error> {
+        let resp = self.call(self.build(Method::GET, Some(session), client_headers, Bytes::new())).await?;
+        match resp.status() {
+            s if s.is_success() => Ok(Body::Upstream(resp.into_body())),
+            StatusCode::METHOD_NOT_ALLOWED => Err(Error::NoStream),
+            StatusCode::NOT_FOUND => Err(Error::SessionGone),
+            s => Err(Error::Protocol(format!("the upstream answered HTTP {s} to GET"))),
+        }
+    }
+
+    /// Ends the upstream session that belonged to this Tollgate session.
+    pub async fn end_session(&self, session: &Session) {
+        if session.upstream_session.get().is_none() {
+            return;
+        }
+        let req = self.build(Method::DELETE, Some(session), &HeaderMap::new(), Bytes::new());
+        match tokio::time::timeout(self.connect_timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => tracing::debug!(status = %resp.status(), "ended the upstream session"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "ending the upstream session failed"),
+            Err(_) => tracing::warn!("ending the upstream session timed out"),
+        }
+    }
+
+    /// Whether the upstream accepts connections.
+    pub async fn is_reachable(&self) -> bool {
+        let host = self.url.host().unwrap_or("127.0.0.1").trim_start_matches('[').trim_end_matches(']').to_string();
+        let port = self.url.port_u16().unwrap_or(80);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect((host.as_str(), port))).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+/// Reads an upstream SSE answer in a task of its own and hands on each JSON-RPC message as it
+/// arrives; stops after the response to `client_id`. Empty (priming) events are skipped, never parsed.
+fn pump(mut body: hyper::body::Incoming, client_id: Value) -> Replies {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut parser = sse::Parser::new();
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the upstream's event stream broke");
+                    return;
+                }
+            };
+            let Some(data) = frame.data_ref() else { continue };
+            for event in parser.push(data) {
+                if event.data.trim().is_empty() {
+                    continue;
+                }
+                let obj = match serde_json::from_str::<Value>(&event.data) {
+                    Ok(Value::Object(obj)) => obj,
+                    _ => {
+                        tracing::warn!("the upstream sent an event that is not a JSON-RPC message; skipped");
+                        continue;
+                    }
+                };
+                let done = !obj.contains_key("method")
+                    && (obj.contains_key("result") || obj.contains_key("error"))
+                    && obj.get("id") == Some(&client_id);
+                if tx.send(Value::Object(obj)).is_err() || done {
+                    return;
+                }
+            }
+        }
+    });
+    Replies {
+        rx,
+        streamable: true,
+        _guard: None,
+    }
+}
