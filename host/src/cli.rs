@@ -20,7 +20,13 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "info", env = "TOLLGATE_LOG_LEVEL")]
     pub log_level: String,
     /// Log line format, written to stderr.
-    #[arg(long, global = true, value_enum, default_value = "pretty", env = "TOLLGATE_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "pretty",
+        env = "TOLLGATE_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
 }
 

@@ -149,9 +149,12 @@ impl RawConfig {
     pub fn validate(self) -> Result<Config, ConfigError> {
         let s = self.server;
         let listen = s.listen.as_deref().unwrap_or("127.0.0.1:3402");
-        let listen: SocketAddr = listen
-            .parse()
-            .map_err(|_| invalid("server.listen", format!("{listen:?} is not an address like 127.0.0.1:3402")))?;
+        let listen: SocketAddr = listen.parse().map_err(|_| {
+            invalid(
+                "server.listen",
+                format!("{listen:?} is not an address like 127.0.0.1:3402"),
+            )
+        })?;
         let allowed_origins = s.allowed_origins.unwrap_or_default();
         for (i, o) in allowed_origins.iter().enumerate() {
             if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
@@ -164,7 +167,10 @@ impl RawConfig {
         let max_body_bytes = positive("server.max_body_bytes", s.max_body_bytes, 1 << 20)?;
         let server = ServerConfig {
             listen,
-            allowed_origins: allowed_origins.into_iter().map(|o| o.trim_end_matches('/').to_string()).collect(),
+            allowed_origins: allowed_origins
+                .into_iter()
+                .map(|o| o.trim_end_matches('/').to_string())
+                .collect(),
             allow_loopback_origins: s.allow_loopback_origins.unwrap_or(true),
             max_body_bytes: usize::try_from(max_body_bytes)
                 .map_err(|_| invalid("server.max_body_bytes", "too large"))?,
@@ -175,10 +181,16 @@ impl RawConfig {
         let u = self.upstream;
         let kind = match (u.command, u.url) {
             (Some(_), Some(_)) => {
-                return Err(invalid("upstream", "set either `command` (stdio) or `url` (HTTP), not both"));
+                return Err(invalid(
+                    "upstream",
+                    "set either `command` (stdio) or `url` (HTTP), not both",
+                ));
             }
             (None, None) => {
-                return Err(invalid("upstream", "set `command` (a stdio server) or `url` (a Streamable HTTP server)"));
+                return Err(invalid(
+                    "upstream",
+                    "set `command` (a stdio server) or `url` (a Streamable HTTP server)",
+                ));
             }
             (Some(command), None) => {
                 let mut parts = command.into_iter();
@@ -220,7 +232,10 @@ impl RawConfig {
             }
             (None, Some(url)) => {
                 if u.env.is_some() || u.env_passthrough.is_some() || u.cwd.is_some() {
-                    return Err(invalid("upstream", "`env`, `env_passthrough` and `cwd` apply only to a `command` upstream"));
+                    return Err(invalid(
+                        "upstream",
+                        "`env`, `env_passthrough` and `cwd` apply only to a `command` upstream",
+                    ));
                 }
                 let uri: hyper::Uri = url
                     .parse()
@@ -228,7 +243,10 @@ impl RawConfig {
                 match uri.scheme_str() {
                     Some("http") => {}
                     Some("https") => {
-                        return Err(invalid("upstream.url", "https upstreams are not supported yet; use http:// (e.g. behind a local TLS terminator)"));
+                        return Err(invalid(
+                            "upstream.url",
+                            "https upstreams are not supported yet; use http:// (e.g. behind a local TLS terminator)",
+                        ));
                     }
                     _ => return Err(invalid("upstream.url", format!("{url:?} must start with http://"))),
                 }
@@ -307,13 +325,17 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_errors_that_name_the_field() {
-        let e = parse("[upstream]\ncommand = [\"sh\"]\ncomand = 1").unwrap_err().to_string();
+        let e = parse("[upstream]\ncommand = [\"sh\"]\ncomand = 1")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("comand"), "{e}");
     }
 
     #[test]
     fn a_missing_program_is_named() {
-        let e = parse("[upstream]\ncommand = [\"no-such-program-xyz\"]").unwrap_err().to_string();
+        let e = parse("[upstream]\ncommand = [\"no-such-program-xyz\"]")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("upstream.command:"), "{e}");
         assert!(e.contains("no-such-program-xyz"), "{e}");
     }
@@ -338,7 +360,9 @@ mod tests {
     #[test]
     fn the_child_environment_holds_only_what_is_named() {
         let c = parse("[upstream]\ncommand = [\"sh\"]\nenv_passthrough = []\nenv = { A = \"1\" }").unwrap();
-        let UpstreamKind::Stdio { env, .. } = c.upstream.kind else { panic!() };
+        let UpstreamKind::Stdio { env, .. } = c.upstream.kind else {
+            panic!()
+        };
         assert_eq!(env, vec![("A".to_string(), "1".to_string())]);
     }
 }

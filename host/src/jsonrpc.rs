@@ -140,7 +140,12 @@ impl Message {
 
     /// Replaces `params._meta.progressToken` (which must exist) and returns the old one.
     pub fn replace_progress_token(&mut self, token: Value) -> Option<Value> {
-        let meta = self.obj.get_mut("params")?.as_object_mut()?.get_mut("_meta")?.as_object_mut()?;
+        let meta = self
+            .obj
+            .get_mut("params")?
+            .as_object_mut()?
+            .get_mut("_meta")?
+            .as_object_mut()?;
         meta.insert("progressToken".into(), token)
     }
 
@@ -195,12 +200,18 @@ mod tests {
     fn batches_and_malformed_messages_are_refused_with_a_reason() {
         assert!(matches!(Message::parse(b"[]"), Err(ParseError::Batch)));
         assert!(matches!(Message::parse(b"{"), Err(ParseError::Json(_))));
-        assert!(matches!(Message::parse(br#"{"id":1,"method":"x"}"#), Err(ParseError::Invalid(_))));
+        assert!(matches!(
+            Message::parse(br#"{"id":1,"method":"x"}"#),
+            Err(ParseError::Invalid(_))
+        ));
         assert!(matches!(
             Message::parse(br#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#),
             Err(ParseError::Invalid(_))
         ));
-        assert!(matches!(Message::parse(br#"{"jsonrpc":"2.0","id":1}"#), Err(ParseError::Invalid(_))));
+        assert!(matches!(
+            Message::parse(br#"{"jsonrpc":"2.0","id":1}"#),
+            Err(ParseError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -108,7 +108,10 @@ struct Accepts {
 }
 
 fn accepts(headers: &HeaderMap) -> Accepts {
-    let mut a = Accepts { json: false, sse: false };
+    let mut a = Accepts {
+        json: false,
+        sse: false,
+    };
     let mut any = false;
     for v in headers.get_all(header::ACCEPT) {
         any = true;
@@ -151,7 +154,10 @@ fn check_origin(config: &Config, headers: &HeaderMap) -> Result<(), Error> {
 }
 
 fn is_loopback_origin(origin: &str) -> bool {
-    let Some(rest) = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) else {
+    let Some(rest) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
         return false;
     };
     let host = if let Some(v6) = rest.strip_prefix('[') {
@@ -197,7 +203,10 @@ fn check_headers(headers: &HeaderMap, msg: &Message) -> Result<(), Error> {
     }
     if let Some(n) = headers.get("mcp-name") {
         let n = n.to_str().map_err(|_| Error::HeaderMismatch("Mcp-Name"))?;
-        let expected = msg.method().and_then(jsonrpc::name_param_of).and_then(|key| msg.param_str(key));
+        let expected = msg
+            .method()
+            .and_then(jsonrpc::name_param_of)
+            .and_then(|key| msg.param_str(key));
         // A value the client had to encode (`=?base64?…?=`) is left to the upstream to check.
         let encoded = n.starts_with("=?base64?");
         if !encoded && expected != Some(n) {
@@ -225,8 +234,15 @@ async fn post_inner(
     let config = state.config();
     let headers = &parts.headers;
     check_origin(config, headers)?;
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !content_type.trim_start().to_ascii_lowercase().starts_with("application/json") {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("application/json")
+    {
         return Err(Error::UnsupportedMediaType);
     }
     let accept = accepts(headers);
@@ -355,12 +371,18 @@ fn stream(mut replies: Replies, deadline: Instant, timeout: Duration, id: Value)
                 }
                 Ok(None) => {
                     let e = upstream::Error::Closed;
-                    (jsonrpc::error_response(id.clone(), code::UPSTREAM_CLOSED, &e.to_string(), None), true)
+                    (
+                        jsonrpc::error_response(id.clone(), code::UPSTREAM_CLOSED, &e.to_string(), None),
+                        true,
+                    )
                 }
                 Err(_) => {
                     let e = upstream::Error::Timeout(timeout);
                     tracing::warn!(error = %e, "request failed");
-                    (jsonrpc::error_response(id.clone(), code::UPSTREAM_TIMEOUT, &e.to_string(), None), true)
+                    (
+                        jsonrpc::error_response(id.clone(), code::UPSTREAM_TIMEOUT, &e.to_string(), None),
+                        true,
+                    )
                 }
             };
             let frame = sse::frame(&serde_json::to_vec(&v).expect("JSON serializes"));
@@ -446,7 +468,8 @@ mod tests {
 
     #[test]
     fn routing_headers_must_agree_with_the_body() {
-        let msg = Message::parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}"#).unwrap();
+        let msg =
+            Message::parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}"#).unwrap();
         assert!(check_headers(&headers(&[("mcp-method", "tools/call"), ("mcp-name", "echo")]), &msg).is_ok());
         assert!(matches!(
             check_headers(&headers(&[("mcp-method", "tools/list")]), &msg),

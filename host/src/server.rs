@@ -22,7 +22,8 @@ pub async fn run(listener: TcpListener, state: AppState, shutdown: impl Future<O
 
     let reaper = {
         let state = state.clone();
-        let every = (state.config().sessions.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let every =
+            (state.config().sessions.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {

@@ -47,14 +47,23 @@ impl HttpUpstream {
         }
     }
 
-    fn build(&self, method: Method, session: Option<&Session>, client_headers: &HeaderMap, body: Bytes) -> Request<Full<Bytes>> {
+    fn build(
+        &self,
+        method: Method,
+        session: Option<&Session>,
+        client_headers: &HeaderMap,
+        body: Bytes,
+    ) -> Request<Full<Bytes>> {
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method.clone();
         *req.uri_mut() = self.url.clone();
         let h = req.headers_mut();
         if method == Method::POST {
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            h.insert(header::ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
+            h.insert(
+                header::ACCEPT,
+                HeaderValue::from_static("application/json, text/event-stream"),
+            );
         } else if method == Method::GET {
             h.insert(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
             if let Some(v) = client_headers.get("last-event-id") {
@@ -90,7 +99,9 @@ impl HttpUpstream {
         is_init: bool,
     ) -> Result<Reply, Error> {
         let had_session = session.is_some_and(|s| s.upstream_session.get().is_some());
-        let resp = self.call(self.build(Method::POST, session, client_headers, raw)).await?;
+        let resp = self
+            .call(self.build(Method::POST, session, client_headers, raw))
+            .await?;
         let status = resp.status();
         if is_init
             && status.is_success()
@@ -131,17 +142,23 @@ impl HttpUpstream {
 
     /// Forwards a client notification or response; the upstream answers 202.
     pub async fn notify(&self, session: &Session, client_headers: &HeaderMap, raw: Bytes) -> Result<(), Error> {
-        let resp = self.call(self.build(Method::POST, Some(session), client_headers, raw)).await?;
+        let resp = self
+            .call(self.build(Method::POST, Some(session), client_headers, raw))
+            .await?;
         match resp.status() {
             s if s.is_success() => Ok(()),
             StatusCode::NOT_FOUND => Err(Error::SessionGone),
-            s => Err(Error::Protocol(format!("the upstream answered HTTP {s} to a notification"))),
+            s => Err(Error::Protocol(format!(
+                "the upstream answered HTTP {s} to a notification"
+            ))),
         }
     }
 
     /// Opens the upstream's server-to-client stream for this session and pipes it through as is.
     pub async fn open_stream(&self, session: &Session, client_headers: &HeaderMap) -> Result<Body, Error> {
-        let resp = self.call(self.build(Method::GET, Some(session), client_headers, Bytes::new())).await?;
+        let resp = self
+            .call(self.build(Method::GET, Some(session), client_headers, Bytes::new()))
+            .await?;
         match resp.status() {
             s if s.is_success() => Ok(Body::Upstream(resp.into_body())),
             StatusCode::METHOD_NOT_ALLOWED => Err(Error::NoStream),
@@ -165,10 +182,20 @@ impl HttpUpstream {
 
     /// Whether the upstream accepts connections.
     pub async fn is_reachable(&self) -> bool {
-        let host = self.url.host().unwrap_or("127.0.0.1").trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = self
+            .url
+            .host()
+            .unwrap_or("127.0.0.1")
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         let port = self.url.port_u16().unwrap_or(80);
         matches!(
-            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect((host.as_str(), port))).await,
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect((host.as_str(), port))
+            )
+            .await,
             Ok(Ok(_))
         )
     }

@@ -58,7 +58,7 @@ impl Replies {
 /// The configured upstream.
 pub enum Upstream {
     Stdio(stdio::StdioUpstream),
-    Http(http::HttpUpstream),
+    Http(Box<http::HttpUpstream>),
 }
 
 impl Upstream {
@@ -67,12 +67,20 @@ impl Upstream {
     pub fn start(config: &Config, sessions: Sessions) -> Upstream {
         match &config.upstream.kind {
             UpstreamKind::Stdio { .. } => Upstream::Stdio(stdio::StdioUpstream::start(&config.upstream, sessions)),
-            UpstreamKind::Http { url } => Upstream::Http(http::HttpUpstream::new(url.clone(), &config.upstream)),
+            UpstreamKind::Http { url } => {
+                Upstream::Http(Box::new(http::HttpUpstream::new(url.clone(), &config.upstream)))
+            }
         }
     }
 
     /// Answers a client's `initialize` on a new session.
-    pub async fn initialize(&self, session: &Session, headers: &HeaderMap, msg: Message, raw: bytes::Bytes) -> Result<Reply, Error> {
+    pub async fn initialize(
+        &self,
+        session: &Session,
+        headers: &HeaderMap,
+        msg: Message,
+        raw: bytes::Bytes,
+    ) -> Result<Reply, Error> {
         match self {
             Upstream::Stdio(s) => s.initialize(session, msg).await,
             Upstream::Http(h) => h.send(Some(session), headers, msg, raw, true).await,
@@ -80,7 +88,13 @@ impl Upstream {
     }
 
     /// Forwards a client request and returns what the upstream answers.
-    pub async fn request(&self, session: &Session, headers: &HeaderMap, msg: Message, raw: bytes::Bytes) -> Result<Reply, Error> {
+    pub async fn request(
+        &self,
+        session: &Session,
+        headers: &HeaderMap,
+        msg: Message,
+        raw: bytes::Bytes,
+    ) -> Result<Reply, Error> {
         match self {
             Upstream::Stdio(s) => s.request(session, msg).await,
             Upstream::Http(h) => h.send(Some(session), headers, msg, raw, false).await,
@@ -88,7 +102,13 @@ impl Upstream {
     }
 
     /// Forwards a client notification or a client's response to a server request.
-    pub async fn notify(&self, session: &Session, headers: &HeaderMap, msg: Message, raw: bytes::Bytes) -> Result<(), Error> {
+    pub async fn notify(
+        &self,
+        session: &Session,
+        headers: &HeaderMap,
+        msg: Message,
+        raw: bytes::Bytes,
+    ) -> Result<(), Error> {
         match self {
             Upstream::Stdio(s) => {
                 s.notify(session, msg);

@@ -24,8 +24,6 @@ use crate::jsonrpc::{self, Kind, Message, code};
 use crate::session::{Session, Sessions};
 use crate::sse;
 
-/// Upstream ids at or above this are Tollgate's own requests (its `initialize`).
-const INTERNAL_ID_BASE: u64 = 1 << 53;
 /// The longest line the child may write (16 MiB); a longer one is a protocol error.
 const MAX_LINE: usize = 16 << 20;
 
@@ -146,8 +144,15 @@ impl StdioUpstream {
     /// this client. The child is never re-initialized.
     pub async fn initialize(&self, session: &Session, msg: Message) -> Result<Reply, Error> {
         let conn = self.conn().await?;
-        let upstream_version = conn.init.get("protocolVersion").and_then(Value::as_str).unwrap_or(jsonrpc::LATEST_VERSION);
-        let requested = msg.params().and_then(|p| p.get("protocolVersion")).and_then(Value::as_str);
+        let upstream_version = conn
+            .init
+            .get("protocolVersion")
+            .and_then(Value::as_str)
+            .unwrap_or(jsonrpc::LATEST_VERSION);
+        let requested = msg
+            .params()
+            .and_then(|p| p.get("protocolVersion"))
+            .and_then(Value::as_str);
         let version = match requested {
             Some(v) if jsonrpc::is_supported_version(v) && v <= upstream_version => v,
             _ => upstream_version,
@@ -321,7 +326,7 @@ impl StdioUpstream {
             if !self.subscribed_elsewhere(&uri)
                 && let Some(conn) = &conn
             {
-                let id = INTERNAL_ID_BASE + self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+                let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
                 let req = json!({"jsonrpc":"2.0","id":id,"method":"resources/unsubscribe","params":{"uri":uri}});
                 let _ = conn.writer.send(line(&req));
             }
@@ -331,7 +336,13 @@ impl StdioUpstream {
 
 /// Starts the child, initializes it, watches it, restarts it with backoff when it dies.
 async fn supervise(shared: Arc<Shared>, cfg: UpstreamConfig) {
-    let UpstreamKind::Stdio { program, args, env, cwd } = &cfg.kind else {
+    let UpstreamKind::Stdio {
+        program,
+        args,
+        env,
+        cwd,
+    } = &cfg.kind
+    else {
         unreachable!("a stdio upstream is configured with a command")
     };
     let mut stop = shared.stop.subscribe();
@@ -362,7 +373,10 @@ async fn supervise(shared: Arc<Shared>, cfg: UpstreamConfig) {
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(100);
         }
-        tracing::warn!(backoff_ms = backoff.as_millis() as u64, "stdio upstream stopped; restarting");
+        tracing::warn!(
+            backoff_ms = backoff.as_millis() as u64,
+            "stdio upstream stopped; restarting"
+        );
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => return,
@@ -447,7 +461,8 @@ async fn run_child(shared: &Arc<Shared>, mut child: tokio::process::Child, cfg: 
     };
 
     // Tollgate's own handshake, once per child.
-    let init_id = INTERNAL_ID_BASE + shared.next_id.fetch_add(1, Ordering::Relaxed);
+    // Ids stay small integers: JavaScript servers lose precision past 2^53.
+    let init_id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::unbounded_channel();
     shared.state.lock().unwrap().pending.insert(
         init_id,
@@ -560,7 +575,11 @@ fn route_notification(shared: &Shared, mut msg: Message) {
     let method = msg.method().unwrap_or_default().to_string();
     match method.as_str() {
         "notifications/progress" => {
-            let Some(token) = msg.params().and_then(|p| p.get("progressToken")).and_then(Value::as_u64) else {
+            let Some(token) = msg
+                .params()
+                .and_then(|p| p.get("progressToken"))
+                .and_then(Value::as_u64)
+            else {
                 return;
             };
             let st = shared.state.lock().unwrap();
@@ -583,7 +602,9 @@ fn route_notification(shared: &Shared, mut msg: Message) {
             }
         }
         "notifications/resources/updated" => {
-            let Some(uri) = msg.param_str("uri").map(str::to_string) else { return };
+            let Some(uri) = msg.param_str("uri").map(str::to_string) else {
+                return;
+            };
             let frame = sse::frame(&msg.to_bytes());
             for s in shared.sessions.all() {
                 if s.subscriptions.lock().unwrap().contains(&uri) {

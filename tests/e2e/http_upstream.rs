@@ -1,0 +1,240 @@
+//! A remote Streamable HTTP upstream: one upstream session per client, SSE streamed through,
+//! GET and DELETE forwarded, failures turned into clean errors.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::support::*;
+
+async fn gateway(fx: &HttpFixture) -> Gateway {
+    Gateway::wrap(&["--remote-url", &fx.url]).ready().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn initialize_list_and_call_pass_through() {
+    let fx = HttpFixture::start();
+    let g = gateway(&fx).await;
+    let mut c = g.client();
+    let init = c.initialize().await;
+    assert_eq!(init["serverInfo"]["name"], "tollgate-fixture");
+    let tools = c.request("tools/list", json!({})).await;
+    assert!(tools["result"]["tools"].as_array().unwrap().len() > 5);
+    assert_eq!(c.call_text("echo", json!({"text": "over http"})).await, "over http");
+    let prompt = c
+        .request("prompts/get", json!({"name": "greet", "arguments": {"who": "Bob"}}))
+        .await;
+    assert_eq!(prompt["result"]["messages"][0]["content"]["text"], "Say hello to Bob");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_client_session_gets_its_own_upstream_session_and_delete_ends_it() {
+    let fx = HttpFixture::start();
+    let g = gateway(&fx).await;
+    let mut a = g.client();
+    a.initialize().await;
+    let mut b = g.client();
+    b.initialize().await;
+    let sa = a.call_text("session", json!({})).await;
+    let sb = b.call_text("session", json!({})).await;
+    assert!(sa.starts_with("fx-") && sb.starts_with("fx-"));
+    assert_ne!(sa, sb, "two clients never share an upstream session");
+    assert_eq!(
+        a.call_text("session", json!({})).await,
+        sa,
+        "a client keeps its upstream session"
+    );
+    assert_eq!(b.call_text("session_count", json!({})).await, "2");
+
+    assert_eq!(a.delete().await.status(), 204);
+    assert_eq!(
+        b.call_text("session_count", json!({})).await,
+        "1",
+        "DELETE ended the upstream session too"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_answers_stream_through_event_by_event_and_priming_events_are_harmless() {
+    let fx = HttpFixture::start();
+    let g = gateway(&fx).await;
+    let mut c = g.client();
+    c.initialize().await;
+    let resp = c
+        .post(&json!({"jsonrpc":"2.0","id":"p1","method":"tools/call","params":{
+            "name":"progress","arguments":{"steps":3,"ms":200},"_meta":{"progressToken":42}}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let msgs = timed_messages(resp).await;
+    let progress: Vec<_> = msgs
+        .iter()
+        .filter(|(_, m)| m["method"] == "notifications/progress")
+        .collect();
+    assert_eq!(progress.len(), 3);
+    assert_eq!(progress[0].1["params"]["progressToken"], 42);
+    let (last_at, last) = msgs.last().unwrap();
+    assert_eq!(last["id"], "p1");
+    assert_eq!(last["result"]["content"][0]["text"], "done in 3 steps");
+    assert!(
+        *last_at - progress[0].0 >= Duration::from_millis(350),
+        "the first progress event was not held back until the end"
+    );
+
+    // A client that only takes JSON gets the final answer alone.
+    let resp = c
+        .http
+        .post(&c.url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .header("mcp-session-id", c.session.as_deref().unwrap())
+        .body(
+            json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{
+            "name":"progress","arguments":{"steps":2,"ms":10},"_meta":{"progressToken":1}}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["result"]["content"][0]["text"], "done in 2 steps");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_stream_is_forwarded() {
+    let fx = HttpFixture::start();
+    let g = gateway(&fx).await;
+    let mut c = g.client();
+    c.initialize().await;
+    let stream = c
+        .http
+        .get(&c.url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", c.session.as_deref().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(c.call_text("notify_list_changed", json!({})).await, "sent");
+    let mut body = stream.bytes_stream();
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut text = String::new();
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if text.contains("notifications/tools/list_changed") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(got, Ok(true));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_request_reaches_the_client_and_its_answer_reaches_the_server() {
+    let fx = HttpFixture::start();
+    let g = gateway(&fx).await;
+    let mut c = g.client();
+    c.initialize().await;
+    let resp = c
+        .post(&json!({"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"ask_roots","arguments":{}}}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    let mut answered = false;
+    let result = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            for m in sse_messages(&text) {
+                if m["method"] == "roots/list" && !answered {
+                    answered = true;
+                    let r = c
+                        .post(&json!({"jsonrpc":"2.0","id":m["id"],"result":{"roots":[{"uri":"file:///work","name":"work"}]}}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 202);
+                }
+                if m["id"] == 9 {
+                    return m;
+                }
+            }
+        }
+        panic!("stream ended: {text}");
+    })
+    .await
+    .unwrap();
+    assert!(
+        result["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("file:///work"),
+        "{result}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_upstream_gives_a_clean_error_with_the_clients_id() {
+    let port = free_port();
+    let g = Gateway::wrap(&["--remote-url", &format!("http://127.0.0.1:{port}/mcp")]);
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(format!("{}/readyz", g.base)).send().await.unwrap().status(),
+        503
+    );
+    let c = g.client();
+    let started = Instant::now();
+    let v = c
+        .post(&json!({"jsonrpc":"2.0","id":"x1","method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(v.status(), 200);
+    let v: serde_json::Value = v.json().await.unwrap();
+    assert_eq!(v["id"], "x1");
+    assert_eq!(v["error"]["code"], -32030, "{v}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_forgot_the_session_ends_the_clients_session_with_404() {
+    let fx = HttpFixture::start();
+    let g = gateway(&fx).await;
+    let mut c = g.client();
+    c.initialize().await;
+    let upstream_session = c.call_text("session", json!({})).await;
+    // End the upstream session behind the gateway's back.
+    let r = reqwest::Client::new()
+        .delete(&fx.url)
+        .header("mcp-session-id", &upstream_session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "the client is told to initialize again");
+    let mut again = c.clone();
+    again.initialize().await;
+    assert_eq!(again.call_text("echo", json!({"text": "fresh"})).await, "fresh");
+}

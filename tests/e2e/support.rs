@@ -1,0 +1,381 @@
+//! Builders for end-to-end tests: the real `tollgate` binary on port 0, the fixture server, the
+//! official server-everything, and a small MCP client over HTTP.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+pub const TOLLGATE: &str = env!("CARGO_BIN_EXE_tollgate");
+pub const FIXTURE: &str = env!("CARGO_BIN_EXE_tollgate-fixture");
+pub const ACCEPT_BOTH: &str = "application/json, text/event-stream";
+
+/// The repository root (tests/ and host/ live under it).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The npm packages the tests use, installed by the test command (tests/run).
+pub fn npm_dir() -> PathBuf {
+    let dir = repo_root().join("tests/npm");
+    assert!(
+        dir.join("node_modules/@modelcontextprotocol/server-everything")
+            .is_dir(),
+        "tests/npm/node_modules is missing: run `npm ci --prefix tests/npm` (tests/run does)"
+    );
+    dir
+}
+
+/// A spawned process that is killed when dropped; its stderr is kept in a file for diagnostics.
+pub struct Proc {
+    pub child: Child,
+    pub stderr_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proc {
+    /// Spawns `cmd`, waits for a stdout line containing `marker`, and returns the rest of that line
+    /// after the marker. Bails with the process's stderr if it exits first or takes too long.
+    pub fn spawn(mut cmd: Command, marker: &str, wait: Duration) -> (Proc, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        cmd.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null());
+        let mut child = cmd.spawn().expect("spawning a test process");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std_mpsc::channel();
+        let marker_owned = marker.to_string();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                if let Some(i) = line.find(&marker_owned) {
+                    let _ = tx.send(line[i + marker_owned.len()..].trim().to_string());
+                    break;
+                }
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let mut proc = Proc {
+            child,
+            stderr_path,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Ok(rest) = rx.recv_timeout(Duration::from_millis(50)) {
+                return (proc, rest);
+            }
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!("process exited early ({status}); stderr:\n{}", proc.stderr());
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "process did not print {marker:?} within {wait:?}; stderr:\n{}",
+                    proc.stderr()
+                );
+            }
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.stderr_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub proc: Proc,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// `tollgate wrap --listen 127.0.0.1:0 <args>`.
+    pub fn wrap(args: &[&str]) -> Gateway {
+        let mut cmd = Command::new(TOLLGATE);
+        cmd.args(["wrap", "--listen", "127.0.0.1:0"]).args(args);
+        Gateway::start(cmd)
+    }
+
+    /// `tollgate serve` with this config text (its `[server] listen` is forced to port 0).
+    pub fn serve(config: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tollgate.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut cmd = Command::new(TOLLGATE);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .args(["--listen", "127.0.0.1:0"]);
+        let mut g = Gateway::start(cmd);
+        g.dir = dir;
+        g
+    }
+
+    /// A gateway in front of the fixture over stdio, with extra config lines for `[upstream]`.
+    pub fn stdio_fixture(upstream_extra: &str) -> Gateway {
+        Gateway::serve(&format!(
+            "[upstream]\ncommand = [{FIXTURE:?}, \"--stdio\"]\n{upstream_extra}\n"
+        ))
+    }
+
+    fn start(mut cmd: Command) -> Gateway {
+        cmd.env("RUST_LOG", "tollgate=debug,info");
+        let (proc, rest) = Proc::spawn(cmd, "listening on ", Duration::from_secs(30));
+        let base = rest.trim_end_matches("/mcp").to_string();
+        Gateway {
+            proc,
+            base,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn mcp_url(&self) -> String {
+        format!("{}/mcp", self.base)
+    }
+
+    /// Waits until `/readyz` says the upstream is up.
+    pub async fn ready(self) -> Gateway {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let http = reqwest::Client::new();
+        loop {
+            if let Ok(r) = http.get(format!("{}/readyz", self.base)).send().await
+                && r.status() == 200
+            {
+                return self;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway never became ready; stderr:\n{}",
+                self.proc.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn client(&self) -> McpClient {
+        McpClient::new(&self.mcp_url())
+    }
+}
+
+/// The fixture server in HTTP mode.
+pub struct HttpFixture {
+    pub proc: Proc,
+    pub url: String,
+}
+
+impl HttpFixture {
+    pub fn start() -> HttpFixture {
+        let mut cmd = Command::new(FIXTURE);
+        cmd.args(["--http", "127.0.0.1:0"]);
+        let (proc, url) = Proc::spawn(cmd, "listening on ", Duration::from_secs(10));
+        HttpFixture { proc, url }
+    }
+}
+
+/// A free loopback port (for servers that cannot report the port they bound).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A minimal MCP client over Streamable HTTP, enough to drive the gateway as an SDK would.
+#[derive(Clone)]
+pub struct McpClient {
+    pub http: reqwest::Client,
+    pub url: String,
+    pub session: Option<String>,
+    pub version: String,
+}
+
+impl McpClient {
+    pub fn new(url: &str) -> McpClient {
+        McpClient {
+            http: reqwest::Client::builder().pool_max_idle_per_host(4).build().unwrap(),
+            url: url.to_string(),
+            session: None,
+            version: "2025-11-25".to_string(),
+        }
+    }
+
+    /// A POST with the usual MCP headers (session and version once known).
+    pub fn post(&self, body: &Value) -> reqwest::RequestBuilder {
+        let mut b = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", ACCEPT_BOTH)
+            .body(body.to_string());
+        if let Some(s) = &self.session {
+            b = b
+                .header("mcp-session-id", s)
+                .header("mcp-protocol-version", &self.version);
+        }
+        b
+    }
+
+    /// `initialize` then `notifications/initialized`; returns the initialize result.
+    pub async fn initialize(&mut self) -> Value {
+        let body = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+            "protocolVersion": self.version, "capabilities": {},
+            "clientInfo": {"name": "e2e", "version": "1"}}});
+        let resp = self.post(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "initialize failed");
+        let session = resp
+            .headers()
+            .get("mcp-session-id")
+            .expect("a session id")
+            .to_str()
+            .unwrap()
+            .to_string();
+        let v = read_answer(resp).await;
+        self.session = Some(session);
+        if let Some(ver) = v["result"]["protocolVersion"].as_str() {
+            self.version = ver.to_string();
+        }
+        let r = self
+            .post(&json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        v["result"].clone()
+    }
+
+    /// A request with this id; returns the whole JSON-RPC response.
+    pub async fn request_with_id(&self, id: Value, method: &str, params: Value) -> Value {
+        let resp = self
+            .post(&json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}))
+            .send()
+            .await
+            .unwrap();
+        read_answer(resp).await
+    }
+
+    pub async fn request(&self, method: &str, params: Value) -> Value {
+        self.request_with_id(json!(1), method, params).await
+    }
+
+    /// `tools/call`; returns the whole JSON-RPC response.
+    pub async fn call(&self, tool: &str, args: Value) -> Value {
+        self.request("tools/call", json!({"name": tool, "arguments": args}))
+            .await
+    }
+
+    /// `tools/call` and the text of its first content item (panics on an error).
+    pub async fn call_text(&self, tool: &str, args: Value) -> String {
+        let v = self.call(tool, args).await;
+        v["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no text in {v}"))
+            .to_string()
+    }
+
+    pub async fn delete(&self) -> reqwest::Response {
+        self.http
+            .delete(&self.url)
+            .header("mcp-session-id", self.session.as_deref().unwrap())
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// The JSON-RPC response in an answer, whether it came as JSON or as SSE (last message wins).
+pub async fn read_answer(resp: reqwest::Response) -> Value {
+    let status = resp.status();
+    let sse = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
+    let text = resp.text().await.unwrap();
+    if sse {
+        let events = sse_messages(&text);
+        events
+            .into_iter()
+            .rev()
+            .find(|m| m.get("method").is_none())
+            .unwrap_or_else(|| panic!("no response in stream: {text}"))
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("HTTP {status}: not JSON: {text}"))
+    }
+}
+
+/// The JSON messages in an SSE text (empty events skipped).
+pub fn sse_messages(text: &str) -> Vec<Value> {
+    text.split("\n\n")
+        .filter_map(|ev| {
+            let data: Vec<&str> = ev
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim)
+                .collect();
+            let data = data.join("\n");
+            if data.is_empty() {
+                None
+            } else {
+                serde_json::from_str(&data).ok()
+            }
+        })
+        .collect()
+}
+
+/// Reads an SSE response as it arrives; each message with the time it arrived.
+pub async fn timed_messages(resp: reqwest::Response) -> Vec<(Instant, Value)> {
+    let mut out = Vec::new();
+    let mut buf = String::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(i) = buf.find("\n\n") {
+            let ev: String = buf.drain(..i + 2).collect();
+            for m in sse_messages(&ev) {
+                out.push((Instant::now(), m));
+            }
+        }
+    }
+    out
+}
+
+/// Polls `f` until it returns Some, or panics after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
