@@ -346,6 +346,8 @@ async fn respond(
 ) -> Result<Response<Body>, Error> {
     match reply {
         Reply::Done(v) => Ok(one(v, accept)),
+        Reply::Raw(bytes) if accept.json => Ok(body::json(StatusCode::OK, bytes)),
+        Reply::Raw(bytes) => Ok(body::sse(Body::from(sse::frame(&bytes)))),
         Reply::Stream(replies) if replies.streamable && accept.sse => Ok(stream(replies, deadline, timeout, id)),
         Reply::Stream(mut replies) => loop {
             match tokio::time::timeout_at(deadline, replies.recv()).await {

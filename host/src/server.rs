@@ -2,13 +2,18 @@
 //! timeout, expires idle sessions, and shuts down gracefully (in-flight requests drain, open
 //! streams end, then the upstream stops).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 
 use crate::proxy::{self, AppState};
 
@@ -18,7 +23,7 @@ pub async fn run(listener: TcpListener, state: AppState, shutdown: impl Future<O
     http.timer(TokioTimer::new())
         .header_read_timeout(state.config().server.header_read_timeout)
         .keep_alive(true);
-    let graceful = GracefulShutdown::new();
+    let conns = Connections::default();
 
     let reaper = {
         let state = state.clone();
@@ -54,11 +59,24 @@ pub async fn run(listener: TcpListener, state: AppState, shutdown: impl Future<O
             async move { Ok::<_, Infallible>(proxy::handle(&state, req).await) }
         });
         let conn = http.serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
+        let watch = conns.track();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = pin!(conn);
+            let mut closing = false;
+            let result = std::future::poll_fn(|cx| {
+                // One atomic load per poll: no lock shared by every connection on the hot path.
+                watch.waker.register(cx.waker());
+                if !closing && watch.shutting_down() {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                conn.as_mut().poll(cx)
+            })
+            .await;
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(watch);
         });
     }
 
@@ -67,9 +85,84 @@ pub async fn run(listener: TcpListener, state: AppState, shutdown: impl Future<O
     reaper.abort();
     state.sessions().close_all();
     let grace = state.config().server.shutdown_timeout;
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, conns.shutdown()).await.is_err() {
         tracing::warn!(?grace, "some connections did not drain in time");
     }
     state.upstream().shutdown();
     Ok(())
+}
+
+/// The live connections, so that a shutdown can ask each to finish its request and close.
+///
+/// Each connection polls an `AtomicBool` and registers its waker in its own `AtomicWaker`, so the
+/// hot path takes no lock; the map is touched only when a connection opens or closes.
+#[derive(Default)]
+struct Connections {
+    inner: Arc<ConnectionsInner>,
+}
+
+#[derive(Default)]
+struct ConnectionsInner {
+    shutting_down: AtomicBool,
+    next_id: AtomicU64,
+    wakers: Mutex<HashMap<u64, Arc<AtomicWaker>>>,
+    /// Notified when the last connection closes.
+    drained: Notify,
+}
+
+/// One connection's membership; dropping it removes the connection.
+struct ConnectionWatch {
+    id: u64,
+    waker: Arc<AtomicWaker>,
+    inner: Arc<ConnectionsInner>,
+}
+
+impl ConnectionWatch {
+    fn shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ConnectionWatch {
+    fn drop(&mut self) {
+        let mut map = self.inner.wakers.lock().unwrap();
+        map.remove(&self.id);
+        if map.is_empty() {
+            self.inner.drained.notify_waiters();
+        }
+    }
+}
+
+impl Connections {
+    fn track(&self) -> ConnectionWatch {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let waker = Arc::new(AtomicWaker::new());
+        self.inner.wakers.lock().unwrap().insert(id, waker.clone());
+        ConnectionWatch {
+            id,
+            waker,
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Asks every connection to close after its in-flight request, and waits until all have.
+    async fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Release);
+        loop {
+            let drained = self.inner.drained.notified();
+            let mut drained = pin!(drained);
+            drained.as_mut().enable();
+            {
+                let map = self.inner.wakers.lock().unwrap();
+                if map.is_empty() {
+                    return;
+                }
+                for w in map.values() {
+                    w.wake();
+                }
+            }
+            // Re-check now and then in case a connection was mid-poll when woken.
+            let _ = tokio::time::timeout(Duration::from_millis(100), drained).await;
+        }
+    }
 }

@@ -17,8 +17,9 @@ pub struct Session {
     pub id: Arc<str>,
     /// The protocol revision negotiated at `initialize`.
     pub protocol_version: OnceLock<String>,
-    /// For an HTTP upstream: the upstream's own session id for this client alone.
-    pub upstream_session: OnceLock<String>,
+    /// For an HTTP upstream: the upstream's own session id for this client alone (kept as the
+    /// header value it is sent as).
+    pub upstream_session: OnceLock<http::HeaderValue>,
     /// The open `GET /mcp` stream, if any (stdio upstream): server notifications go here.
     stream: Mutex<Option<mpsc::Sender<Bytes>>>,
     /// The client asked for log messages (`logging/setLevel`).

@@ -3,12 +3,18 @@
 
 use bytes::{Bytes, BytesMut};
 
-/// One JSON-RPC message as an SSE `message` event.
+/// One JSON-RPC message as an SSE `message` event. JSON that spans lines (pretty-printed by an
+/// upstream) becomes one `data:` line per line, which the client joins back.
 pub fn frame(json: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(json.len() + 24);
-    b.extend_from_slice(b"event: message\ndata: ");
-    b.extend_from_slice(json);
-    b.extend_from_slice(b"\n\n");
+    b.extend_from_slice(b"event: message\n");
+    for line in json.split(|&c| c == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        b.extend_from_slice(b"data: ");
+        b.extend_from_slice(line);
+        b.extend_from_slice(b"\n");
+    }
+    b.extend_from_slice(b"\n");
     b.freeze()
 }
 
@@ -121,6 +127,14 @@ mod tests {
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].data, "");
         assert_eq!(events[0].id.as_deref(), Some("0"));
+    }
+
+    #[test]
+    fn a_multi_line_message_is_framed_as_several_data_lines() {
+        let mut p = Parser::new();
+        let events = p.push(&frame(b"{\n  \"a\": 1\n}"));
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].data, "{\n  \"a\": 1\n}");
     }
 
     #[test]

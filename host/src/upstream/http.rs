@@ -24,6 +24,17 @@ const VERSION_HEADER: &str = "mcp-protocol-version";
 /// The largest JSON answer read from the upstream (an SSE stream is not limited as a whole).
 const MAX_JSON_ANSWER: usize = 64 << 20;
 
+/// Just enough of an answer to know it is a JSON-RPC response, read without building a tree.
+#[derive(serde::Deserialize)]
+struct Peek {
+    #[serde(default)]
+    method: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    result: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
 /// A pooled client for one remote MCP endpoint.
 pub struct HttpUpstream {
     client: Client<HttpConnector, Full<Bytes>>,
@@ -73,10 +84,8 @@ impl HttpUpstream {
         if let Some(v) = client_headers.get(VERSION_HEADER) {
             h.insert(VERSION_HEADER, v.clone());
         }
-        if let Some(id) = session.and_then(|s| s.upstream_session.get())
-            && let Ok(v) = HeaderValue::from_str(id)
-        {
-            h.insert(SESSION_HEADER, v);
+        if let Some(id) = session.and_then(|s| s.upstream_session.get()) {
+            h.insert(SESSION_HEADER, id.clone());
         }
         req
     }
@@ -106,9 +115,8 @@ impl HttpUpstream {
         if is_init
             && status.is_success()
             && let (Some(s), Some(id)) = (session, resp.headers().get(SESSION_HEADER))
-            && let Ok(id) = id.to_str()
         {
-            let _ = s.upstream_session.set(id.to_string());
+            let _ = s.upstream_session.set(id.clone());
         }
         if status == StatusCode::NOT_FOUND && had_session {
             return Err(Error::SessionGone);
@@ -127,16 +135,19 @@ impl HttpUpstream {
             .await
             .map_err(|e| Error::Protocol(format!("reading the answer failed: {e}")))?
             .to_bytes();
+        if status.is_success() {
+            return match serde_json::from_slice::<Peek>(&body) {
+                Ok(p) if p.method.is_none() && (p.result.is_some() || p.error.is_some()) => Ok(Reply::Raw(body)),
+                _ => Err(Error::Protocol("the answer is not a JSON-RPC response".into())),
+            };
+        }
         match serde_json::from_slice::<Value>(&body) {
-            Ok(Value::Object(mut obj)) if obj.contains_key("result") || obj.contains_key("error") => {
-                if !status.is_success() {
-                    // An error answered at a non-2xx status: keep the upstream's error, with our id.
-                    obj.insert("id".into(), client_id);
-                }
+            Ok(Value::Object(mut obj)) if obj.contains_key("error") => {
+                // An error answered at a non-2xx status: keep the upstream's error, with our id.
+                obj.insert("id".into(), client_id);
                 Ok(Reply::Done(Value::Object(obj)))
             }
-            _ if !status.is_success() => Err(Error::Protocol(format!("the upstream answered HTTP {status}"))),
-            _ => Err(Error::Protocol("the answer is not a JSON-RPC response".into())),
+            _ => Err(Error::Protocol(format!("the upstream answered HTTP {status}"))),
         }
     }
 

@@ -36,6 +36,10 @@ pub enum Error {
 pub enum Reply {
     /// The final response, with the client's id.
     Done(Value),
+    /// The final response as the upstream sent it: checked to be a JSON-RPC response and passed
+    /// through without re-encoding (an HTTP upstream's session is this client's alone, so the id is
+    /// already the client's).
+    Raw(bytes::Bytes),
     /// Messages as they arrive (progress, server requests), ending with the final response.
     Stream(Replies),
 }

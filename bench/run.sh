@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The proxy benchmark. In one run, interleaved round by round, it loads three targets with
+# `tools/call echo` at concurrency 1, 8 and 32:
+#   direct    — the fixture MCP server over HTTP, no proxy
+#   yardstick — a minimal JSON-parsing hyper pass-through proxy (bench/src/bin/yardstick.rs)
+#   tollgate  — the gateway (`tollgate wrap --remote-url`) in front of the same fixture
+# plus tollgate in front of a stdio fixture child (one shared child) at c=32.
+# Prints a Markdown table of medians over ROUNDS runs (default 3) of SECS seconds (default 5) each.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${SECS:-5}
+ROUNDS=${ROUNDS:-3}
+CONCURRENCY=${CONCURRENCY:-"1 8 32"}
+
+cargo build --release --locked -p tollgate -p tollgate-bench >&2
+bin=target/release
+work=$(mktemp -d)
+cleanup() { for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; true; }
+trap cleanup EXIT
+
+# start NAME CMD... : runs CMD in the background and prints the URL it announces on stdout.
+# (It runs in a $(...) subshell, so the pid goes to a file for cleanup.)
+start() {
+  local name=$1; shift
+  "$@" >"$work/$name.out" 2>"$work/$name.err" &
+  echo $! >"$work/$name.pid"
+  for _ in $(seq 1 300); do
+    if grep -q "listening on " "$work/$name.out"; then
+      grep -o "http://[^ ]*" "$work/$name.out" | head -1
+      return
+    fi
+    sleep 0.1
+  done
+  echo "$name did not start:" >&2; cat "$work/$name.err" >&2; exit 1
+}
+
+fixture=$(start fixture "$bin/tollgate-fixture" --http 127.0.0.1:0)
+yardstick=$(start yardstick "$bin/yardstick" --upstream "$fixture")
+tollgate=$(start tollgate "$bin/tollgate" --log-level warn wrap --listen 127.0.0.1:0 --remote-url "$fixture")
+tollgate_stdio=$(start tollgate-stdio "$bin/tollgate" --log-level warn wrap --listen 127.0.0.1:0 -- "$bin/tollgate-fixture" --stdio)
+sleep 1
+
+results="$work/results.jsonl"
+for round in $(seq 1 "$ROUNDS"); do
+  for c in $CONCURRENCY; do
+    for target in direct yardstick tollgate; do
+      case $target in
+        direct) url=$fixture ;;
+        yardstick) url=$yardstick ;;
+        tollgate) url=$tollgate ;;
+      esac
+      "$bin/loadgen" --url "$url" --concurrency "$c" --seconds "$SECS" --label "$target" >>"$results"
+      echo "round $round c=$c $target: $(tail -1 "$results")" >&2
+    done
+  done
+  "$bin/loadgen" --url "$tollgate_stdio" --concurrency 32 --seconds "$SECS" --label "tollgate-stdio" >>"$results"
+  echo "round $round c=32 tollgate-stdio: $(tail -1 "$results")" >&2
+done
+
+python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+groups = {}
+for r in rows:
+    groups.setdefault((r["label"], r["concurrency"]), []).append(r)
+med = {k: {f: statistics.median(x[f] for x in v) for f in ("rps", "p50_us", "p99_us", "errors")} for k, v in groups.items()}
+print("| target | c | calls/s | p50 µs | p99 µs | errors | p50 vs yardstick | calls/s vs yardstick | calls/s vs direct |")
+print("|---|---|---|---|---|---|---|---|---|")
+for (label, c) in sorted(med, key=lambda k: (k[1], ["direct", "yardstick", "tollgate", "tollgate-stdio"].index(k[0]))):
+    m = med[(label, c)]
+    y = med.get(("yardstick", c)); d = med.get(("direct", c))
+    vs_y = f"{m['p50_us'] - y['p50_us']:+.1f} µs" if y else ""
+    tp_y = f"{100 * m['rps'] / y['rps']:.0f} %" if y else ""
+    tp_d = f"{100 * m['rps'] / d['rps']:.0f} %" if d else ""
+    print(f"| {label} | {c} | {m['rps']:.0f} | {m['p50_us']:.1f} | {m['p99_us']:.1f} | {m['errors']:.0f} | {vs_y} | {tp_y} | {tp_d} |")
+PY
