@@ -41,9 +41,12 @@ tollgate_stdio=$(start tollgate-stdio "$bin/tollgate" --log-level warn wrap --li
 sleep 1
 
 results="$work/results.jsonl"
+orders=("direct yardstick tollgate" "yardstick tollgate direct" "tollgate direct yardstick")
 for round in $(seq 1 "$ROUNDS"); do
+  # Rotate the order each round so that no target always runs right after another.
+  order=${orders[$(( (round - 1) % 3 ))]}
   for c in $CONCURRENCY; do
-    for target in direct yardstick tollgate; do
+    for target in $order; do
       case $target in
         direct) url=$fixture ;;
         yardstick) url=$yardstick ;;

@@ -18,6 +18,8 @@ pub enum Error {
     Parse(#[from] ParseError),
     #[error("reading the request body failed: {0}")]
     BodyRead(String),
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("origin {0:?} is not allowed")]
     OriginForbidden(String),
     #[error("the request body is larger than the {0}-byte limit")]
@@ -50,6 +52,7 @@ impl Error {
                 (StatusCode::BAD_REQUEST, code::INVALID_REQUEST, msg, None)
             }
             Error::BodyRead(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST, msg, None),
+            Error::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, code::INVALID_REQUEST, msg, None),
             Error::OriginForbidden(_) => (StatusCode::FORBIDDEN, code::ORIGIN_FORBIDDEN, msg, None),
             Error::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, code::BODY_TOO_LARGE, msg, None),
             Error::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, code::NOT_ACCEPTABLE, msg, None),

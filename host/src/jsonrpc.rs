@@ -4,6 +4,10 @@
 //! know pass through untouched; only `id`, `method`, `params._meta.progressToken` and friends are read
 //! or rewritten.
 
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 /// The MCP protocol revisions Tollgate speaks with its clients, oldest first.
@@ -73,84 +77,203 @@ pub enum ParseError {
     Invalid(&'static str),
 }
 
-/// One JSON-RPC message, kept as its JSON object.
+/// The members of a JSON-RPC message as they come off the wire. `params`, `result` and `error`
+/// stay raw JSON text: the gateway reads inside them only when it must, and forwards them as is.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    jsonrpc: Option<Cow<'a, str>>,
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Value>,
+    method: Option<Value>,
+    params: Option<Box<RawValue>>,
+    result: Option<Box<RawValue>>,
+    error: Option<Box<RawValue>>,
+}
+
+/// Keeps `"id": null` apart from a missing id (`Some(Null)` versus `None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// One JSON-RPC message. Only the envelope is decoded; the body parts stay raw JSON.
 #[derive(Debug, Clone)]
 pub struct Message {
-    pub obj: Map<String, Value>,
     pub kind: Kind,
+    id: Option<Value>,
+    method: Option<String>,
+    params: Option<Box<RawValue>>,
+    result: Option<Box<RawValue>>,
+    error: Option<Box<RawValue>>,
 }
 
 impl Message {
-    /// Parses one message from a POST body. Arrays (batches) and non-objects are refused.
+    /// Parses one message. Arrays (batches) and non-objects are refused with a reason.
     pub fn parse(body: &[u8]) -> Result<Message, ParseError> {
-        let value: Value = serde_json::from_slice(body)?;
-        match value {
-            Value::Object(obj) => Message::from_object(obj),
-            Value::Array(_) => Err(ParseError::Batch),
-            _ => Err(ParseError::Invalid("a JSON-RPC message must be a JSON object")),
+        match body.iter().find(|c| !c.is_ascii_whitespace()) {
+            Some(b'{') => {}
+            Some(b'[') => {
+                // Still tell malformed JSON apart from a batch.
+                serde_json::from_slice::<serde::de::IgnoredAny>(body)?;
+                return Err(ParseError::Batch);
+            }
+            _ => {
+                serde_json::from_slice::<serde::de::IgnoredAny>(body)?;
+                return Err(ParseError::Invalid("a JSON-RPC message must be a JSON object"));
+            }
         }
-    }
-
-    /// Classifies an object as a request, notification or response.
-    pub fn from_object(obj: Map<String, Value>) -> Result<Message, ParseError> {
-        if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        let wire: Wire = serde_json::from_slice(body)?;
+        if wire.jsonrpc.as_deref() != Some("2.0") {
             return Err(ParseError::Invalid(r#"the "jsonrpc" member must be "2.0""#));
         }
-        let id = obj.get("id");
-        if let Some(id) = id
-            && !(id.is_string() || id.is_i64() || id.is_u64())
-        {
-            return Err(ParseError::Invalid(r#"the "id" member must be a string or an integer"#));
-        }
-        let kind = match (obj.get("method"), id) {
-            (Some(Value::String(_)), Some(_)) => Kind::Request,
-            (Some(Value::String(_)), None) => Kind::Notification,
-            (Some(_), _) => return Err(ParseError::Invalid(r#"the "method" member must be a string"#)),
-            (None, Some(_)) if obj.contains_key("result") || obj.contains_key("error") => Kind::Response,
+        let id = match wire.id {
+            None => None,
+            Some(id @ (Value::String(_) | Value::Number(_))) if !id.is_f64() => Some(id),
+            Some(Value::Null) if wire.method.is_none() => Some(Value::Null),
+            Some(_) => return Err(ParseError::Invalid(r#"the "id" member must be a string or an integer"#)),
+        };
+        let method = match wire.method {
+            None => None,
+            Some(Value::String(m)) => Some(m),
+            Some(_) => return Err(ParseError::Invalid(r#"the "method" member must be a string"#)),
+        };
+        let kind = match (&method, &id) {
+            (Some(_), Some(_)) => Kind::Request,
+            (Some(_), None) => Kind::Notification,
+            (None, Some(_)) if wire.result.is_some() || wire.error.is_some() => Kind::Response,
             (None, _) => {
                 return Err(ParseError::Invalid(
                     r#"a JSON-RPC message needs a "method" (request or notification) or a "result"/"error" (response)"#,
                 ));
             }
         };
-        Ok(Message { obj, kind })
+        Ok(Message {
+            kind,
+            id,
+            method,
+            params: wire.params,
+            result: wire.result,
+            error: wire.error,
+        })
+    }
+
+    /// A message from a JSON value built in the gateway (answers it makes itself).
+    pub fn from_value(v: &Value) -> Message {
+        Message::parse(&serde_json::to_vec(v).expect("JSON values serialize"))
+            .expect("the gateway builds valid messages")
+    }
+
+    /// An error response.
+    pub fn error(id: Value, code: i64, message: &str) -> Message {
+        Message::from_value(&error_response(id, code, message, None))
     }
 
     pub fn id(&self) -> Option<&Value> {
-        self.obj.get("id")
+        self.id.as_ref()
+    }
+
+    pub fn set_id(&mut self, id: Value) {
+        self.id = Some(id);
     }
 
     pub fn method(&self) -> Option<&str> {
-        self.obj.get("method").and_then(Value::as_str)
+        self.method.as_deref()
     }
 
-    pub fn params(&self) -> Option<&Map<String, Value>> {
-        self.obj.get("params").and_then(Value::as_object)
+    /// Whether this is a response (the last message of an exchange).
+    pub fn is_response(&self) -> bool {
+        self.kind == Kind::Response
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.error.is_some()
+    }
+
+    /// The raw `params` text, if any.
+    pub fn raw_params(&self) -> Option<&RawValue> {
+        self.params.as_deref()
+    }
+
+    /// `params` decoded (a tree is built: for the paths that need to look inside).
+    pub fn params_value(&self) -> Option<Map<String, Value>> {
+        serde_json::from_str(self.params.as_ref()?.get()).ok()
+    }
+
+    /// `result` decoded as an object.
+    pub fn result_value(&self) -> Option<Map<String, Value>> {
+        serde_json::from_str(self.result.as_ref()?.get()).ok()
     }
 
     /// `params.<key>` as a string, e.g. the tool name of a `tools/call`.
-    pub fn param_str(&self, key: &str) -> Option<&str> {
-        self.params()?.get(key)?.as_str()
+    pub fn param_str(&self, key: &str) -> Option<String> {
+        match self.params_value()?.remove(key)? {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
     }
 
     /// `params._meta.progressToken`, if the client asked for progress.
-    pub fn progress_token(&self) -> Option<&Value> {
-        self.params()?.get("_meta")?.as_object()?.get("progressToken")
+    pub fn progress_token(&self) -> Option<Value> {
+        let raw = self.params.as_ref()?.get();
+        if !raw.contains("progressToken") {
+            return None;
+        }
+        self.params_value()?
+            .remove("_meta")?
+            .as_object_mut()?
+            .remove("progressToken")
     }
 
     /// Replaces `params._meta.progressToken` (which must exist) and returns the old one.
     pub fn replace_progress_token(&mut self, token: Value) -> Option<Value> {
-        let meta = self
-            .obj
-            .get_mut("params")?
-            .as_object_mut()?
+        let mut params = self.params_value()?;
+        let old = params
             .get_mut("_meta")?
-            .as_object_mut()?;
-        meta.insert("progressToken".into(), token)
+            .as_object_mut()?
+            .insert("progressToken".into(), token)?;
+        self.params = Some(serde_json::value::to_raw_value(&params).expect("JSON values serialize"));
+        Some(old)
     }
 
+    /// Replaces `params.progressToken` of a progress notification; returns the old one.
+    pub fn replace_notification_token(&mut self, token: Value) -> Option<Value> {
+        let mut params = self.params_value()?;
+        let old = params.insert("progressToken".into(), token)?;
+        self.params = Some(serde_json::value::to_raw_value(&params).expect("JSON values serialize"));
+        Some(old)
+    }
+
+    /// The message as compact JSON text.
     pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.obj).expect("a JSON map always serializes")
+        let mut out = Vec::with_capacity(
+            64 + [&self.params, &self.result, &self.error]
+                .iter()
+                .map(|p| p.as_ref().map_or(0, |r| r.get().len()))
+                .sum::<usize>(),
+        );
+        out.extend_from_slice(br#"{"jsonrpc":"2.0""#);
+        if let Some(id) = &self.id {
+            out.extend_from_slice(br#","id":"#);
+            serde_json::to_writer(&mut out, id).expect("JSON values serialize");
+        }
+        if let Some(m) = &self.method {
+            out.extend_from_slice(br#","method":"#);
+            serde_json::to_writer(&mut out, m).expect("strings serialize");
+        }
+        for (name, part) in [
+            (&b"params"[..], &self.params),
+            (b"result", &self.result),
+            (b"error", &self.error),
+        ] {
+            if let Some(raw) = part {
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(name);
+                out.extend_from_slice(b"\":");
+                out.extend_from_slice(raw.get().as_bytes());
+            }
+        }
+        out.push(b'}');
+        out
     }
 }
 
@@ -161,11 +284,6 @@ pub fn name_param_of(method: &str) -> Option<&'static str> {
         "resources/read" => Some("uri"),
         _ => None,
     }
-}
-
-/// Whether a response message is an error.
-pub fn is_error_response(v: &Value) -> bool {
-    v.get("error").is_some()
 }
 
 /// A JSON-RPC error response object.
@@ -222,6 +340,7 @@ mod tests {
         .unwrap();
         let old = m.replace_progress_token(json!(7)).unwrap();
         assert_eq!(old, json!("p"));
-        assert_eq!(m.progress_token(), Some(&json!(7)));
+        assert_eq!(m.progress_token(), Some(json!(7)));
+        assert_eq!(m.param_str("name").as_deref(), Some("x"), "the rest of params is kept");
     }
 }

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`cli`]: the command line (`wrap`, `serve`, `check`).
 //! - [`config`]: the TOML config (or `wrap` flags), validated once at start-up.
+//! - [`deadline`]: coarse deadlines (call and slow-client timeouts) without a timer per request.
 //! - [`jsonrpc`]: JSON-RPC messages and the error-code table.
 //! - [`error`]: every client-facing error mapped to an HTTP status and JSON-RPC error, in one place.
 //! - [`proxy`]: the `/mcp` endpoint (Streamable HTTP) and the health endpoints.
@@ -17,6 +18,7 @@
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod deadline;
 pub mod error;
 pub mod jsonrpc;
 pub mod proxy;

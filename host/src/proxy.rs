@@ -9,21 +9,27 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use crate::body::{self, Body};
 use crate::config::Config;
+use crate::deadline::{self, Deadline, Deadlines};
 use crate::error::Error;
 use crate::jsonrpc::{self, Kind, Message, code};
 use crate::session::{Session, Sessions};
 use crate::sse;
 use crate::upstream::{self, Replies, Reply, Upstream};
 
-const SESSION_HEADER: &str = "mcp-session-id";
+/// How often deadlines (call timeouts, slow clients) are checked: they fire up to this late.
+const DEADLINE_TICK: Duration = Duration::from_millis(50);
+
+const SESSION_HEADER: HeaderName = HeaderName::from_static("mcp-session-id");
+const VERSION_HEADER: HeaderName = HeaderName::from_static("mcp-protocol-version");
+const METHOD_HEADER: HeaderName = HeaderName::from_static("mcp-method");
+const NAME_HEADER: HeaderName = HeaderName::from_static("mcp-name");
 
 /// What every request handler shares; cheap to clone.
 #[derive(Clone)]
@@ -35,6 +41,7 @@ struct StateInner {
     config: Config,
     sessions: Sessions,
     upstream: Upstream,
+    deadlines: Deadlines,
 }
 
 impl AppState {
@@ -47,6 +54,7 @@ impl AppState {
                 config,
                 sessions,
                 upstream,
+                deadlines: Deadlines::start(DEADLINE_TICK),
             }),
         }
     }
@@ -61,6 +69,10 @@ impl AppState {
 
     pub fn upstream(&self) -> &Upstream {
         &self.inner.upstream
+    }
+
+    pub fn deadlines(&self) -> &Deadlines {
+        &self.inner.deadlines
     }
 
     /// Ends the sessions idle past the timeout, and what the upstream holds for them.
@@ -169,7 +181,7 @@ fn is_loopback_origin(origin: &str) -> bool {
 }
 
 fn session_of(state: &AppState, headers: &HeaderMap) -> Result<Arc<Session>, Error> {
-    let id = headers.get(SESSION_HEADER).ok_or(Error::MissingSession)?;
+    let id = headers.get(&SESSION_HEADER).ok_or(Error::MissingSession)?;
     let id = id.to_str().map_err(|_| Error::SessionNotFound)?;
     state.sessions().get(id).ok_or(Error::SessionNotFound)
 }
@@ -190,18 +202,18 @@ async fn read_body(parts: &Parts, body: hyper::body::Incoming, limit: usize) -> 
 
 /// Checks `MCP-Protocol-Version` (missing means 2025-03-26) and the 2026-07-28 routing headers.
 fn check_headers(headers: &HeaderMap, msg: &Message) -> Result<(), Error> {
-    if let Some(v) = headers.get("mcp-protocol-version") {
+    if let Some(v) = headers.get(VERSION_HEADER) {
         let v = v.to_str().unwrap_or("");
         if !jsonrpc::is_supported_version(v) {
             return Err(Error::UnsupportedVersion(v.to_string()));
         }
     }
-    if let Some(m) = headers.get("mcp-method")
+    if let Some(m) = headers.get(METHOD_HEADER)
         && (msg.kind == Kind::Response || m.to_str().ok() != msg.method())
     {
         return Err(Error::HeaderMismatch("Mcp-Method"));
     }
-    if let Some(n) = headers.get("mcp-name") {
+    if let Some(n) = headers.get(NAME_HEADER) {
         let n = n.to_str().map_err(|_| Error::HeaderMismatch("Mcp-Name"))?;
         let expected = msg
             .method()
@@ -209,7 +221,7 @@ fn check_headers(headers: &HeaderMap, msg: &Message) -> Result<(), Error> {
             .and_then(|key| msg.param_str(key));
         // A value the client had to encode (`=?base64?…?=`) is left to the upstream to check.
         let encoded = n.starts_with("=?base64?");
-        if !encoded && expected != Some(n) {
+        if !encoded && expected.as_deref() != Some(n) {
             return Err(Error::HeaderMismatch("Mcp-Name"));
         }
     }
@@ -249,20 +261,28 @@ async fn post_inner(
     if !accept.json && !accept.sse {
         return Err(Error::NotAcceptable("application/json or text/event-stream"));
     }
-    let raw = read_body(parts, body, config.server.max_body_bytes).await?;
+    // One deadline for the whole exchange: reading the body, the upstream call, the answer.
+    let call_timeout = config.upstream.call_timeout;
+    let deadline = state.deadlines().register(call_timeout);
+    let raw = deadline::race(deadline.alarm(), read_body(parts, body, config.server.max_body_bytes))
+        .await
+        .map_err(|_| Error::BodyTimeout)??;
     let msg = Message::parse(&raw)?;
     if let Some(id) = msg.id() {
         *id_out = id.clone();
     }
     check_headers(headers, &msg)?;
     let upstream = state.upstream();
-    let deadline = Instant::now() + config.upstream.call_timeout;
-    let call_timeout = config.upstream.call_timeout;
 
     match (msg.kind, msg.method()) {
         (Kind::Request, Some("initialize")) => {
             let session = state.sessions().create()?;
-            let reply = with_deadline(deadline, call_timeout, upstream.initialize(&session, headers, msg, raw)).await;
+            let reply = with_deadline(
+                &deadline,
+                call_timeout,
+                upstream.initialize(&session, headers, msg, raw),
+            )
+            .await;
             let resp = match reply {
                 Ok(reply) => respond(reply, accept, deadline, call_timeout, id_out.clone()).await,
                 Err(e) => Err(e),
@@ -281,16 +301,16 @@ async fn post_inner(
             }
         }
         (Kind::Request, Some("server/discover")) => {
-            let reply = with_deadline(deadline, call_timeout, upstream.discover(headers, msg, raw)).await?;
+            let reply = with_deadline(&deadline, call_timeout, upstream.discover(headers, msg, raw)).await?;
             respond(reply, accept, deadline, call_timeout, id_out.clone()).await
         }
-        (Kind::Request, Some("ping")) if !headers.contains_key(SESSION_HEADER) => {
+        (Kind::Request, Some("ping")) if !headers.contains_key(&SESSION_HEADER) => {
             let v = jsonrpc::result_response(id_out.clone(), serde_json::json!({}));
-            Ok(one(v, accept))
+            Ok(one(&Message::from_value(&v), accept))
         }
         (Kind::Request, _) => {
             let session = session_of(state, headers)?;
-            let reply = with_deadline(deadline, call_timeout, upstream.request(&session, headers, msg, raw)).await;
+            let reply = with_deadline(&deadline, call_timeout, upstream.request(&session, headers, msg, raw)).await;
             let reply = gone_ends_session(state, &session, reply).await?;
             respond(reply, accept, deadline, call_timeout, id_out.clone()).await
         }
@@ -313,19 +333,22 @@ async fn gone_ends_session<T>(state: &AppState, session: &Session, r: Result<T, 
 }
 
 async fn with_deadline<T>(
-    deadline: Instant,
+    deadline: &Deadline,
     timeout: Duration,
     fut: impl Future<Output = Result<T, upstream::Error>>,
 ) -> Result<T, Error> {
-    match tokio::time::timeout_at(deadline, fut).await {
+    match deadline::race(deadline.alarm(), fut).await {
         Ok(r) => r.map_err(Error::from),
         Err(_) => Err(upstream::Error::Timeout(timeout).into()),
     }
 }
 
 /// One message as the whole answer: JSON if the client takes it, else a one-event SSE stream.
-fn one(v: Value, accept: Accepts) -> Response<Body> {
-    let bytes = serde_json::to_vec(&v).expect("JSON serializes");
+fn one(m: &Message, accept: Accepts) -> Response<Body> {
+    raw(m.to_bytes().into(), accept)
+}
+
+fn raw(bytes: Bytes, accept: Accepts) -> Response<Body> {
     if accept.json {
         body::json(StatusCode::OK, bytes)
     } else {
@@ -333,27 +356,22 @@ fn one(v: Value, accept: Accepts) -> Response<Body> {
     }
 }
 
-fn is_final(v: &Value) -> bool {
-    v.get("method").is_none()
-}
-
 async fn respond(
     reply: Reply,
     accept: Accepts,
-    deadline: Instant,
+    deadline: Deadline,
     timeout: Duration,
     id: Value,
 ) -> Result<Response<Body>, Error> {
     match reply {
-        Reply::Done(v) => Ok(one(v, accept)),
-        Reply::Raw(bytes) if accept.json => Ok(body::json(StatusCode::OK, bytes)),
-        Reply::Raw(bytes) => Ok(body::sse(Body::from(sse::frame(&bytes)))),
+        Reply::Done(m) => Ok(one(&m, accept)),
+        Reply::Raw(bytes) => Ok(raw(bytes, accept)),
         Reply::Stream(replies) if replies.streamable && accept.sse => Ok(stream(replies, deadline, timeout, id)),
         Reply::Stream(mut replies) => loop {
-            match tokio::time::timeout_at(deadline, replies.recv()).await {
+            match deadline::race(deadline.alarm(), replies.recv()).await {
                 Err(_) => return Err(upstream::Error::Timeout(timeout).into()),
                 Ok(None) => return Err(upstream::Error::Closed.into()),
-                Ok(Some(v)) if is_final(&v) => return Ok(one(v, accept)),
+                Ok(Some(m)) if m.is_response() => return Ok(one(&m, accept)),
                 Ok(Some(_)) => continue,
             }
         },
@@ -362,32 +380,21 @@ async fn respond(
 
 /// Streams the replies to the client as SSE, event by event, until the final response (or the
 /// deadline, or the upstream going away — each ends the stream with a JSON-RPC error).
-fn stream(mut replies: Replies, deadline: Instant, timeout: Duration, id: Value) -> Response<Body> {
+fn stream(mut replies: Replies, deadline: Deadline, timeout: Duration, id: Value) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
         loop {
-            let (v, last) = match tokio::time::timeout_at(deadline, replies.recv()).await {
-                Ok(Some(v)) => {
-                    let last = is_final(&v);
-                    (v, last)
-                }
-                Ok(None) => {
-                    let e = upstream::Error::Closed;
-                    (
-                        jsonrpc::error_response(id.clone(), code::UPSTREAM_CLOSED, &e.to_string(), None),
-                        true,
-                    )
-                }
+            let m = match deadline::race(deadline.alarm(), replies.recv()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => Message::error(id.clone(), code::UPSTREAM_CLOSED, &upstream::Error::Closed.to_string()),
                 Err(_) => {
                     let e = upstream::Error::Timeout(timeout);
                     tracing::warn!(error = %e, "request failed");
-                    (
-                        jsonrpc::error_response(id.clone(), code::UPSTREAM_TIMEOUT, &e.to_string(), None),
-                        true,
-                    )
+                    Message::error(id.clone(), code::UPSTREAM_TIMEOUT, &e.to_string())
                 }
             };
-            let frame = sse::frame(&serde_json::to_vec(&v).expect("JSON serializes"));
+            let last = m.is_response();
+            let frame = sse::frame(&m.to_bytes());
             if tx.send(frame).await.is_err() || last {
                 // The client left (dropping `replies` abandons the call upstream) or we are done.
                 return;
@@ -404,7 +411,7 @@ async fn get_stream(state: &AppState, req: Request<hyper::body::Incoming>) -> Re
         if !accepts(headers).sse {
             return Err(Error::NotAcceptable("text/event-stream"));
         }
-        if let Some(v) = headers.get("mcp-protocol-version")
+        if let Some(v) = headers.get(VERSION_HEADER)
             && !jsonrpc::is_supported_version(v.to_str().unwrap_or(""))
         {
             return Err(Error::UnsupportedVersion(v.to_str().unwrap_or("").to_string()));

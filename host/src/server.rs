@@ -11,18 +11,22 @@ use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+use crate::deadline::Deadline;
 use crate::proxy::{self, AppState};
+
+/// A deadline far enough away to mean "not armed".
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Serves until `shutdown` completes, then drains.
 pub async fn run(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(state.config().server.header_read_timeout)
-        .keep_alive(true);
+    http.keep_alive(true);
+    let header_timeout = state.config().server.header_read_timeout;
     let conns = Connections::default();
 
     let reaper = {
@@ -53,12 +57,23 @@ pub async fn run(listener: TcpListener, state: AppState, shutdown: impl Future<O
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let timer = Arc::new(HeaderTimer {
+            reading: AtomicBool::new(false),
+            deadline: state.deadlines().register(NEVER),
+            timeout: header_timeout,
+        });
+        let io = TimedIo {
+            io: stream,
+            timer: timer.clone(),
+        };
         let state = state.clone();
         let svc = service_fn(move |req| {
+            // The request's headers are in: the header clock stops.
+            timer.reading.store(false, Ordering::Release);
             let state = state.clone();
             async move { Ok::<_, Infallible>(proxy::handle(&state, req).await) }
         });
-        let conn = http.serve_connection(TokioIo::new(stream), svc);
+        let conn = http.serve_connection(TokioIo::new(io), svc);
         let watch = conns.track();
         tokio::spawn(async move {
             let mut conn = pin!(conn);
@@ -164,5 +179,84 @@ impl Connections {
             // Re-check now and then in case a connection was mid-poll when woken.
             let _ = tokio::time::timeout(Duration::from_millis(100), drained).await;
         }
+    }
+}
+
+/// The header read timeout of one connection: armed when the first bytes of a request arrive,
+/// stopped when the request reaches the service. A client that trickles its headers is cut off.
+struct HeaderTimer {
+    reading: AtomicBool,
+    deadline: Deadline,
+    timeout: Duration,
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's socket, read under its [`HeaderTimer`].
+    struct TimedIo<T> {
+        #[pin]
+        io: T,
+        timer: Arc<HeaderTimer>,
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for TimedIo<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        let timer = &**this.timer;
+        if timer.reading.load(Ordering::Acquire) && timer.deadline.alarm().poll_fired(cx) {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the request headers did not arrive in time",
+            )));
+        }
+        let before = buf.filled().len();
+        let r = this.io.poll_read(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(())))
+            && buf.filled().len() > before
+            && !timer.reading.swap(true, Ordering::AcqRel)
+        {
+            timer.deadline.reset(timer.timeout);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
     }
 }

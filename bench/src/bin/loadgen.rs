@@ -59,7 +59,9 @@ async fn post(sender: &mut Sender, t: &Target, body: Bytes) -> anyhow::Result<(h
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream");
     if let Some(s) = &t.session {
-        req = req.header("mcp-session-id", s).header("mcp-protocol-version", "2025-11-25");
+        req = req
+            .header("mcp-session-id", s)
+            .header("mcp-protocol-version", "2025-11-25");
     }
     for (k, v) in &t.headers {
         req = req.header(k, v);

@@ -55,7 +55,9 @@ fn main() -> anyhow::Result<()> {
                                 fwd = fwd.header(name, v);
                             }
                         }
-                        let fwd = fwd.body(Full::new(Bytes::from(serde_json::to_vec(&json).unwrap()))).unwrap();
+                        let fwd = fwd
+                            .body(Full::new(Bytes::from(serde_json::to_vec(&json).unwrap())))
+                            .unwrap();
                         match client.request(fwd).await {
                             Ok(resp) => {
                                 let (parts, body) = resp.into_parts();

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -19,8 +19,8 @@ use crate::jsonrpc::Message;
 use crate::session::Session;
 use crate::sse;
 
-const SESSION_HEADER: &str = "mcp-session-id";
-const VERSION_HEADER: &str = "mcp-protocol-version";
+const SESSION_HEADER: HeaderName = HeaderName::from_static("mcp-session-id");
+const VERSION_HEADER: HeaderName = HeaderName::from_static("mcp-protocol-version");
 /// The largest JSON answer read from the upstream (an SSE stream is not limited as a whole).
 const MAX_JSON_ANSWER: usize = 64 << 20;
 
@@ -81,7 +81,7 @@ impl HttpUpstream {
                 h.insert("last-event-id", v.clone());
             }
         }
-        if let Some(v) = client_headers.get(VERSION_HEADER) {
+        if let Some(v) = client_headers.get(&VERSION_HEADER) {
             h.insert(VERSION_HEADER, v.clone());
         }
         if let Some(id) = session.and_then(|s| s.upstream_session.get()) {
@@ -114,7 +114,7 @@ impl HttpUpstream {
         let status = resp.status();
         if is_init
             && status.is_success()
-            && let (Some(s), Some(id)) = (session, resp.headers().get(SESSION_HEADER))
+            && let (Some(s), Some(id)) = (session, resp.headers().get(&SESSION_HEADER))
         {
             let _ = s.upstream_session.set(id.clone());
         }
@@ -145,7 +145,9 @@ impl HttpUpstream {
             Ok(Value::Object(mut obj)) if obj.contains_key("error") => {
                 // An error answered at a non-2xx status: keep the upstream's error, with our id.
                 obj.insert("id".into(), client_id);
-                Ok(Reply::Done(Value::Object(obj)))
+                obj.insert("jsonrpc".into(), Value::from("2.0"));
+                obj.remove("result");
+                Ok(Reply::Done(Message::from_value(&Value::Object(obj))))
             }
             _ => Err(Error::Protocol(format!("the upstream answered HTTP {status}"))),
         }
@@ -231,17 +233,15 @@ fn pump(mut body: hyper::body::Incoming, client_id: Value) -> Replies {
                 if event.data.trim().is_empty() {
                     continue;
                 }
-                let obj = match serde_json::from_str::<Value>(&event.data) {
-                    Ok(Value::Object(obj)) => obj,
-                    _ => {
-                        tracing::warn!("the upstream sent an event that is not a JSON-RPC message; skipped");
+                let msg = match Message::parse(event.data.as_bytes()) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the upstream sent an event that is not a JSON-RPC message; skipped");
                         continue;
                     }
                 };
-                let done = !obj.contains_key("method")
-                    && (obj.contains_key("result") || obj.contains_key("error"))
-                    && obj.get("id") == Some(&client_id);
-                if tx.send(Value::Object(obj)).is_err() || done {
+                let done = msg.is_response() && msg.id() == Some(&client_id);
+                if tx.send(msg).is_err() || done {
                     return;
                 }
             }

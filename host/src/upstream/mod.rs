@@ -7,7 +7,6 @@ pub mod stdio;
 use std::time::Duration;
 
 use ::http::HeaderMap;
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::body::Body;
@@ -35,7 +34,7 @@ pub enum Error {
 /// What the upstream answered to a request.
 pub enum Reply {
     /// The final response, with the client's id.
-    Done(Value),
+    Done(Message),
     /// The final response as the upstream sent it: checked to be a JSON-RPC response and passed
     /// through without re-encoding (an HTTP upstream's session is this client's alone, so the id is
     /// already the client's).
@@ -47,14 +46,14 @@ pub enum Reply {
 /// A stream of messages belonging to one client request. Dropping it abandons the call: a stdio
 /// upstream is told `notifications/cancelled`, an HTTP upstream's response is dropped.
 pub struct Replies {
-    rx: mpsc::UnboundedReceiver<Value>,
+    rx: mpsc::UnboundedReceiver<Message>,
     /// The client should get these as SSE as they come (there is something to stream).
     pub streamable: bool,
     _guard: Option<stdio::CallGuard>,
 }
 
 impl Replies {
-    pub async fn recv(&mut self) -> Option<Value> {
+    pub async fn recv(&mut self) -> Option<Message> {
         self.rx.recv().await
     }
 }

@@ -58,7 +58,7 @@ struct Conn {
 }
 
 struct Pending {
-    tx: mpsc::UnboundedSender<Value>,
+    tx: mpsc::UnboundedSender<Message>,
     /// The id the client used, restored on the reply.
     client_id: Value,
     /// The progress token the client used, restored on progress notifications.
@@ -149,11 +149,8 @@ impl StdioUpstream {
             .get("protocolVersion")
             .and_then(Value::as_str)
             .unwrap_or(jsonrpc::LATEST_VERSION);
-        let requested = msg
-            .params()
-            .and_then(|p| p.get("protocolVersion"))
-            .and_then(Value::as_str);
-        let version = match requested {
+        let requested = msg.param_str("protocolVersion");
+        let version = match requested.as_deref() {
             Some(v) if jsonrpc::is_supported_version(v) && v <= upstream_version => v,
             _ => upstream_version,
         };
@@ -161,7 +158,10 @@ impl StdioUpstream {
         let mut result = (*conn.init).clone();
         result.insert("protocolVersion".into(), Value::String(version.to_string()));
         let id = msg.id().cloned().unwrap_or(Value::Null);
-        Ok(Reply::Done(jsonrpc::result_response(id, Value::Object(result))))
+        Ok(Reply::Done(Message::from_value(&jsonrpc::result_response(
+            id,
+            Value::Object(result),
+        ))))
     }
 
     /// What `server/discover` reports: the child's identity and capabilities, and the versions
@@ -176,7 +176,10 @@ impl StdioUpstream {
             }
         }
         let id = msg.id().cloned().unwrap_or(Value::Null);
-        Ok(Reply::Done(jsonrpc::result_response(id, Value::Object(result))))
+        Ok(Reply::Done(Message::from_value(&jsonrpc::result_response(
+            id,
+            Value::Object(result),
+        ))))
     }
 
     /// Forwards a request under a fresh upstream id.
@@ -188,15 +191,16 @@ impl StdioUpstream {
             }
             Some("resources/subscribe") => {
                 if let Some(uri) = msg.param_str("uri") {
-                    session.subscriptions.lock().unwrap().insert(uri.to_string());
+                    session.subscriptions.lock().unwrap().insert(uri);
                 }
             }
             Some("resources/unsubscribe") => {
-                if let Some(uri) = msg.param_str("uri").map(str::to_string) {
+                if let Some(uri) = msg.param_str("uri") {
                     session.subscriptions.lock().unwrap().remove(&uri);
                     if self.subscribed_elsewhere(&uri) {
                         // Another client still wants updates for it: the child keeps its subscription.
-                        return Ok(Reply::Done(jsonrpc::result_response(client_id, json!({}))));
+                        let ok = jsonrpc::result_response(client_id, json!({}));
+                        return Ok(Reply::Done(Message::from_value(&ok)));
                     }
                 }
             }
@@ -204,7 +208,7 @@ impl StdioUpstream {
         }
         let conn = self.conn().await?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        msg.obj.insert("id".into(), Value::from(id));
+        msg.set_id(Value::from(id));
         let progress_token = match msg.progress_token() {
             Some(_) => msg.replace_progress_token(Value::from(id)),
             None => None,
@@ -262,23 +266,23 @@ impl StdioUpstream {
         }
         match msg.method() {
             Some("notifications/cancelled") => {
-                let Some(request_id) = msg.params().and_then(|p| p.get("requestId")) else {
+                let Some(mut params) = msg.params_value() else { return };
+                let Some(request_id) = params.remove("requestId") else {
                     return;
                 };
-                let reason = msg.params().and_then(|p| p.get("reason")).cloned();
+                let reason = params.remove("reason");
                 let mut st = self.shared.state.lock().unwrap();
                 let found = st
                     .pending
                     .iter()
-                    .find(|(_, p)| p.session == session.id && &p.client_id == request_id)
+                    .find(|(_, p)| p.session == session.id && p.client_id == request_id)
                     .map(|(id, _)| *id);
                 if let Some(upstream_id) = found {
                     let p = st.pending.remove(&upstream_id).expect("found just now");
-                    let _ = p.tx.send(jsonrpc::error_response(
+                    let _ = p.tx.send(Message::error(
                         p.client_id,
                         code::REQUEST_CANCELLED,
                         "request cancelled by the client",
-                        None,
                     ));
                     if let Some(conn) = &st.conn {
                         let mut params = json!({ "requestId": upstream_id });
@@ -293,7 +297,9 @@ impl StdioUpstream {
             Some("notifications/initialized") | Some("notifications/roots/list_changed") => {}
             _ => {
                 if let Some(conn) = &self.shared.state.lock().unwrap().conn {
-                    let _ = conn.writer.send(line(&Value::Object(msg.obj)));
+                    let mut b = msg.to_bytes();
+                    b.push(b'\n');
+                    let _ = conn.writer.send(Bytes::from(b));
                 }
             }
         }
@@ -394,11 +400,10 @@ fn fail_all(shared: &Shared) {
     };
     shared.ready.send_replace(false);
     for p in drained {
-        let _ = p.tx.send(jsonrpc::error_response(
+        let _ = p.tx.send(Message::error(
             p.client_id,
             code::UPSTREAM_CLOSED,
             "the upstream server exited while the call was in flight",
-            None,
         ));
     }
 }
@@ -485,7 +490,7 @@ async fn run_child(shared: &Arc<Shared>, mut child: tokio::process::Child, cfg: 
         _ = stop.changed() => Ok(None),
     };
     match answered {
-        Ok(Some(resp)) => match resp.get("result").and_then(Value::as_object) {
+        Ok(Some(resp)) => match resp.result_value() {
             Some(result) => {
                 let _ = writer.send(line(&json!({"jsonrpc":"2.0","method":"notifications/initialized"})));
                 shared.state.lock().unwrap().conn = Some(Conn {
@@ -500,7 +505,11 @@ async fn run_child(shared: &Arc<Shared>, mut child: tokio::process::Child, cfg: 
                     _ = stop.changed() => {}
                 }
             }
-            None => tracing::error!(pid, response = %resp, "the stdio upstream refused initialize"),
+            None => tracing::error!(
+                pid,
+                response = %String::from_utf8_lossy(&resp.to_bytes()),
+                "the stdio upstream refused initialize"
+            ),
         },
         Ok(None) => {}
         Err(_) => tracing::error!(pid, timeout = ?cfg.connect_timeout, "the stdio upstream did not answer initialize"),
@@ -520,17 +529,11 @@ fn on_line(shared: &Shared, writer: &mpsc::UnboundedSender<Bytes>, bytes: &[u8])
     if text.is_empty() {
         return;
     }
-    let msg = match serde_json::from_slice::<Value>(text) {
-        Ok(Value::Object(obj)) => match Message::from_object(obj) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "stdio upstream wrote an invalid JSON-RPC message");
-                return;
-            }
-        },
-        _ => {
+    let mut msg = match Message::parse(text) {
+        Ok(m) => m,
+        Err(e) => {
             let shown = String::from_utf8_lossy(&text[..text.len().min(200)]).into_owned();
-            tracing::warn!(line = %shown, "stdio upstream wrote a line that is not a JSON-RPC message");
+            tracing::warn!(line = %shown, error = %e, "stdio upstream wrote a line that is not a JSON-RPC message");
             return;
         }
     };
@@ -543,9 +546,8 @@ fn on_line(shared: &Shared, writer: &mpsc::UnboundedSender<Bytes>, bytes: &[u8])
             let pending = shared.state.lock().unwrap().pending.remove(&id);
             match pending {
                 Some(p) => {
-                    let mut obj = msg.obj;
-                    obj.insert("id".into(), p.client_id);
-                    let _ = p.tx.send(Value::Object(obj));
+                    msg.set_id(p.client_id);
+                    let _ = p.tx.send(msg);
                 }
                 None => tracing::debug!(id, "reply to a call no longer waited for"),
             }
@@ -576,9 +578,8 @@ fn route_notification(shared: &Shared, mut msg: Message) {
     match method.as_str() {
         "notifications/progress" => {
             let Some(token) = msg
-                .params()
-                .and_then(|p| p.get("progressToken"))
-                .and_then(Value::as_u64)
+                .params_value()
+                .and_then(|p| p.get("progressToken").and_then(Value::as_u64))
             else {
                 return;
             };
@@ -586,10 +587,8 @@ fn route_notification(shared: &Shared, mut msg: Message) {
             if let Some(p) = st.pending.get(&token)
                 && let Some(original) = &p.progress_token
             {
-                if let Some(params) = msg.obj.get_mut("params").and_then(Value::as_object_mut) {
-                    params.insert("progressToken".into(), original.clone());
-                }
-                let _ = p.tx.send(Value::Object(msg.obj));
+                msg.replace_notification_token(original.clone());
+                let _ = p.tx.send(msg);
             }
         }
         "notifications/cancelled" => {}
@@ -602,7 +601,7 @@ fn route_notification(shared: &Shared, mut msg: Message) {
             }
         }
         "notifications/resources/updated" => {
-            let Some(uri) = msg.param_str("uri").map(str::to_string) else {
+            let Some(uri) = msg.param_str("uri") else {
                 return;
             };
             let frame = sse::frame(&msg.to_bytes());
