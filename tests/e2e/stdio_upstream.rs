@@ -277,3 +277,22 @@ async fn the_child_sees_only_the_environment_the_config_names() {
     let names = c.call_text("env", json!({})).await;
     assert_eq!(names, "GREETING,PATH");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ending_a_session_ends_its_open_stream() {
+    let g = Gateway::stdio_fixture("").ready().await;
+    let mut c = g.client();
+    c.initialize().await;
+    let stream = c
+        .http
+        .get(&c.url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", c.session.as_deref().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(c.delete().await.status(), 204);
+    let ended = tokio::time::timeout(Duration::from_secs(3), stream.bytes()).await;
+    assert!(ended.is_ok(), "the GET stream ended with its session");
+}

@@ -309,13 +309,16 @@ impl StdioUpstream {
     pub fn open_stream(&self, session: &Session) -> crate::body::Body {
         let (tx, rx) = mpsc::channel(256);
         let _ = tx.try_send(Bytes::from_static(sse::KEEPALIVE));
-        let keepalive = tx.clone();
+        // A weak handle: the stream ends when the session drops its sender (DELETE, expiry,
+        // shutdown), not when the keep-alive next fails.
+        let keepalive = tx.downgrade();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(25));
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if keepalive.send(Bytes::from_static(sse::KEEPALIVE)).await.is_err() {
+                let Some(tx) = keepalive.upgrade() else { break };
+                if tx.send(Bytes::from_static(sse::KEEPALIVE)).await.is_err() {
                     break;
                 }
             }
