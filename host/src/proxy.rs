@@ -283,12 +283,14 @@ async fn post_inner(
                 upstream.initialize(&session, headers, msg, raw),
             )
             .await;
+            // An initialize the upstream refused leaves no session behind.
+            let refused = matches!(&reply, Ok(Reply::Done(m)) if m.is_error());
             let resp = match reply {
                 Ok(reply) => respond(reply, accept, deadline, call_timeout, id_out.clone()).await,
                 Err(e) => Err(e),
             };
             match resp {
-                Ok(mut r) if r.status().is_success() => {
+                Ok(mut r) if r.status().is_success() && !refused => {
                     let v = HeaderValue::from_str(&session.id).expect("hex is a valid header value");
                     r.headers_mut().insert(SESSION_HEADER, v);
                     tracing::debug!(session = %session.id, "session started");

@@ -238,3 +238,26 @@ async fn an_upstream_that_forgot_the_session_ends_the_clients_session_with_404()
     again.initialize().await;
     assert_eq!(again.call_text("echo", json!({"text": "fresh"})).await, "fresh");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_initialize_the_upstream_refuses_leaves_no_session() {
+    let fx = HttpFixture::start();
+    let g = gateway(&fx).await;
+    let c = g.client();
+    let r = c
+        .post(&json!({"jsonrpc":"2.0","id":"i","method":"initialize","params":{
+            "protocolVersion":"0000-00-00","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers().get("mcp-session-id").is_none(),
+        "no session for a refused initialize"
+    );
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["id"], "i");
+    assert_eq!(
+        v["error"]["code"], -32602,
+        "the upstream's refusal reaches the client: {v}"
+    );
+}

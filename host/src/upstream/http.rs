@@ -135,6 +135,13 @@ impl HttpUpstream {
             .await
             .map_err(|e| Error::Protocol(format!("reading the answer failed: {e}")))?
             .to_bytes();
+        if status.is_success() && is_init {
+            // The proxy looks inside an initialize answer (a failed one ends the session).
+            return match Message::parse(&body) {
+                Ok(m) if m.is_response() => Ok(Reply::Done(m)),
+                _ => Err(Error::Protocol("the answer is not a JSON-RPC response".into())),
+            };
+        }
         if status.is_success() {
             return match serde_json::from_slice::<Peek>(&body) {
                 Ok(p) if p.method.is_none() && (p.result.is_some() || p.error.is_some()) => Ok(Reply::Raw(body)),
