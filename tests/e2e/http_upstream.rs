@@ -261,3 +261,44 @@ async fn an_initialize_the_upstream_refuses_leaves_no_session() {
         "the upstream's refusal reaches the client: {v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_answering_garbage_gives_a_clean_error_not_a_500() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = s.read(&mut buf).await;
+                let body = "<html>definitely not MCP</html>";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    let g = Gateway::wrap(&["--remote-url", &format!("http://127.0.0.1:{port}/mcp")])
+        .ready()
+        .await;
+    let r = g
+        .client()
+        .post(&json!({"jsonrpc":"2.0","id":5,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["id"], 5);
+    assert_eq!(v["error"]["code"], -32032, "{v}");
+    assert!(
+        !v["error"]["message"].as_str().unwrap().contains("html"),
+        "upstream detail stays in the log"
+    );
+}

@@ -296,3 +296,17 @@ async fn ending_a_session_ends_its_open_stream() {
     let ended = tokio::time::timeout(Duration::from_secs(3), stream.bytes()).await;
     assert!(ended.is_ok(), "the GET stream ended with its session");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_writing_garbage_is_logged_and_the_gateway_keeps_serving() {
+    let g = Gateway::stdio_fixture("").ready().await;
+    let mut c = g.client();
+    c.initialize().await;
+    assert_eq!(c.call_text("garbage", json!({})).await, "after garbage");
+    assert_eq!(c.call_text("echo", json!({"text": "fine"})).await, "fine");
+    let log = g.proc.stderr();
+    assert!(
+        log.contains("not a JSON-RPC message"),
+        "the garbage line is logged:\n{log}"
+    );
+}
