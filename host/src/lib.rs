@@ -6,6 +6,7 @@
 //! - [`deadline`]: coarse deadlines (call and slow-client timeouts) without a timer per request.
 //! - [`jsonrpc`]: JSON-RPC messages and the error-code table.
 //! - [`error`]: every client-facing error mapped to an HTTP status and JSON-RPC error, in one place.
+//! - [`ledger`]: API keys, balances and the durable ledger (SQLite), see [`ledger::sqlite`].
 //! - [`proxy`]: the `/mcp` endpoint (Streamable HTTP) and the health endpoints.
 //! - [`session`]: client sessions (`Mcp-Session-Id`).
 //! - [`upstream`]: the upstream MCP server, a stdio child ([`upstream::stdio`]) or a remote
@@ -21,6 +22,7 @@ pub mod config;
 pub mod deadline;
 pub mod error;
 pub mod jsonrpc;
+pub mod ledger;
 pub mod proxy;
 pub mod server;
 pub mod session;

@@ -1,0 +1,380 @@
+//! The ledger: API keys with their balances in memory (a debit is one atomic check-and-debit) and
+//! every change durable in the store (a ledger row per grant, top-up, charge and refund, keyed by
+//! request id so that nothing is applied twice).
+//!
+//! The narrow interface the gate uses — authenticate, reserve, settle, top up, key lifecycle — is
+//! all here, so another backend (a shared database for several gateways) slots in behind it.
+
+pub mod keys;
+pub mod sqlite;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use keys::{DebitError, Key, Status};
+pub use sqlite::{Entry, LedgerRow, Op, Store, StoreError};
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Why a ledger operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Debit(#[from] DebitError),
+    #[error("no key with id {0:?}")]
+    UnknownKey(String),
+    #[error("the key is revoked")]
+    Revoked,
+}
+
+/// Keys and balances; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    by_hash: RwLock<HashMap<keys::KeyHash, Arc<Key>>>,
+    by_id: RwLock<HashMap<String, Arc<Key>>>,
+    store: Store,
+}
+
+/// Credits taken for one call, not yet settled.
+#[must_use = "a reservation must be settled (kept or refunded)"]
+#[derive(Debug)]
+pub struct Reservation {
+    pub key: Arc<Key>,
+    pub amount: i64,
+    pub request_id: String,
+    /// The store sequence number of the charge row.
+    pub seq: u64,
+}
+
+impl Ledger {
+    /// Opens the store under `dir` and loads every key with its stored balance.
+    pub fn open(dir: &Path) -> Result<Ledger, StoreError> {
+        let (store, stored) = Store::open(dir)?;
+        let mut by_hash = HashMap::with_capacity(stored.len());
+        let mut by_id = HashMap::with_capacity(stored.len());
+        for s in stored {
+            let key = Arc::new(Key::new(s.id.clone(), s.name, s.hash, s.prefix, s.created_at, 0));
+            key.restore(s.credits, s.spent, s.calls, s.status);
+            by_hash.insert(s.hash, key.clone());
+            by_id.insert(s.id, key);
+        }
+        Ok(Ledger {
+            inner: Arc::new(Inner {
+                by_hash: RwLock::new(by_hash),
+                by_id: RwLock::new(by_id),
+                store,
+            }),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Creates a key holding `credits`; returns it and its secret (shown once, never stored).
+    /// Durable before it returns.
+    pub async fn create_key(&self, name: &str, credits: i64) -> Result<(Arc<Key>, String), LedgerError> {
+        let secret = keys::new_secret();
+        let hash = keys::hash(&secret);
+        let id = keys::new_id();
+        let prefix = keys::display_prefix(&secret);
+        let now = now_ms();
+        let key = Arc::new(Key::new(id.clone(), name.to_string(), hash, prefix.clone(), now, 0));
+        let store = &self.inner.store;
+        store.submit(Op::CreateKey {
+            id: id.clone(),
+            name: name.to_string(),
+            hash,
+            prefix,
+            created_at: now,
+        })?;
+        let seq = store.submit(Op::Ledger {
+            request_id: format!("grant-{id}"),
+            key_id: id.clone(),
+            entry: Entry::Grant,
+            amount: credits,
+            at: now,
+        })?;
+        store.durable(seq).await?;
+        key.credit(credits);
+        self.inner.by_hash.write().unwrap().insert(hash, key.clone());
+        self.inner.by_id.write().unwrap().insert(id, key.clone());
+        Ok((key, secret))
+    }
+
+    /// The key a secret belongs to, if any (looked up by hash, compared in constant time).
+    pub fn authenticate(&self, secret: &str) -> Option<Arc<Key>> {
+        let hash = keys::hash(secret);
+        let key = self.inner.by_hash.read().unwrap().get(&hash).cloned()?;
+        let same = keys::same_hash(&key.hash.read().unwrap(), &hash);
+        same.then_some(key)
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Key>> {
+        self.inner.by_id.read().unwrap().get(id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.by_id.read().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes `amount` credits for the call `request_id`, atomically, and queues its charge row. The
+    /// caller forwards the call meanwhile and waits for [`Ledger::durable`] before answering.
+    pub fn reserve(&self, key: &Arc<Key>, amount: i64, request_id: &str) -> Result<Reservation, LedgerError> {
+        key.charge(amount)?;
+        let seq = self.inner.store.submit(Op::Ledger {
+            request_id: request_id.to_string(),
+            key_id: key.id.clone(),
+            entry: Entry::Charge,
+            amount,
+            at: now_ms(),
+        });
+        match seq {
+            Ok(seq) => Ok(Reservation {
+                key: key.clone(),
+                amount,
+                request_id: request_id.to_string(),
+                seq,
+            }),
+            Err(e) => {
+                key.refund(amount);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Settles a reservation: keeps the charge, or refunds it (a refund row). Returns the sequence
+    /// number to wait for before answering the client.
+    pub fn settle(&self, r: Reservation, keep: bool) -> Result<u64, LedgerError> {
+        if keep || r.amount == 0 {
+            return Ok(r.seq);
+        }
+        r.key.refund(r.amount);
+        let seq = self.inner.store.submit(Op::Ledger {
+            request_id: r.request_id,
+            key_id: r.key.id.clone(),
+            entry: Entry::Refund,
+            amount: r.amount,
+            at: now_ms(),
+        })?;
+        Ok(seq)
+    }
+
+    /// Waits until store operation `seq` is committed.
+    pub async fn durable(&self, seq: u64) -> Result<(), LedgerError> {
+        Ok(self.inner.store.durable(seq).await?)
+    }
+
+    /// Adds credits to a key; durable before it returns. Returns the new balance.
+    pub async fn topup(&self, id: &str, amount: i64, request_id: &str) -> Result<i64, LedgerError> {
+        let key = self.get(id).ok_or_else(|| LedgerError::UnknownKey(id.to_string()))?;
+        if key.status() == Status::Revoked {
+            return Err(LedgerError::Revoked);
+        }
+        self.inner
+            .store
+            .write(Op::Ledger {
+                request_id: request_id.to_string(),
+                key_id: id.to_string(),
+                entry: Entry::Topup,
+                amount,
+                at: now_ms(),
+            })
+            .await?;
+        Ok(key.credit(amount))
+    }
+
+    /// Changes a key's status; durable before it returns. A revoked key stays revoked.
+    pub async fn set_status(&self, id: &str, status: Status) -> Result<Arc<Key>, LedgerError> {
+        let key = self.get(id).ok_or_else(|| LedgerError::UnknownKey(id.to_string()))?;
+        if key.status() == Status::Revoked && status != Status::Revoked {
+            return Err(LedgerError::Revoked);
+        }
+        // Refuse at once in memory; the row follows.
+        key.set_status(status);
+        self.inner
+            .store
+            .write(Op::SetStatus {
+                key_id: id.to_string(),
+                status,
+            })
+            .await?;
+        Ok(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_key_is_found_by_its_secret_and_only_by_it() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let ledger = Ledger::open(dir.path()).unwrap();
+            let (key, secret) = ledger.create_key("alice", 5).await.unwrap();
+            assert_eq!(ledger.authenticate(&secret).unwrap().id, key.id);
+            assert!(ledger.authenticate("tg_nope").is_none());
+            assert_eq!(key.credits(), 5);
+        });
+    }
+
+    #[test]
+    fn sixty_four_racing_reservations_on_ten_credits_take_exactly_ten() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let ledger = Ledger::open(dir.path()).unwrap();
+            let (key, _) = ledger.create_key("racer", 10).await.unwrap();
+            let tasks: Vec<_> = (0..64)
+                .map(|i| {
+                    let ledger = ledger.clone();
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        match ledger.reserve(&key, 1, &format!("req-{i}")) {
+                            Ok(r) => {
+                                let seq = ledger.settle(r, true).unwrap();
+                                ledger.durable(seq).await.unwrap();
+                                true
+                            }
+                            Err(_) => false,
+                        }
+                    })
+                })
+                .collect();
+            let mut ok = 0;
+            for t in tasks {
+                ok += t.await.unwrap() as usize;
+            }
+            assert_eq!(ok, 10);
+            assert_eq!(key.credits(), 0);
+            let stored = ledger.store().stored_key(&key.id).unwrap().unwrap();
+            assert_eq!(stored.credits, 0);
+            assert_eq!(stored.spent, 10);
+            let charges = ledger.store().ledger(Some(&key.id)).unwrap();
+            assert_eq!(charges.iter().filter(|r| r.kind == "charge").count(), 10);
+        });
+    }
+
+    #[test]
+    fn balances_survive_a_restart_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, secret) = rt().block_on(async {
+            let ledger = Ledger::open(dir.path()).unwrap();
+            let (key, secret) = ledger.create_key("bob", 100).await.unwrap();
+            let kept = ledger.reserve(&key, 7, "r1").unwrap();
+            let s1 = ledger.settle(kept, true).unwrap();
+            let refunded = ledger.reserve(&key, 5, "r2").unwrap();
+            let s2 = ledger.settle(refunded, false).unwrap();
+            ledger.durable(s1.max(s2)).await.unwrap();
+            ledger.topup(&key.id, 20, "t1").await.unwrap();
+            ledger.set_status(&key.id, Status::Suspended).await.unwrap();
+            (key.id.clone(), secret)
+        });
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let key = ledger.authenticate(&secret).unwrap();
+        assert_eq!(key.id, id);
+        assert_eq!(key.credits(), 100 - 7 + 20);
+        assert_eq!(key.spent(), 7);
+        assert_eq!(key.status(), Status::Suspended);
+        let rows = ledger.store().ledger(Some(&id)).unwrap();
+        let sum: i64 = rows
+            .iter()
+            .map(|r| match r.kind.as_str() {
+                "charge" => -r.amount,
+                _ => r.amount,
+            })
+            .sum();
+        assert_eq!(sum, key.credits(), "the balance is the sum of the ledger");
+    }
+
+    #[test]
+    fn the_same_request_cannot_be_charged_twice() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let ledger = Ledger::open(dir.path()).unwrap();
+            let (key, _) = ledger.create_key("dup", 10).await.unwrap();
+            let seq = ledger
+                .store()
+                .write(Op::Ledger {
+                    request_id: "same".into(),
+                    key_id: key.id.clone(),
+                    entry: Entry::Charge,
+                    amount: 3,
+                    at: 0,
+                })
+                .await
+                .unwrap();
+            let again = ledger
+                .store()
+                .write(Op::Ledger {
+                    request_id: "same".into(),
+                    key_id: key.id.clone(),
+                    entry: Entry::Charge,
+                    amount: 3,
+                    at: 0,
+                })
+                .await
+                .unwrap();
+            assert!(again > seq);
+            let stored = ledger.store().stored_key(&key.id).unwrap().unwrap();
+            assert_eq!(stored.credits, 7, "the second identical row changed nothing");
+        });
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_a_hard_error_not_an_empty_store() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("tollgate.db"),
+            b"this is not sqlite, it is a text file of length",
+        )
+        .unwrap();
+        let err = match Ledger::open(dir.path()) {
+            Ok(_) => panic!("opened a corrupt database"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("tollgate.db"), "{err}");
+    }
+
+    #[test]
+    fn a_revoked_key_cannot_be_resumed_or_topped_up() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let ledger = Ledger::open(dir.path()).unwrap();
+            let (key, secret) = ledger.create_key("gone", 1).await.unwrap();
+            ledger.set_status(&key.id, Status::Revoked).await.unwrap();
+            assert!(matches!(
+                ledger.set_status(&key.id, Status::Active).await,
+                Err(LedgerError::Revoked)
+            ));
+            assert!(matches!(ledger.topup(&key.id, 5, "t").await, Err(LedgerError::Revoked)));
+            assert_eq!(ledger.authenticate(&secret).unwrap().status(), Status::Revoked);
+        });
+    }
+}

@@ -1,0 +1,385 @@
+//! The embedded durable store: one SQLite file in WAL mode, versioned migrations, and one writer
+//! thread that applies operations in order and commits them in groups.
+//!
+//! Callers hand an operation to the writer and get a sequence number back at once; whoever must not
+//! answer before the operation is durable waits for that number to be committed. Under load many
+//! operations share one commit (and one fsync), and a call's charge is usually committed while the
+//! upstream is still working on it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::Notify;
+
+use super::keys::{KeyHash, Status};
+
+/// The schema, one migration per version; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: keys and the ledger.
+    "CREATE TABLE keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        hash BLOB NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        status TEXT NOT NULL,
+        credits INTEGER NOT NULL,
+        spent INTEGER NOT NULL DEFAULT 0,
+        calls INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+     );
+     CREATE TABLE ledger (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id TEXT NOT NULL,
+        key_id TEXT NOT NULL REFERENCES keys(id),
+        kind TEXT NOT NULL CHECK (kind IN ('grant', 'topup', 'charge', 'refund')),
+        amount INTEGER NOT NULL CHECK (amount >= 0),
+        created_at INTEGER NOT NULL,
+        UNIQUE (request_id, kind)
+     );
+     CREATE INDEX ledger_by_key ON ledger (key_id, seq);",
+];
+
+/// Why the store cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the data directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot open or read the database {path}: {source}")]
+    Open { path: PathBuf, source: rusqlite::Error },
+    #[error("the database {path} was written by a newer Tollgate (schema {found}, this one knows {known})")]
+    TooNew { path: PathBuf, found: i64, known: i64 },
+    #[error("the database failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the database writer has failed; no change can be made durable")]
+    WriterFailed,
+}
+
+/// What a ledger row records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// Credits given at key creation.
+    Grant,
+    Topup,
+    Charge,
+    Refund,
+}
+
+impl Entry {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Entry::Grant => "grant",
+            Entry::Topup => "topup",
+            Entry::Charge => "charge",
+            Entry::Refund => "refund",
+        }
+    }
+}
+
+/// One change for the writer.
+#[derive(Debug, Clone)]
+pub enum Op {
+    CreateKey {
+        id: String,
+        name: String,
+        hash: KeyHash,
+        prefix: String,
+        created_at: i64,
+    },
+    /// A ledger row; the key's balance columns move with it, in the same transaction.
+    Ledger {
+        request_id: String,
+        key_id: String,
+        entry: Entry,
+        amount: i64,
+        at: i64,
+    },
+    SetStatus {
+        key_id: String,
+        status: Status,
+    },
+}
+
+/// A key as stored.
+#[derive(Debug, Clone)]
+pub struct StoredKey {
+    pub id: String,
+    pub name: String,
+    pub hash: KeyHash,
+    pub prefix: String,
+    pub status: Status,
+    pub credits: i64,
+    pub spent: i64,
+    pub calls: u64,
+    pub created_at: i64,
+}
+
+/// A ledger row as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerRow {
+    pub seq: i64,
+    pub request_id: String,
+    pub key_id: String,
+    pub kind: String,
+    pub amount: i64,
+    pub created_at: i64,
+}
+
+/// The store's handle; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// The sender and the last sequence number given out, under one lock so that numbers reach
+    /// the writer in order.
+    submit: Mutex<(u64, mpsc::Sender<(u64, Op)>)>,
+    committed: AtomicU64,
+    failed: AtomicBool,
+    commit_signal: Notify,
+}
+
+impl Store {
+    /// Opens (or creates) `<dir>/tollgate.db`, runs pending migrations, starts the writer thread, and
+    /// returns the keys it holds. A file that is not a readable Tollgate database is an error: the
+    /// store never starts empty over data it could not read.
+    pub fn open(dir: &Path) -> Result<(Store, Vec<StoredKey>), StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join("tollgate.db");
+        let open_err = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        let mut conn = Connection::open(&path).map_err(open_err)?;
+        // Reading the schema version is the first real read: a corrupt or foreign file fails here.
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(open_err)?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path,
+                found: version,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+            tracing::info!(version = i + 1, path = %path.display(), "database migrated");
+        }
+        let keys = load_keys(&conn)?;
+
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::new(Inner {
+            path: path.clone(),
+            submit: Mutex::new((0, tx)),
+            committed: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            commit_signal: Notify::new(),
+        });
+        let writer_inner = inner.clone();
+        std::thread::Builder::new()
+            .name("tollgate-db-writer".into())
+            .spawn(move || writer(conn, rx, writer_inner))
+            .expect("spawning the database writer");
+        Ok((Store { inner }, keys))
+    }
+
+    /// Hands an operation to the writer; returns its sequence number.
+    pub fn submit(&self, op: Op) -> Result<u64, StoreError> {
+        if self.inner.failed.load(Ordering::Acquire) {
+            return Err(StoreError::WriterFailed);
+        }
+        let mut guard = self.inner.submit.lock().unwrap();
+        guard.0 += 1;
+        let seq = guard.0;
+        guard.1.send((seq, op)).map_err(|_| StoreError::WriterFailed)?;
+        Ok(seq)
+    }
+
+    /// Waits until operation `seq` (and every one before it) is committed.
+    pub async fn durable(&self, seq: u64) -> Result<(), StoreError> {
+        loop {
+            if self.inner.failed.load(Ordering::Acquire) {
+                return Err(StoreError::WriterFailed);
+            }
+            if self.inner.committed.load(Ordering::Acquire) >= seq {
+                return Ok(());
+            }
+            let notified = self.inner.commit_signal.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.committed.load(Ordering::Acquire) >= seq || self.inner.failed.load(Ordering::Acquire) {
+                continue;
+            }
+            notified.await;
+        }
+    }
+
+    /// Submits and waits until durable.
+    pub async fn write(&self, op: Op) -> Result<u64, StoreError> {
+        let seq = self.submit(op)?;
+        self.durable(seq).await?;
+        Ok(seq)
+    }
+
+    /// A fresh read-only connection (reports and admin reads never touch the writer's).
+    pub fn reader(&self) -> Result<Connection, StoreError> {
+        let conn = Connection::open_with_flags(
+            &self.inner.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| StoreError::Open {
+            path: self.inner.path.clone(),
+            source,
+        })?;
+        Ok(conn)
+    }
+
+    /// The ledger rows of a key (or of every key), oldest first.
+    pub fn ledger(&self, key_id: Option<&str>) -> Result<Vec<LedgerRow>, StoreError> {
+        let conn = self.reader()?;
+        let mut stmt = conn.prepare(
+            "SELECT seq, request_id, key_id, kind, amount, created_at FROM ledger
+             WHERE ?1 IS NULL OR key_id = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt
+            .query_map(params![key_id], |r| {
+                Ok(LedgerRow {
+                    seq: r.get(0)?,
+                    request_id: r.get(1)?,
+                    key_id: r.get(2)?,
+                    kind: r.get(3)?,
+                    amount: r.get(4)?,
+                    created_at: r.get(5)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// A key as stored now (for checks against the live state).
+    pub fn stored_key(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
+        let conn = self.reader()?;
+        Ok(conn
+            .query_row(&format!("{KEY_COLUMNS} WHERE id = ?1"), params![id], key_from_row)
+            .optional()?)
+    }
+}
+
+const KEY_COLUMNS: &str = "SELECT id, name, hash, prefix, status, credits, spent, calls, created_at FROM keys";
+
+fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
+    let hash: Vec<u8> = r.get(2)?;
+    let status: String = r.get(4)?;
+    let calls: i64 = r.get(7)?;
+    Ok(StoredKey {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        hash: hash.try_into().unwrap_or([0; 32]),
+        prefix: r.get(3)?,
+        status: Status::parse(&status).unwrap_or(Status::Revoked),
+        credits: r.get(5)?,
+        spent: r.get(6)?,
+        calls: calls.max(0) as u64,
+        created_at: r.get(8)?,
+    })
+}
+
+fn load_keys(conn: &Connection) -> Result<Vec<StoredKey>, StoreError> {
+    let mut stmt = conn.prepare(KEY_COLUMNS)?;
+    let keys = stmt.query_map([], key_from_row)?.collect::<Result<Vec<_>, _>>()?;
+    Ok(keys)
+}
+
+/// The writer thread: takes everything queued, applies it in one transaction, commits, publishes.
+fn writer(mut conn: Connection, rx: mpsc::Receiver<(u64, Op)>, inner: Arc<Inner>) {
+    const MAX_BATCH: usize = 4096;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
+        match apply(&mut conn, &batch) {
+            Ok(()) => {
+                inner.committed.store(last, Ordering::Release);
+            }
+            Err(e) => {
+                // Money cannot be made durable: stop taking changes rather than pretend.
+                tracing::error!(error = %e, "database commit failed; the ledger stops accepting changes");
+                inner.failed.store(true, Ordering::Release);
+            }
+        }
+        inner.commit_signal.notify_waiters();
+        batch.clear();
+        if inner.failed.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut insert_key = tx.prepare_cached(
+            "INSERT INTO keys (id, name, hash, prefix, status, credits, created_at) VALUES (?1, ?2, ?3, ?4, 'active', 0, ?5)",
+        )?;
+        let mut insert_row = tx.prepare_cached(
+            "INSERT OR IGNORE INTO ledger (request_id, key_id, kind, amount, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut set_status = tx.prepare_cached("UPDATE keys SET status = ?2 WHERE id = ?1")?;
+        for (_, op) in batch {
+            match op {
+                Op::CreateKey {
+                    id,
+                    name,
+                    hash,
+                    prefix,
+                    created_at,
+                } => {
+                    insert_key.execute(params![id, name, &hash[..], prefix, created_at])?;
+                }
+                Op::Ledger {
+                    request_id,
+                    key_id,
+                    entry,
+                    amount,
+                    at,
+                } => {
+                    // A row already there (same request and kind) changes nothing: no double charge.
+                    if insert_row.execute(params![request_id, key_id, entry.as_str(), amount, at])? == 1 {
+                        let sql = match entry {
+                            Entry::Grant | Entry::Topup => "UPDATE keys SET credits = credits + ?2 WHERE id = ?1",
+                            Entry::Charge => {
+                                "UPDATE keys SET credits = credits - ?2, spent = spent + ?2, calls = calls + 1 WHERE id = ?1"
+                            }
+                            Entry::Refund => "UPDATE keys SET credits = credits + ?2, spent = spent - ?2 WHERE id = ?1",
+                        };
+                        tx.prepare_cached(sql)?.execute(params![key_id, amount])?;
+                    }
+                }
+                Op::SetStatus { key_id, status } => {
+                    set_status.execute(params![key_id, status.as_str()])?;
+                }
+            }
+        }
+    }
+    tx.commit()
+}
