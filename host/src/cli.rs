@@ -69,6 +69,18 @@ pub struct WrapArgs {
     /// are always allowed.
     #[arg(long = "allow-origin")]
     pub allow_origins: Vec<String>,
+    /// Bill nothing: every method is free and no key is asked for (the proxy alone).
+    #[arg(long, conflicts_with_all = ["price", "tool_price", "data_dir"])]
+    pub free: bool,
+    /// Credits per `tools/call` (tools without their own price). Default 1.
+    #[arg(long)]
+    pub price: Option<i64>,
+    /// Per-tool prices, e.g. `search:5,summarize:10`.
+    #[arg(long, value_name = "TOOL:N,...")]
+    pub tool_price: Option<String>,
+    /// Where the database lives (created on first start). Default ./tollgate-data.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
     /// The stdio MCP server to run: program and arguments, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -85,6 +97,31 @@ impl WrapArgs {
         raw.upstream.url = self.remote_url;
         if !self.command.is_empty() {
             raw.upstream.command = Some(self.command);
+        }
+        if self.free {
+            raw.billing.enabled = Some(false);
+        }
+        raw.billing.default_price = self.price;
+        raw.billing.data_dir = self.data_dir;
+        if let Some(list) = self.tool_price {
+            let mut prices = std::collections::BTreeMap::new();
+            for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                let parsed = item
+                    .rsplit_once(':')
+                    .and_then(|(tool, n)| n.trim().parse::<i64>().ok().map(|n| (tool.trim().to_string(), n)));
+                match parsed {
+                    Some((tool, n)) if !tool.is_empty() => {
+                        prices.insert(tool, n);
+                    }
+                    _ => {
+                        return Err(crate::config::ConfigError::Invalid(
+                            "--tool-price".into(),
+                            format!("{item:?} is not TOOL:N (e.g. search:5)"),
+                        ));
+                    }
+                }
+            }
+            raw.billing.tool_prices = Some(prices);
         }
         raw.validate()
     }
@@ -143,11 +180,16 @@ async fn serve(config: Config) -> std::io::Result<()> {
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.server.listen)))?;
     let addr = listener.local_addr()?;
-    // The one line on stdout: scripts and tests wait for it.
+    let (state, admin_key) = crate::proxy::AppState::new(config).map_err(std::io::Error::other)?;
+    if let Some(k) = admin_key {
+        // Shown this once; only its hash is kept.
+        println!("tollgate admin key (shown once, store it now): {k}");
+    }
+    // The line scripts and tests wait for.
     println!("tollgate listening on http://{addr}/mcp");
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, "listening");
-    crate::run(config, listener, shutdown_signal()).await
+    crate::run(state, listener, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

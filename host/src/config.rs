@@ -16,6 +16,44 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub sessions: SessionConfig,
+    /// `None`: billing is off, every method is free and no key is asked for.
+    pub billing: Option<BillingConfig>,
+}
+
+/// The largest credit amount accepted anywhere (balances, prices, top-ups): 10^12.
+pub const MAX_CREDITS: i64 = 1_000_000_000_000;
+
+/// The methods that need no key and cost nothing unless the config says otherwise.
+pub const DEFAULT_FREE_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "tools/list",
+    "resources/list",
+    "resources/templates/list",
+    "prompts/list",
+    "server/discover",
+];
+
+#[derive(Debug, Clone)]
+pub struct BillingConfig {
+    /// Where the database file lives (created on first start).
+    pub data_dir: PathBuf,
+    /// Credits per `tools/call` of a tool without its own price.
+    pub default_price: i64,
+    /// Per-tool prices.
+    pub tool_prices: BTreeMap<String, i64>,
+    /// Prices of other paid methods (`resources/read`, `prompts/get`, ...); default 0.
+    pub method_prices: BTreeMap<String, i64>,
+    /// Requests (and all notifications) with these methods pass without a key.
+    pub free_methods: Vec<String>,
+    /// Refund the charge when the upstream answers a JSON-RPC error.
+    pub refund_on_error: bool,
+    /// Refund the charge when the call times out or the upstream goes away.
+    pub refund_on_timeout: bool,
+    /// Refund the charge when a tool result says `isError: true`.
+    pub refund_on_tool_error: bool,
+    /// The admin key from the config or `TOLLGATE_ADMIN_KEY`; `None`: generated at first start.
+    pub admin_key: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +133,23 @@ pub struct RawConfig {
     pub upstream: RawUpstream,
     #[serde(default)]
     pub sessions: RawSessions,
+    #[serde(default)]
+    pub billing: RawBilling,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBilling {
+    /// Default true; false makes every method free (the proxy alone).
+    pub enabled: Option<bool>,
+    pub data_dir: Option<PathBuf>,
+    pub default_price: Option<i64>,
+    pub tool_prices: Option<BTreeMap<String, i64>>,
+    pub method_prices: Option<BTreeMap<String, i64>>,
+    pub free_methods: Option<Vec<String>>,
+    /// Any of "error", "timeout", "tool_error"; default ["error", "timeout"].
+    pub refund_on: Option<Vec<String>>,
+    pub admin_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -271,11 +326,70 @@ impl RawConfig {
             )?),
             max: positive("sessions.max", self.sessions.max, 10_000)? as usize,
         };
+        let billing = self.billing.validate()?;
         Ok(Config {
             server,
             upstream,
             sessions,
+            billing,
         })
+    }
+}
+
+impl RawBilling {
+    fn validate(self) -> Result<Option<BillingConfig>, ConfigError> {
+        if self.enabled == Some(false) {
+            return Ok(None);
+        }
+        let price = |path: &str, v: i64| -> Result<i64, ConfigError> {
+            if !(0..=MAX_CREDITS).contains(&v) {
+                return Err(invalid(path, format!("{v} is not a price from 0 to {MAX_CREDITS}")));
+            }
+            Ok(v)
+        };
+        let default_price = price("billing.default_price", self.default_price.unwrap_or(1))?;
+        let mut tool_prices = BTreeMap::new();
+        for (tool, p) in self.tool_prices.unwrap_or_default() {
+            tool_prices.insert(tool.clone(), price(&format!("billing.tool_prices.{tool}"), p)?);
+        }
+        let mut method_prices = BTreeMap::new();
+        for (method, p) in self.method_prices.unwrap_or_default() {
+            if method == "tools/call" {
+                return Err(invalid(
+                    "billing.method_prices",
+                    "price tools/call with default_price and tool_prices",
+                ));
+            }
+            method_prices.insert(method.clone(), price(&format!("billing.method_prices.{method}"), p)?);
+        }
+        let refund_on = self.refund_on.unwrap_or_else(|| vec!["error".into(), "timeout".into()]);
+        for (i, r) in refund_on.iter().enumerate() {
+            if !["error", "timeout", "tool_error"].contains(&r.as_str()) {
+                return Err(invalid(
+                    &format!("billing.refund_on[{i}]"),
+                    format!("{r:?} is not one of \"error\", \"timeout\", \"tool_error\""),
+                ));
+            }
+        }
+        let admin_key = self.admin_key.or_else(|| std::env::var("TOLLGATE_ADMIN_KEY").ok());
+        if let Some(k) = &admin_key
+            && k.len() < 16
+        {
+            return Err(invalid("billing.admin_key", "must be at least 16 characters"));
+        }
+        Ok(Some(BillingConfig {
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("tollgate-data")),
+            default_price,
+            tool_prices,
+            method_prices,
+            free_methods: self
+                .free_methods
+                .unwrap_or_else(|| DEFAULT_FREE_METHODS.iter().map(|m| m.to_string()).collect()),
+            refund_on_error: refund_on.iter().any(|r| r == "error"),
+            refund_on_timeout: refund_on.iter().any(|r| r == "timeout"),
+            refund_on_tool_error: refund_on.iter().any(|r| r == "tool_error"),
+            admin_key,
+        }))
     }
 }
 
@@ -355,6 +469,20 @@ mod tests {
         assert!(parse(both).unwrap_err().to_string().starts_with("upstream:"));
         let https = "[upstream]\nurl = \"https://example.com/mcp\"";
         assert!(parse(https).unwrap_err().to_string().starts_with("upstream.url:"));
+    }
+
+    #[test]
+    fn billing_is_on_by_default_at_one_credit_per_call_and_bad_prices_are_named() {
+        let c = parse("[upstream]\ncommand = [\"sh\"]").unwrap();
+        let b = c.billing.unwrap();
+        assert_eq!(b.default_price, 1);
+        assert!(b.refund_on_error && b.refund_on_timeout && !b.refund_on_tool_error);
+        let off = parse("[upstream]\ncommand = [\"sh\"]\n[billing]\nenabled = false").unwrap();
+        assert!(off.billing.is_none());
+        let e = parse("[upstream]\ncommand = [\"sh\"]\n[billing]\ntool_prices = { echo = -1 }").unwrap_err();
+        assert!(e.to_string().starts_with("billing.tool_prices.echo:"), "{e}");
+        let e = parse("[upstream]\ncommand = [\"sh\"]\n[billing]\nrefund_on = [\"never\"]").unwrap_err();
+        assert!(e.to_string().starts_with("billing.refund_on[0]:"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use http::{Response, StatusCode};
 use serde_json::{Value, json};
 
 use crate::body::{self, Body};
+use crate::gate::Refusal;
 use crate::jsonrpc::{self, ParseError, code};
 use crate::session::SessionError;
 use crate::upstream;
@@ -40,6 +41,8 @@ pub enum Error {
     Session(#[from] SessionError),
     #[error(transparent)]
     Upstream(#[from] upstream::Error),
+    #[error(transparent)]
+    Gate(#[from] Refusal),
 }
 
 impl Error {
@@ -67,6 +70,19 @@ impl Error {
             Error::MissingSession => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST, msg, None),
             Error::SessionNotFound => (StatusCode::NOT_FOUND, code::SESSION_NOT_FOUND, msg, None),
             Error::Session(SessionError::TooMany(_)) => (StatusCode::SERVICE_UNAVAILABLE, code::UNAVAILABLE, msg, None),
+            Error::Gate(r) => match r {
+                Refusal::MissingKey => (StatusCode::UNAUTHORIZED, code::KEY_MISSING, msg, None),
+                Refusal::UnknownKey => (StatusCode::UNAUTHORIZED, code::KEY_UNKNOWN, msg, None),
+                Refusal::Revoked => (StatusCode::FORBIDDEN, code::KEY_REVOKED, msg, None),
+                Refusal::Suspended => (StatusCode::FORBIDDEN, code::KEY_SUSPENDED, msg, None),
+                Refusal::Insufficient { available, needed } => (
+                    StatusCode::PAYMENT_REQUIRED,
+                    code::INSUFFICIENT_CREDITS,
+                    msg,
+                    Some(json!({ "available": available, "needed": needed })),
+                ),
+                Refusal::LedgerUnavailable => (StatusCode::SERVICE_UNAVAILABLE, code::LEDGER_UNAVAILABLE, msg, None),
+            },
             // The exchange reached the gateway and the JSON-RPC error says what happened upstream, so
             // SDKs surface the code and message; HTTP-level answers only where the transport needs one.
             Error::Upstream(e) => match e {

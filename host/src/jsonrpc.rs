@@ -33,6 +33,18 @@ pub mod code {
     pub const HEADER_MISMATCH: i64 = -32020;
     /// MCP 2026-07-28: the requested protocol revision is not supported; `data.supported` lists ours.
     pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
+    /// No API key on a request that needs one (HTTP 401).
+    pub const KEY_MISSING: i64 = -32003;
+    /// The API key is not known (HTTP 401).
+    pub const KEY_UNKNOWN: i64 = -32004;
+    /// The API key is revoked (HTTP 403).
+    pub const KEY_REVOKED: i64 = -32005;
+    /// The API key is suspended (HTTP 403).
+    pub const KEY_SUSPENDED: i64 = -32006;
+    /// The ledger cannot record charges (HTTP 503).
+    pub const LEDGER_UNAVAILABLE: i64 = -32007;
+    /// Not enough credits for the call (HTTP 402); `data` has `available` and `needed`.
+    pub const INSUFFICIENT_CREDITS: i64 = -32402;
     /// The upstream MCP server is not running or cannot be reached.
     pub const UPSTREAM_UNAVAILABLE: i64 = -32030;
     /// The upstream did not answer within the configured call timeout.
@@ -192,6 +204,11 @@ impl Message {
     /// The raw `params` text, if any.
     pub fn raw_params(&self) -> Option<&RawValue> {
         self.params.as_deref()
+    }
+
+    /// The raw `result` text, if any.
+    pub fn raw_result(&self) -> Option<&RawValue> {
+        self.result.as_deref()
     }
 
     /// `params` decoded (a tree is built: for the paths that need to look inside).

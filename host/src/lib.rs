@@ -7,6 +7,8 @@
 //! - [`jsonrpc`]: JSON-RPC messages and the error-code table.
 //! - [`error`]: every client-facing error mapped to an HTTP status and JSON-RPC error, in one place.
 //! - [`ledger`]: API keys, balances and the durable ledger (SQLite), see [`ledger::sqlite`].
+//! - [`gate`]: which calls need a key, the price, reserve and settle.
+//! - [`admin`]: the admin API (`/admin/...`) and the client's `/balance`.
 //! - [`proxy`]: the `/mcp` endpoint (Streamable HTTP) and the health endpoints.
 //! - [`session`]: client sessions (`Mcp-Session-Id`).
 //! - [`upstream`]: the upstream MCP server, a stdio child ([`upstream::stdio`]) or a remote
@@ -16,11 +18,13 @@
 //! - [`server`]: the HTTP server loop and graceful shutdown.
 //! - [`telemetry`]: logging set-up.
 
+pub mod admin;
 pub mod body;
 pub mod cli;
 pub mod config;
 pub mod deadline;
 pub mod error;
+pub mod gate;
 pub mod jsonrpc;
 pub mod ledger;
 pub mod proxy;
@@ -34,8 +38,12 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 
-/// Runs the gateway on an already-bound listener until `shutdown` completes.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-    let state = proxy::AppState::new(config);
+/// Runs the gateway with its state (see [`proxy::AppState::new`]) on an already-bound listener until
+/// `shutdown` completes.
+pub async fn run(
+    state: proxy::AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     server::run(listener, state, shutdown).await
 }

@@ -18,7 +18,9 @@ use crate::body::{self, Body};
 use crate::config::Config;
 use crate::deadline::{self, Deadline, Deadlines};
 use crate::error::Error;
+use crate::gate::{self, Gate, GateError, Outcome};
 use crate::jsonrpc::{self, Kind, Message, code};
+use crate::ledger::Reservation;
 use crate::session::{Session, Sessions};
 use crate::sse;
 use crate::upstream::{self, Replies, Reply, Upstream};
@@ -42,21 +44,37 @@ struct StateInner {
     sessions: Sessions,
     upstream: Upstream,
     deadlines: Deadlines,
+    gate: Option<Gate>,
 }
 
 impl AppState {
-    /// Builds the state and starts the upstream.
-    pub fn new(config: Config) -> AppState {
+    /// Builds the state: opens the ledger (when billing is on) and starts the upstream. Returns a
+    /// generated admin key too, the one time it exists in clear (first start without one).
+    pub fn new(config: Config) -> Result<(AppState, Option<String>), GateError> {
+        let (gate, admin_key) = match &config.billing {
+            Some(b) => {
+                let (gate, shown) = Gate::open(b)?;
+                (Some(gate), shown)
+            }
+            None => (None, None),
+        };
         let sessions = Sessions::new(config.sessions.max, config.sessions.idle_timeout);
         let upstream = Upstream::start(&config, sessions.clone());
-        AppState {
+        let state = AppState {
             inner: Arc::new(StateInner {
                 config,
                 sessions,
                 upstream,
                 deadlines: Deadlines::start(DEADLINE_TICK),
+                gate,
             }),
-        }
+        };
+        Ok((state, admin_key))
+    }
+
+    /// The gate, when billing is on.
+    pub fn gate(&self) -> Option<&Gate> {
+        self.inner.gate.as_ref()
     }
 
     pub fn config(&self) -> &Config {
@@ -97,6 +115,8 @@ pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>) -> Re
                 .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
             r
         }
+        (_, "/balance") => crate::admin::handle(state, req).await,
+        (_, p) if p.starts_with("/admin/") => crate::admin::handle(state, req).await,
         (&Method::GET, "/healthz") => body::json(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
         (&Method::GET, "/readyz") => {
             if state.upstream().is_ready().await {
@@ -310,11 +330,32 @@ async fn post_inner(
             let v = jsonrpc::result_response(id_out.clone(), serde_json::json!({}));
             Ok(one(&Message::from_value(&v), accept))
         }
-        (Kind::Request, _) => {
+        (Kind::Request, method) => {
             let session = session_of(state, headers)?;
+            // The gate: a key, then its credits, reserved before anything reaches the upstream.
+            let charge = match state.gate() {
+                Some(gate) if !gate.is_free(method.unwrap_or_default()) => {
+                    let key = gate.key_of(headers)?;
+                    let price = gate.price(&msg);
+                    let request_id = format!("req_{:016x}", rand::random::<u64>());
+                    let reservation = gate.reserve(&key, price, &request_id)?;
+                    Some(Charge {
+                        gate: gate.clone(),
+                        reservation,
+                    })
+                }
+                _ => None,
+            };
             let reply = with_deadline(&deadline, call_timeout, upstream.request(&session, headers, msg, raw)).await;
-            let reply = gone_ends_session(state, &session, reply).await?;
-            respond(reply, accept, deadline, call_timeout, id_out.clone()).await
+            match gone_ends_session(state, &session, reply).await {
+                Ok(reply) => respond_charged(reply, accept, deadline, call_timeout, id_out.clone(), charge).await,
+                Err(e) => {
+                    if let Some(c) = charge {
+                        c.settle(outcome_of_error(&e)).await?;
+                    }
+                    Err(e)
+                }
+            }
         }
         (Kind::Notification, _) | (Kind::Response, _) => {
             let session = session_of(state, headers)?;
@@ -358,6 +399,37 @@ fn raw(bytes: Bytes, accept: Accepts) -> Response<Body> {
     }
 }
 
+/// A call's reserved credits, settled once its answer is known.
+struct Charge {
+    gate: Gate,
+    reservation: Reservation,
+}
+
+impl Charge {
+    /// Keeps or refunds per the outcome; durable before it returns. The key's balance after.
+    async fn settle(self, outcome: Outcome) -> Result<i64, Error> {
+        Ok(self.gate.settle(self.reservation, outcome).await?)
+    }
+}
+
+/// How an exchange that failed at the gateway counts for settlement.
+fn outcome_of_error(e: &Error) -> Outcome {
+    match e {
+        Error::Upstream(upstream::Error::Unavailable(_) | upstream::Error::SessionGone) => Outcome::NotForwarded,
+        Error::Upstream(upstream::Error::Protocol(_)) => Outcome::RpcError,
+        _ => Outcome::Timeout,
+    }
+}
+
+const CREDITS_HEADER: HeaderName = HeaderName::from_static("x-credits-remaining");
+
+fn with_credits(mut r: Response<Body>, credits: Option<i64>) -> Response<Body> {
+    if let Some(c) = credits {
+        r.headers_mut().insert(CREDITS_HEADER, HeaderValue::from(c));
+    }
+    r
+}
+
 async fn respond(
     reply: Reply,
     accept: Accepts,
@@ -365,15 +437,51 @@ async fn respond(
     timeout: Duration,
     id: Value,
 ) -> Result<Response<Body>, Error> {
+    respond_charged(reply, accept, deadline, timeout, id, None).await
+}
+
+/// Answers the client and settles the call's charge (if any) on the final message, before the
+/// client sees it.
+async fn respond_charged(
+    reply: Reply,
+    accept: Accepts,
+    deadline: Deadline,
+    timeout: Duration,
+    id: Value,
+    charge: Option<Charge>,
+) -> Result<Response<Body>, Error> {
+    let settle = |charge: Option<Charge>, outcome: Outcome| async move {
+        match charge {
+            Some(c) => c.settle(outcome).await.map(Some),
+            None => Ok(None),
+        }
+    };
     match reply {
-        Reply::Done(m) => Ok(one(&m, accept)),
-        Reply::Raw(bytes) => Ok(raw(bytes, accept)),
-        Reply::Stream(replies) if replies.streamable && accept.sse => Ok(stream(replies, deadline, timeout, id)),
+        Reply::Done(m) => {
+            let credits = settle(charge, gate::outcome_of_message(&m)).await?;
+            Ok(with_credits(one(&m, accept), credits))
+        }
+        Reply::Raw(bytes) => {
+            let credits = settle(charge, gate::outcome_of(&bytes)).await?;
+            Ok(with_credits(raw(bytes, accept), credits))
+        }
+        Reply::Stream(replies) if replies.streamable && accept.sse => {
+            Ok(stream(replies, deadline, timeout, id, charge))
+        }
         Reply::Stream(mut replies) => loop {
             match deadline::race(deadline.alarm(), replies.recv()).await {
-                Err(_) => return Err(upstream::Error::Timeout(timeout).into()),
-                Ok(None) => return Err(upstream::Error::Closed.into()),
-                Ok(Some(m)) if m.is_response() => return Ok(one(&m, accept)),
+                Err(_) => {
+                    settle(charge, Outcome::Timeout).await?;
+                    return Err(upstream::Error::Timeout(timeout).into());
+                }
+                Ok(None) => {
+                    settle(charge, Outcome::Timeout).await?;
+                    return Err(upstream::Error::Closed.into());
+                }
+                Ok(Some(m)) if m.is_response() => {
+                    let credits = settle(charge, gate::outcome_of_message(&m)).await?;
+                    return Ok(with_credits(one(&m, accept), credits));
+                }
                 Ok(Some(_)) => continue,
             }
         },
@@ -381,21 +489,44 @@ async fn respond(
 }
 
 /// Streams the replies to the client as SSE, event by event, until the final response (or the
-/// deadline, or the upstream going away — each ends the stream with a JSON-RPC error).
-fn stream(mut replies: Replies, deadline: Deadline, timeout: Duration, id: Value) -> Response<Body> {
+/// deadline, or the upstream going away — each ends the stream with a JSON-RPC error). The charge
+/// is settled before the final event is sent.
+fn stream(
+    mut replies: Replies,
+    deadline: Deadline,
+    timeout: Duration,
+    id: Value,
+    mut charge: Option<Charge>,
+) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
         loop {
-            let m = match deadline::race(deadline.alarm(), replies.recv()).await {
-                Ok(Some(m)) => m,
-                Ok(None) => Message::error(id.clone(), code::UPSTREAM_CLOSED, &upstream::Error::Closed.to_string()),
+            let (mut m, outcome) = match deadline::race(deadline.alarm(), replies.recv()).await {
+                Ok(Some(m)) => {
+                    let outcome = gate::outcome_of_message(&m);
+                    (m, outcome)
+                }
+                Ok(None) => (
+                    Message::error(id.clone(), code::UPSTREAM_CLOSED, &upstream::Error::Closed.to_string()),
+                    Outcome::Timeout,
+                ),
                 Err(_) => {
                     let e = upstream::Error::Timeout(timeout);
                     tracing::warn!(error = %e, "request failed");
-                    Message::error(id.clone(), code::UPSTREAM_TIMEOUT, &e.to_string())
+                    (
+                        Message::error(id.clone(), code::UPSTREAM_TIMEOUT, &e.to_string()),
+                        Outcome::Timeout,
+                    )
                 }
             };
             let last = m.is_response();
+            if last
+                && let Some(c) = charge.take()
+                && let Err(e) = c.settle(outcome).await
+            {
+                let (_, code, message, _) = e.classify();
+                m = Message::error(id.clone(), code, &message);
+            }
             let frame = sse::frame(&m.to_bytes());
             if tx.send(frame).await.is_err() || last {
                 // The client left (dropping `replies` abandons the call upstream) or we are done.

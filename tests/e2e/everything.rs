@@ -79,27 +79,14 @@ async fn server_everything_over_streamable_http_serves_through_the_gateway() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn server_everything_over_stdio_does_not_see_the_gateways_environment() {
+    // Billing on: the gateway holds its admin key in its environment.
     let js = everything_js();
-    let mut cmd = Command::new(TOLLGATE);
-    cmd.args([
-        "wrap",
-        "--listen",
-        "127.0.0.1:0",
-        "--",
-        "node",
-        js.to_str().unwrap(),
-        "stdio",
-    ])
-    .env("TOLLGATE_ADMIN_KEY", "secret-admin-key");
-    let (proc, rest) = Proc::spawn(cmd, "listening on ", Duration::from_secs(30));
-    let g = Gateway {
-        proc,
-        base: rest.trim_end_matches("/mcp").to_string(),
-        dir: tempfile::tempdir().unwrap(),
-    }
-    .ready()
-    .await;
+    let g = Gateway::wrap_billed(&["--", "node", js.to_str().unwrap(), "stdio"])
+        .ready()
+        .await;
+    let (_, secret) = g.admin().create_key("env-check", 10).await;
     let mut c = g.client();
+    c.api_key = Some(secret);
     c.initialize().await;
     let env: Value = serde_json::from_str(&c.call_text("get-env", json!({})).await).unwrap();
     assert!(

@@ -253,7 +253,7 @@ async fn the_child_sees_only_the_environment_the_config_names() {
         std::fs::write(
             &path,
             format!(
-                "[upstream]\ncommand = [{FIXTURE:?}]\nenv_passthrough = [\"PATH\"]\nenv = {{ GREETING = \"hi\" }}\n"
+                "[upstream]\ncommand = [{FIXTURE:?}]\nenv_passthrough = [\"PATH\"]\nenv = {{ GREETING = \"hi\" }}\n[billing]\nenabled = false\n"
             ),
         )
         .unwrap();

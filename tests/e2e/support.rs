@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 pub const TOLLGATE: &str = env!("CARGO_BIN_EXE_tollgate");
 pub const FIXTURE: &str = env!("CARGO_BIN_EXE_tollgate-fixture");
 pub const ACCEPT_BOTH: &str = "application/json, text/event-stream";
+/// The admin key billed test gateways run with.
+pub const ADMIN_KEY: &str = "e2e-admin-key-0123456789";
 
 /// The repository root (tests/ and host/ live under it).
 pub fn repo_root() -> PathBuf {
@@ -42,7 +44,13 @@ pub struct Proc {
 impl Proc {
     /// Spawns `cmd`, waits for a stdout line containing `marker`, and returns the rest of that line
     /// after the marker. Bails with the process's stderr if it exits first or takes too long.
-    pub fn spawn(mut cmd: Command, marker: &str, wait: Duration) -> (Proc, String) {
+    pub fn spawn(cmd: Command, marker: &str, wait: Duration) -> (Proc, String) {
+        let (proc, _, rest) = Proc::spawn_collecting(cmd, marker, wait);
+        (proc, rest)
+    }
+
+    /// Like [`Proc::spawn`], and also returns the stdout lines printed before the marker line.
+    pub fn spawn_collecting(mut cmd: Command, marker: &str, wait: Duration) -> (Proc, Vec<String>, String) {
         let dir = tempfile::tempdir().unwrap();
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
@@ -53,12 +61,14 @@ impl Proc {
         let marker_owned = marker.to_string();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
+            let mut before = Vec::new();
             for line in lines.by_ref() {
                 let Ok(line) = line else { break };
                 if let Some(i) = line.find(&marker_owned) {
-                    let _ = tx.send(line[i + marker_owned.len()..].trim().to_string());
+                    let _ = tx.send((before, line[i + marker_owned.len()..].trim().to_string()));
                     break;
                 }
+                before.push(line);
             }
             // Keep draining so the child never blocks on a full pipe.
             for _ in lines {}
@@ -70,8 +80,8 @@ impl Proc {
         };
         let deadline = Instant::now() + wait;
         loop {
-            if let Ok(rest) = rx.recv_timeout(Duration::from_millis(50)) {
-                return (proc, rest);
+            if let Ok((before, rest)) = rx.recv_timeout(Duration::from_millis(50)) {
+                return (proc, before, rest);
             }
             if let Ok(Some(status)) = proc.child.try_wait() {
                 panic!("process exited early ({status}); stderr:\n{}", proc.stderr());
@@ -114,17 +124,43 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// `tollgate wrap --listen 127.0.0.1:0 <args>`.
+    /// `tollgate wrap --listen 127.0.0.1:0 --free <args>`: the proxy alone, no billing.
     pub fn wrap(args: &[&str]) -> Gateway {
         let mut cmd = Command::new(TOLLGATE);
-        cmd.args(["wrap", "--listen", "127.0.0.1:0"]).args(args);
+        cmd.args(["wrap", "--listen", "127.0.0.1:0", "--free"]).args(args);
         Gateway::start(cmd)
     }
 
-    /// `tollgate serve` with this config text (its `[server] listen` is forced to port 0).
+    /// `tollgate wrap` with billing on: its own data directory, the admin key [`ADMIN_KEY`].
+    pub fn wrap_billed(args: &[&str]) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(TOLLGATE);
+        cmd.args(["wrap", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(args)
+            .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY);
+        let mut g = Gateway::start(cmd);
+        g.dir = dir;
+        g
+    }
+
+    /// The admin API of this gateway, with [`ADMIN_KEY`].
+    pub fn admin(&self) -> Admin {
+        Admin {
+            http: reqwest::Client::new(),
+            base: self.base.clone(),
+        }
+    }
+
+    /// `tollgate serve` with this config text (its `[server] listen` is forced to port 0). Without
+    /// a `[billing]` section, billing is off.
     pub fn serve(config: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tollgate.toml");
+        let mut config = config.to_string();
+        if !config.contains("[billing]") {
+            config.push_str("\n[billing]\nenabled = false\n");
+        }
         std::fs::write(&path, config).unwrap();
         let mut cmd = Command::new(TOLLGATE);
         cmd.arg("serve")
@@ -160,6 +196,12 @@ impl Gateway {
 
     /// Waits until `/readyz` says the upstream is up.
     pub async fn ready(self) -> Gateway {
+        self.ready_ref().await;
+        self
+    }
+
+    /// Waits until `/readyz` says the upstream is up (borrowing).
+    pub async fn ready_ref(&self) -> &Gateway {
         let deadline = Instant::now() + Duration::from_secs(60);
         let http = reqwest::Client::new();
         loop {
@@ -213,6 +255,8 @@ pub struct McpClient {
     pub url: String,
     pub session: Option<String>,
     pub version: String,
+    /// Sent as `X-API-Key` when set.
+    pub api_key: Option<String>,
 }
 
 impl McpClient {
@@ -222,6 +266,7 @@ impl McpClient {
             url: url.to_string(),
             session: None,
             version: "2025-11-25".to_string(),
+            api_key: None,
         }
     }
 
@@ -237,6 +282,9 @@ impl McpClient {
             b = b
                 .header("mcp-session-id", s)
                 .header("mcp-protocol-version", &self.version);
+        }
+        if let Some(k) = &self.api_key {
+            b = b.header("x-api-key", k);
         }
         b
     }
@@ -377,5 +425,67 @@ where
         }
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The admin API of a billed gateway.
+pub struct Admin {
+    pub http: reqwest::Client,
+    pub base: String,
+}
+
+impl Admin {
+    pub fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .header("x-admin-key", ADMIN_KEY)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .header("x-admin-key", ADMIN_KEY)
+    }
+
+    /// Creates a key; returns its id and secret.
+    pub async fn create_key(&self, name: &str, credits: i64) -> (String, String) {
+        let r = self
+            .post("/admin/keys", &json!({"name": name, "credits": credits}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "creating a key failed");
+        let v: Value = r.json().await.unwrap();
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["key"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// The key as the admin API shows it.
+    pub async fn key(&self, id: &str) -> Value {
+        let r = self.get(&format!("/admin/keys/{id}")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    pub async fn action(&self, id: &str, action: &str) -> reqwest::Response {
+        self.post(&format!("/admin/keys/{id}/{action}"), &json!({}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Tops a key up; returns the new balance.
+    pub async fn topup(&self, id: &str, credits: i64) -> i64 {
+        let r = self
+            .post(&format!("/admin/keys/{id}/topup"), &json!({"credits": credits}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()["credits"].as_i64().unwrap()
     }
 }

@@ -1,0 +1,305 @@
+//! The gate: which calls need a key, whose key it is, whether it may call, what the call costs,
+//! and how a reserved charge is settled (kept, or refunded per policy) once the answer is known.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+use crate::config::BillingConfig;
+use crate::jsonrpc::Message;
+use crate::ledger::keys::{self, KeyHash};
+use crate::ledger::{DebitError, Key, Ledger, LedgerError, Reservation, Status, StoreError};
+
+/// Why a call is refused at the gate.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refusal {
+    #[error("an API key is required: send it as X-API-Key or Authorization: Bearer")]
+    MissingKey,
+    #[error("unknown API key")]
+    UnknownKey,
+    #[error("the API key is revoked")]
+    Revoked,
+    #[error("the API key is suspended")]
+    Suspended,
+    #[error("insufficient credits: {available} available, {needed} needed")]
+    Insufficient { available: i64, needed: i64 },
+    #[error("the ledger is unavailable; no charge can be recorded")]
+    LedgerUnavailable,
+}
+
+impl From<LedgerError> for Refusal {
+    fn from(e: LedgerError) -> Refusal {
+        match e {
+            LedgerError::Debit(DebitError::Insufficient { available, needed }) => {
+                Refusal::Insufficient { available, needed }
+            }
+            LedgerError::Revoked => Refusal::Revoked,
+            LedgerError::UnknownKey(_) => Refusal::UnknownKey,
+            LedgerError::Store(e) => {
+                tracing::error!(error = %e, "ledger write failed");
+                Refusal::LedgerUnavailable
+            }
+        }
+    }
+}
+
+/// How a call ended, for settlement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A result.
+    Ok,
+    /// A result with `isError: true`.
+    ToolError,
+    /// A JSON-RPC error from the upstream.
+    RpcError,
+    /// No answer in time, or the upstream went away mid-call.
+    Timeout,
+    /// The call never reached the upstream.
+    NotForwarded,
+}
+
+/// Why the gate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot read or write the admin key hash {path}: {source}")]
+    AdminKey {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The gate and its ledger; cheap to clone.
+#[derive(Clone)]
+pub struct Gate {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: BillingConfig,
+    ledger: Ledger,
+    admin_hash: KeyHash,
+}
+
+/// The file under the data directory that holds the generated admin key's hash.
+const ADMIN_HASH_FILE: &str = "admin-key.sha256";
+
+impl Gate {
+    /// Opens the ledger. The admin key comes from the config (or `TOLLGATE_ADMIN_KEY`); without
+    /// one, a key is generated at first start, returned here to be shown once, and only its hash
+    /// is kept.
+    pub fn open(config: &BillingConfig) -> Result<(Gate, Option<String>), GateError> {
+        let ledger = Ledger::open(&config.data_dir)?;
+        let (admin_hash, shown_once) = match &config.admin_key {
+            Some(k) => (keys::hash(k), None),
+            None => admin_key_from_file(&config.data_dir)?,
+        };
+        Ok((
+            Gate {
+                inner: Arc::new(Inner {
+                    config: config.clone(),
+                    ledger,
+                    admin_hash,
+                }),
+            },
+            shown_once,
+        ))
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
+    }
+
+    pub fn config(&self) -> &BillingConfig {
+        &self.inner.config
+    }
+
+    /// Whether a request with this method passes without a key and without a charge.
+    pub fn is_free(&self, method: &str) -> bool {
+        self.inner.config.free_methods.iter().any(|m| m == method)
+    }
+
+    /// Whether `secret` is the admin key (compared in constant time).
+    pub fn is_admin(&self, secret: &str) -> bool {
+        keys::same_hash(&keys::hash(secret), &self.inner.admin_hash)
+    }
+
+    /// The client key a request carries: `X-API-Key`, or `Authorization: Bearer`.
+    pub fn key_of(&self, headers: &HeaderMap) -> Result<Arc<Key>, Refusal> {
+        let secret = headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| {
+                headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            })
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .ok_or(Refusal::MissingKey)?;
+        let key = self.inner.ledger.authenticate(secret).ok_or(Refusal::UnknownKey)?;
+        match key.status() {
+            Status::Active => Ok(key),
+            Status::Suspended => Err(Refusal::Suspended),
+            Status::Revoked => Err(Refusal::Revoked),
+        }
+    }
+
+    /// What a paid request costs.
+    pub fn price(&self, msg: &Message) -> i64 {
+        let c = &self.inner.config;
+        match msg.method() {
+            Some("tools/call") => tool_name(msg)
+                .and_then(|t| c.tool_prices.get(&t).copied())
+                .unwrap_or(c.default_price),
+            Some(m) => c.method_prices.get(m).copied().unwrap_or(0),
+            None => 0,
+        }
+    }
+
+    /// Reserves the price of a call on `key` under `request_id`.
+    pub fn reserve(&self, key: &Arc<Key>, amount: i64, request_id: &str) -> Result<Reservation, Refusal> {
+        Ok(self.inner.ledger.reserve(key, amount, request_id)?)
+    }
+
+    /// Settles a reservation by the call's outcome and waits until the result is durable. Returns
+    /// the key's balance after settlement.
+    pub async fn settle(&self, r: Reservation, outcome: Outcome) -> Result<i64, Refusal> {
+        let c = &self.inner.config;
+        let keep = match outcome {
+            Outcome::Ok => true,
+            Outcome::ToolError => !c.refund_on_tool_error,
+            Outcome::RpcError => !c.refund_on_error,
+            Outcome::Timeout => !c.refund_on_timeout,
+            Outcome::NotForwarded => false,
+        };
+        let key = r.key.clone();
+        let seq = self.inner.ledger.settle(r, keep)?;
+        self.inner.ledger.durable(seq).await?;
+        Ok(key.credits())
+    }
+}
+
+fn tool_name(msg: &Message) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Call<'a> {
+        #[serde(borrow)]
+        name: std::borrow::Cow<'a, str>,
+    }
+    let raw = msg.raw_params()?;
+    serde_json::from_str::<Call>(raw.get())
+        .ok()
+        .map(|c| c.name.into_owned())
+}
+
+#[derive(Deserialize)]
+struct ResultPeek {
+    #[serde(rename = "isError")]
+    is_error: Option<bool>,
+}
+
+/// The outcome a response message stands for.
+pub fn outcome_of_message(m: &Message) -> Outcome {
+    if m.is_error() {
+        return Outcome::RpcError;
+    }
+    match m.raw_result().map(|r| serde_json::from_str::<ResultPeek>(r.get())) {
+        Some(Ok(ResultPeek { is_error: Some(true) })) => Outcome::ToolError,
+        _ => Outcome::Ok,
+    }
+}
+
+/// The outcome an answer (JSON-RPC response text) stands for.
+pub fn outcome_of(answer: &[u8]) -> Outcome {
+    #[derive(Deserialize)]
+    struct Answer {
+        error: Option<IgnoredAny>,
+        result: Option<ResultPeek>,
+    }
+    match serde_json::from_slice::<Answer>(answer) {
+        Ok(Answer { error: Some(_), .. }) => Outcome::RpcError,
+        Ok(Answer {
+            result: Some(ResultPeek { is_error: Some(true) }),
+            ..
+        }) => Outcome::ToolError,
+        Ok(_) => Outcome::Ok,
+        Err(_) => Outcome::RpcError,
+    }
+}
+
+fn admin_key_from_file(dir: &Path) -> Result<(KeyHash, Option<String>), GateError> {
+    let path = dir.join(ADMIN_HASH_FILE);
+    let io = |source| GateError::AdminKey {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let bytes = unhex(text.trim()).ok_or_else(|| {
+                io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "not a hex SHA-256",
+                ))
+            })?;
+            Ok((bytes, None))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = format!("tga_{}", &keys::new_secret()[keys::SECRET_PREFIX.len()..]);
+            let hash = keys::hash(&secret);
+            std::fs::write(&path, format!("{}\n", keys::hex(&hash))).map_err(io)?;
+            Ok((hash, Some(secret)))
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+fn unhex(s: &str) -> Option<KeyHash> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let text = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_read_for_settlement() {
+        assert_eq!(
+            outcome_of(br#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}}"#),
+            Outcome::Ok
+        );
+        assert_eq!(
+            outcome_of(br#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":true}}"#),
+            Outcome::ToolError
+        );
+        assert_eq!(
+            outcome_of(br#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x"}}"#),
+            Outcome::RpcError
+        );
+    }
+
+    #[test]
+    fn a_generated_admin_key_is_shown_once_and_only_its_hash_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hash, shown) = admin_key_from_file(dir.path()).unwrap();
+        let secret = shown.expect("shown at first start");
+        assert_eq!(keys::hash(&secret), hash);
+        let stored = std::fs::read_to_string(dir.path().join(ADMIN_HASH_FILE)).unwrap();
+        assert!(!stored.contains(&secret));
+        let (again, shown_again) = admin_key_from_file(dir.path()).unwrap();
+        assert_eq!(again, hash);
+        assert!(shown_again.is_none(), "never shown twice");
+    }
+}

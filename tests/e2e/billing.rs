@@ -1,0 +1,398 @@
+//! Keys, credits and the ledger, through the real binary with a real database file: every paid call
+//! charged exactly once, refused calls never reaching the upstream.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// A billed gateway in front of the stdio fixture, which logs every tools/call it receives.
+struct Billed {
+    gateway: Gateway,
+    calls_log: PathBuf,
+    _logdir: tempfile::TempDir,
+}
+
+impl Billed {
+    fn start(extra: &[&str]) -> Billed {
+        let logdir = tempfile::tempdir().unwrap();
+        let calls_log = logdir.path().join("calls.log");
+        let log = calls_log.to_str().unwrap().to_string();
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend(["--", FIXTURE, "--stdio", "--log", &log]);
+        Billed {
+            gateway: Gateway::wrap_billed(&args),
+            calls_log,
+            _logdir: logdir,
+        }
+    }
+
+    /// How many tools/call of `tool` reached the upstream.
+    fn upstream_saw(&self, tool: &str) -> usize {
+        count_calls(&self.calls_log, tool)
+    }
+
+    async fn client_with(&self, secret: &str) -> McpClient {
+        let mut c = self.gateway.client();
+        c.api_key = Some(secret.to_string());
+        c.initialize().await;
+        c
+    }
+}
+
+fn count_calls(log: &Path, tool: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["tool"] == tool))
+        .count()
+}
+
+async fn error_of(c: &McpClient, tool: &str) -> (u16, Value) {
+    let r = c
+        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":tool,"arguments":{"text":"x"}}}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_pays_for_calls_until_it_runs_out_and_a_topup_restores_it() {
+    let b = Billed::start(&["--tool-price", "add:3"]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+    let (id, secret) = admin.create_key("alice", 5).await;
+    let c = b.client_with(&secret).await;
+
+    let r = c
+        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hi"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-credits-remaining"], "4", "echo costs the default 1");
+    assert_eq!(c.call_text("add", json!({"a": 1, "b": 1})).await, "2");
+    assert_eq!(admin.key(&id).await["credits"], 1, "add costs 3");
+
+    let (status, v) = error_of(&c, "add").await;
+    assert_eq!(status, 402);
+    assert_eq!(v["error"]["code"], -32402);
+    assert_eq!(v["error"]["data"], json!({"available": 1, "needed": 3}));
+    assert_eq!(b.upstream_saw("add"), 1, "the refused call never reached the upstream");
+
+    assert_eq!(admin.topup(&id, 10).await, 11);
+    assert_eq!(c.call_text("add", json!({"a": 2, "b": 2})).await, "4");
+    let balance: Value = reqwest::Client::new()
+        .get(format!("{}/balance", g.base))
+        .header("authorization", format!("Bearer {secret}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(balance["credits"], 8);
+    assert_eq!(balance["spent"], 7);
+    assert_eq!(balance["calls"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixty_four_concurrent_calls_on_ten_credits_succeed_exactly_ten_times() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let (id, secret) = g.admin().create_key("racer", 10).await;
+    let clients: Vec<McpClient> = {
+        let mut v = Vec::new();
+        for _ in 0..8 {
+            v.push(b.client_with(&secret).await);
+        }
+        v
+    };
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let c = clients[i % clients.len()].clone();
+        tasks.push(tokio::spawn(async move { error_of(&c, "echo").await }));
+    }
+    let mut ok = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            (200, v) if v.get("result").is_some() => ok += 1,
+            (402, v) if v["error"]["code"] == -32402 => refused += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(ok, 10);
+    assert_eq!(refused, 54);
+    assert_eq!(g.admin().key(&id).await["credits"], 0);
+    assert_eq!(b.upstream_saw("echo"), 10, "the upstream saw exactly the paid calls");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_without_a_valid_key_are_refused_and_free_methods_pass() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let mut anon = g.client();
+    anon.initialize().await;
+    let tools = anon.request("tools/list", json!({})).await;
+    assert!(tools["result"]["tools"].is_array(), "tools/list is free");
+    let (status, v) = error_of(&anon, "echo").await;
+    assert_eq!((status, v["error"]["code"].clone()), (401, json!(-32003)));
+    let (status, v) = {
+        let mut c = anon.clone();
+        c.api_key = Some("tg_not_a_real_key".into());
+        error_of(&c, "echo").await
+    };
+    assert_eq!((status, v["error"]["code"].clone()), (401, json!(-32004)));
+    let (status, _) = {
+        let mut c = anon.clone();
+        c.api_key = Some(ADMIN_KEY.into());
+        error_of(&c, "echo").await
+    };
+    assert_eq!(status, 401, "the admin key is not a client key");
+    let r = anon
+        .request("resources/read", json!({"uri": "fixture://greeting"}))
+        .await;
+    assert_eq!(r["error"]["code"], -32003, "resources/read needs a key too");
+    assert_eq!(b.upstream_saw("echo"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn suspended_and_revoked_keys_are_refused_at_once_even_inside_an_open_session() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+    let (id, secret) = admin.create_key("bob", 100).await;
+    let c = b.client_with(&secret).await;
+    assert_eq!(c.call_text("echo", json!({"text": "ok"})).await, "ok");
+
+    assert_eq!(admin.action(&id, "suspend").await.status(), 200);
+    let (status, v) = error_of(&c, "echo").await;
+    assert_eq!((status, v["error"]["code"].clone()), (403, json!(-32006)));
+    assert_eq!(admin.action(&id, "resume").await.status(), 200);
+    assert_eq!(c.call_text("echo", json!({"text": "back"})).await, "back");
+
+    assert_eq!(admin.action(&id, "revoke").await.status(), 200);
+    let (status, v) = error_of(&c, "echo").await;
+    assert_eq!((status, v["error"]["code"].clone()), (403, json!(-32005)));
+    assert_eq!(
+        admin.action(&id, "resume").await.status(),
+        409,
+        "a revoked key stays revoked"
+    );
+    assert_eq!(b.upstream_saw("echo"), 2, "refused calls never reached the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_used_on_another_keys_session_is_charged_to_itself() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+    let (a_id, a_secret) = admin.create_key("a", 10).await;
+    let (b_id, b_secret) = admin.create_key("b", 10).await;
+    let mut session_of_a = b.client_with(&a_secret).await;
+    session_of_a.api_key = Some(b_secret);
+    assert_eq!(session_of_a.call_text("echo", json!({"text": "x"})).await, "x");
+    assert_eq!(admin.key(&a_id).await["credits"], 10);
+    assert_eq!(admin.key(&b_id).await["credits"], 9);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_error_is_refunded_and_a_tool_error_is_kept_by_default() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+    let (id, secret) = admin.create_key("c", 10).await;
+    let c = b.client_with(&secret).await;
+    let failed = c.call("fail", json!({})).await;
+    assert_eq!(failed["error"]["code"], -32050);
+    assert_eq!(admin.key(&id).await["credits"], 10, "refunded");
+    let tool_failed = c.call("fail_tool", json!({})).await;
+    assert_eq!(tool_failed["result"]["isError"], true);
+    assert_eq!(
+        admin.key(&id).await["credits"],
+        9,
+        "an isError result is charged by default"
+    );
+    let ledger: Value = admin
+        .get(&format!("/admin/ledger?keyId={id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = ledger["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["grant", "charge", "refund", "charge"]);
+    let entries = ledger["entries"].as_array().unwrap();
+    assert_eq!(
+        entries[1]["requestId"], entries[2]["requestId"],
+        "the refund names the charged request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn balances_survive_a_kill_and_restart_on_the_same_database() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("data");
+    let start = || {
+        let mut cmd = std::process::Command::new(TOLLGATE);
+        cmd.args(["wrap", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--", FIXTURE, "--stdio"])
+            .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY)
+            .env("RUST_LOG", "info");
+        let (proc, rest) = Proc::spawn(cmd, "listening on ", Duration::from_secs(30));
+        Gateway {
+            proc,
+            base: rest.trim_end_matches("/mcp").to_string(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    };
+    let g = start().ready().await;
+    let (id, secret) = g.admin().create_key("durable", 50).await;
+    let mut c = g.client();
+    c.api_key = Some(secret.clone());
+    c.initialize().await;
+    for _ in 0..7 {
+        assert_eq!(c.call_text("echo", json!({"text": "x"})).await, "x");
+    }
+    // SIGKILL: no chance to flush anything that was not already durable.
+    let mut g = g;
+    g.proc.child.kill().unwrap();
+    g.proc.child.wait().unwrap();
+
+    let g = start().ready().await;
+    assert_eq!(
+        g.admin().key(&id).await["credits"],
+        43,
+        "every charge the client saw survived"
+    );
+    let mut c = g.client();
+    c.api_key = Some(secret);
+    c.initialize().await;
+    assert_eq!(
+        c.call_text("echo", json!({"text": "again"})).await,
+        "again",
+        "the old secret still works"
+    );
+    assert_eq!(g.admin().key(&id).await["credits"], 42);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_refuses_bad_input_with_a_clear_error_and_changes_nothing() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+    let cases = [
+        (json!({"name": "x", "credits": -1}), "credits"),
+        (json!({"name": "x", "credits": 1.5}), "credits"),
+        (json!({"name": "x", "credits": "10"}), "credits"),
+        (json!({"name": "x", "credits": 10_000_000_000_000i64}), "credits"),
+        (json!({"credits": 10}), "name"),
+        (json!({"name": "", "credits": 10}), "name"),
+        (json!({"name": "x", "credits": 1, "colour": "red"}), "colour"),
+    ];
+    for (body, field) in cases {
+        let r = admin.post("/admin/keys", &body).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let v: Value = r.json().await.unwrap();
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(field), "{body}: the message names {field}: {msg}");
+    }
+    let r = admin
+        .http
+        .post(format!("{}/admin/keys", g.base))
+        .header("x-admin-key", ADMIN_KEY)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = admin
+        .http
+        .post(format!("{}/admin/keys", g.base))
+        .header("x-admin-key", ADMIN_KEY)
+        .header("content-type", "text/plain")
+        .body(r#"{"name":"x","credits":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    for wrong in ["", "wrong-admin-key-000000"] {
+        let r = reqwest::Client::new()
+            .post(format!("{}/admin/keys", g.base))
+            .header("x-admin-key", wrong)
+            .header("content-type", "application/json")
+            .body(r#"{"name":"x","credits":1}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let (id, secret) = admin.create_key("real", 1).await;
+    let r = reqwest::Client::new()
+        .get(format!("{}/admin/keys/{id}", g.base))
+        .header("x-admin-key", secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "a client key is not an admin key");
+    let r = admin
+        .post(&format!("/admin/keys/{id}/topup"), &json!({"credits": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let ledger: Value = admin.get("/admin/ledger").send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        ledger["entries"].as_array().unwrap().len(),
+        1,
+        "only the one valid key's grant was written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_configured_admin_key_one_is_generated_and_shown_only_at_first_start() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("data");
+    let start = || {
+        let mut cmd = std::process::Command::new(TOLLGATE);
+        cmd.args(["wrap", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--", FIXTURE, "--stdio"])
+            .env_remove("TOLLGATE_ADMIN_KEY");
+        Proc::spawn_collecting(cmd, "listening on ", Duration::from_secs(30))
+    };
+    let (proc, before, rest) = start();
+    let shown: Vec<&String> = before.iter().filter(|l| l.contains("admin key")).collect();
+    assert_eq!(shown.len(), 1, "{before:?}");
+    let secret = shown[0].rsplit(' ').next().unwrap().to_string();
+    let base = rest.trim_end_matches("/mcp").to_string();
+    let r = reqwest::Client::new()
+        .post(format!("{base}/admin/keys"))
+        .header("x-admin-key", &secret)
+        .header("content-type", "application/json")
+        .body(r#"{"name":"first","credits":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "the generated admin key works");
+    drop(proc);
+    let (_proc, before, _) = start();
+    assert!(
+        before.iter().all(|l| !l.contains("admin key")),
+        "shown only once: {before:?}"
+    );
+    let stored = std::fs::read_to_string(data_dir.join("admin-key.sha256")).unwrap();
+    assert!(!stored.contains(&secret), "only the hash is stored");
+}
