@@ -3,7 +3,8 @@
 # `tools/call echo` at concurrency 1, 8 and 32:
 #   direct    — the fixture MCP server over HTTP, no proxy
 #   yardstick — a minimal JSON-parsing hyper pass-through proxy (bench/src/bin/yardstick.rs)
-#   tollgate  — the gateway (`tollgate wrap --remote-url`) in front of the same fixture
+#   tollgate  — the gateway with billing off (`tollgate wrap --free --remote-url`) in front of the same fixture
+#   billed    — the gateway with billing on: every call authenticated, priced, reserved, settled, ledgered
 # plus tollgate in front of a stdio fixture child (one shared child) at c=32.
 # Prints a Markdown table of medians over ROUNDS runs (default 3) of SECS seconds (default 5) each.
 set -euo pipefail
@@ -36,23 +37,31 @@ start() {
 
 fixture=$(start fixture "$bin/tollgate-fixture" --http 127.0.0.1:0)
 yardstick=$(start yardstick "$bin/yardstick" --upstream "$fixture")
-tollgate=$(start tollgate "$bin/tollgate" --log-level warn wrap --listen 127.0.0.1:0 --remote-url "$fixture")
-tollgate_stdio=$(start tollgate-stdio "$bin/tollgate" --log-level warn wrap --listen 127.0.0.1:0 -- "$bin/tollgate-fixture" --stdio)
+tollgate=$(start tollgate "$bin/tollgate" --log-level warn wrap --free --listen 127.0.0.1:0 --remote-url "$fixture")
+tollgate_stdio=$(start tollgate-stdio "$bin/tollgate" --log-level warn wrap --free --listen 127.0.0.1:0 -- "$bin/tollgate-fixture" --stdio)
+# The full billing chain (key lookup, reserve, forward, settle, durable ledger row) on a fresh database.
+admin_key="bench-admin-key-$RANDOM$RANDOM"
+billed=$(TOLLGATE_ADMIN_KEY=$admin_key start tollgate-billed "$bin/tollgate" --log-level warn wrap --listen 127.0.0.1:0 \
+  --data-dir "$work/data" --remote-url "$fixture")
 sleep 1
+api_key=$(curl -sf -X POST "${billed%/mcp}/admin/keys" -H "x-admin-key: $admin_key" -H 'content-type: application/json' \
+  -d '{"name":"bench","credits":1000000000000}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
 
 results="$work/results.jsonl"
-orders=("direct yardstick tollgate" "yardstick tollgate direct" "tollgate direct yardstick")
+orders=("direct yardstick tollgate billed" "yardstick tollgate billed direct" "tollgate billed direct yardstick")
 for round in $(seq 1 "$ROUNDS"); do
   # Rotate the order each round so that no target always runs right after another.
   order=${orders[$(( (round - 1) % 3 ))]}
   for c in $CONCURRENCY; do
     for target in $order; do
+      headers=()
       case $target in
         direct) url=$fixture ;;
         yardstick) url=$yardstick ;;
         tollgate) url=$tollgate ;;
+        billed) url=$billed; headers=(--header "x-api-key: $api_key") ;;
       esac
-      "$bin/loadgen" --url "$url" --concurrency "$c" --seconds "$SECS" --label "$target" >>"$results"
+      "$bin/loadgen" --url "$url" --concurrency "$c" --seconds "$SECS" --label "$target" "${headers[@]}" >>"$results"
       echo "round $round c=$c $target: $(tail -1 "$results")" >&2
     done
   done
@@ -69,11 +78,18 @@ for r in rows:
 med = {k: {f: statistics.median(x[f] for x in v) for f in ("rps", "p50_us", "p99_us", "errors")} for k, v in groups.items()}
 print("| target | c | calls/s | p50 µs | p99 µs | errors | p50 vs yardstick | calls/s vs yardstick | calls/s vs direct |")
 print("|---|---|---|---|---|---|---|---|---|")
-for (label, c) in sorted(med, key=lambda k: (k[1], ["direct", "yardstick", "tollgate", "tollgate-stdio"].index(k[0]))):
+for (label, c) in sorted(med, key=lambda k: (k[1], ["direct", "yardstick", "tollgate", "billed", "tollgate-stdio"].index(k[0]))):
     m = med[(label, c)]
     y = med.get(("yardstick", c)); d = med.get(("direct", c))
     vs_y = f"{m['p50_us'] - y['p50_us']:+.1f} µs" if y else ""
     tp_y = f"{100 * m['rps'] / y['rps']:.0f} %" if y else ""
     tp_d = f"{100 * m['rps'] / d['rps']:.0f} %" if d else ""
     print(f"| {label} | {c} | {m['rps']:.0f} | {m['p50_us']:.1f} | {m['p99_us']:.1f} | {m['errors']:.0f} | {vs_y} | {tp_y} | {tp_d} |")
+print()
+print("| billing chain vs billing off (tollgate) | c | p50 added | calls/s kept |")
+print("|---|---|---|---|")
+for c in sorted({k[1] for k in med if k[0] == "billed"}):
+    b = med[("billed", c)]; t = med.get(("tollgate", c))
+    if t:
+        print(f"| billed | {c} | {b['p50_us'] - t['p50_us']:+.1f} µs | {100 * b['rps'] / t['rps']:.0f} % |")
 PY

@@ -54,6 +54,8 @@ pub struct BillingConfig {
     pub refund_on_tool_error: bool,
     /// The admin key from the config or `TOLLGATE_ADMIN_KEY`; `None`: generated at first start.
     pub admin_key: Option<String>,
+    /// fsync every ledger commit (survives power loss), not just write it (survives `kill -9`).
+    pub power_safe: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +152,9 @@ pub struct RawBilling {
     /// Any of "error", "timeout", "tool_error"; default ["error", "timeout"].
     pub refund_on: Option<Vec<String>>,
     pub admin_key: Option<String>,
+    /// "process" (default): a charge survives the gateway being killed; "power": it survives a
+    /// power loss too (an fsync per group commit).
+    pub durability: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -371,6 +376,16 @@ impl RawBilling {
                 ));
             }
         }
+        let power_safe = match self.durability.as_deref() {
+            None | Some("process") => false,
+            Some("power") => true,
+            Some(other) => {
+                return Err(invalid(
+                    "billing.durability",
+                    format!("{other:?} is not \"process\" or \"power\""),
+                ));
+            }
+        };
         let admin_key = self.admin_key.or_else(|| std::env::var("TOLLGATE_ADMIN_KEY").ok());
         if let Some(k) = &admin_key
             && k.len() < 16
@@ -389,6 +404,7 @@ impl RawBilling {
             refund_on_timeout: refund_on.iter().any(|r| r == "timeout"),
             refund_on_tool_error: refund_on.iter().any(|r| r == "tool_error"),
             admin_key,
+            power_safe,
         }))
     }
 }

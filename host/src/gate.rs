@@ -93,7 +93,7 @@ impl Gate {
     /// one, a key is generated at first start, returned here to be shown once, and only its hash
     /// is kept.
     pub fn open(config: &BillingConfig) -> Result<(Gate, Option<String>), GateError> {
-        let ledger = Ledger::open(&config.data_dir)?;
+        let ledger = Ledger::open(&config.data_dir, config.power_safe)?;
         let (admin_hash, shown_once) = match &config.admin_key {
             Some(k) => (keys::hash(k), None),
             None => admin_key_from_file(&config.data_dir)?,

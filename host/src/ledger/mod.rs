@@ -61,9 +61,10 @@ pub struct Reservation {
 }
 
 impl Ledger {
-    /// Opens the store under `dir` and loads every key with its stored balance.
-    pub fn open(dir: &Path) -> Result<Ledger, StoreError> {
-        let (store, stored) = Store::open(dir)?;
+    /// Opens the store under `dir` and loads every key with its stored balance (see
+    /// [`Store::open`] for `power_safe`).
+    pub fn open(dir: &Path, power_safe: bool) -> Result<Ledger, StoreError> {
+        let (store, stored) = Store::open(dir, power_safe)?;
         let mut by_hash = HashMap::with_capacity(stored.len());
         let mut by_id = HashMap::with_capacity(stored.len());
         for s in stored {
@@ -237,7 +238,7 @@ mod tests {
     fn a_key_is_found_by_its_secret_and_only_by_it() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let ledger = Ledger::open(dir.path()).unwrap();
+            let ledger = Ledger::open(dir.path(), false).unwrap();
             let (key, secret) = ledger.create_key("alice", 5).await.unwrap();
             assert_eq!(ledger.authenticate(&secret).unwrap().id, key.id);
             assert!(ledger.authenticate("tg_nope").is_none());
@@ -249,7 +250,7 @@ mod tests {
     fn sixty_four_racing_reservations_on_ten_credits_take_exactly_ten() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let ledger = Ledger::open(dir.path()).unwrap();
+            let ledger = Ledger::open(dir.path(), false).unwrap();
             let (key, _) = ledger.create_key("racer", 10).await.unwrap();
             let tasks: Vec<_> = (0..64)
                 .map(|i| {
@@ -285,7 +286,7 @@ mod tests {
     fn balances_survive_a_restart_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let (id, secret) = rt().block_on(async {
-            let ledger = Ledger::open(dir.path()).unwrap();
+            let ledger = Ledger::open(dir.path(), false).unwrap();
             let (key, secret) = ledger.create_key("bob", 100).await.unwrap();
             let kept = ledger.reserve(&key, 7, "r1").unwrap();
             let s1 = ledger.settle(kept, true).unwrap();
@@ -296,7 +297,7 @@ mod tests {
             ledger.set_status(&key.id, Status::Suspended).await.unwrap();
             (key.id.clone(), secret)
         });
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), false).unwrap();
         let key = ledger.authenticate(&secret).unwrap();
         assert_eq!(key.id, id);
         assert_eq!(key.credits(), 100 - 7 + 20);
@@ -317,7 +318,7 @@ mod tests {
     fn the_same_request_cannot_be_charged_twice() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let ledger = Ledger::open(dir.path()).unwrap();
+            let ledger = Ledger::open(dir.path(), false).unwrap();
             let (key, _) = ledger.create_key("dup", 10).await.unwrap();
             let seq = ledger
                 .store()
@@ -355,7 +356,7 @@ mod tests {
             b"this is not sqlite, it is a text file of length",
         )
         .unwrap();
-        let err = match Ledger::open(dir.path()) {
+        let err = match Ledger::open(dir.path(), false) {
             Ok(_) => panic!("opened a corrupt database"),
             Err(e) => e.to_string(),
         };
@@ -366,7 +367,7 @@ mod tests {
     fn a_revoked_key_cannot_be_resumed_or_topped_up() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let ledger = Ledger::open(dir.path()).unwrap();
+            let ledger = Ledger::open(dir.path(), false).unwrap();
             let (key, secret) = ledger.create_key("gone", 1).await.unwrap();
             ledger.set_status(&key.id, Status::Revoked).await.unwrap();
             assert!(matches!(
