@@ -406,9 +406,11 @@ struct Charge {
 }
 
 impl Charge {
-    /// Keeps or refunds per the outcome; durable before it returns. The key's balance after.
-    async fn settle(self, outcome: Outcome) -> Result<i64, Error> {
-        Ok(self.gate.settle(self.reservation, outcome).await?)
+    /// Keeps or refunds per the outcome; durable before it returns.
+    async fn settle(self, outcome: Outcome) -> Result<Settled, Error> {
+        let request_id = self.reservation.request_id.clone();
+        let credits = self.gate.settle(self.reservation, outcome).await?;
+        Ok(Settled { credits, request_id })
     }
 }
 
@@ -422,10 +424,21 @@ fn outcome_of_error(e: &Error) -> Outcome {
 }
 
 const CREDITS_HEADER: HeaderName = HeaderName::from_static("x-credits-remaining");
+const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
-fn with_credits(mut r: Response<Body>, credits: Option<i64>) -> Response<Body> {
-    if let Some(c) = credits {
-        r.headers_mut().insert(CREDITS_HEADER, HeaderValue::from(c));
+/// A settled call's balance and the request id its ledger rows carry.
+struct Settled {
+    credits: i64,
+    request_id: String,
+}
+
+fn with_credits(mut r: Response<Body>, settled: Option<Settled>) -> Response<Body> {
+    if let Some(s) = settled {
+        let h = r.headers_mut();
+        h.insert(CREDITS_HEADER, HeaderValue::from(s.credits));
+        if let Ok(v) = HeaderValue::from_str(&s.request_id) {
+            h.insert(REQUEST_ID_HEADER, v);
+        }
     }
     r
 }

@@ -396,3 +396,117 @@ async fn without_a_configured_admin_key_one_is_generated_and_shown_only_at_first
     let stored = std::fs::read_to_string(data_dir.join("admin-key.sha256")).unwrap();
     assert!(!stored.contains(&secret), "only the hash is stored");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_charge_a_client_saw_survives_a_sigkill_at_a_random_moment() {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Mutex};
+
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("data");
+    let start = || {
+        let mut cmd = std::process::Command::new(TOLLGATE);
+        cmd.args(["wrap", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--", FIXTURE, "--stdio"])
+            .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY)
+            .env("RUST_LOG", "warn");
+        let (proc, rest) = Proc::spawn(cmd, "listening on ", Duration::from_secs(30));
+        Gateway {
+            proc,
+            base: rest.trim_end_matches("/mcp").to_string(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    };
+    const GRANT: i64 = 1_000_000;
+    let mut g = start().ready().await;
+    let (id, secret) = g.admin().create_key("crash", GRANT).await;
+    let seen = Arc::new(Mutex::new(HashSet::<String>::new()));
+
+    for round in 0..4 {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let mut c = g.client();
+            c.api_key = Some(secret.clone());
+            let seen = seen.clone();
+            tasks.push(tokio::spawn(async move {
+                c.initialize().await;
+                loop {
+                    let call = json!({"jsonrpc":"2.0","id":1,"method":"tools/call",
+                        "params":{"name":"echo","arguments":{"text":"x"}}});
+                    let Ok(r) = c.post(&call).send().await else { return };
+                    let request_id = r.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_string());
+                    let Ok(v) = r.json::<Value>().await else { return };
+                    if v["result"]["content"][0]["text"] == "x" {
+                        seen.lock()
+                            .unwrap()
+                            .insert(request_id.expect("a charged call names its request id"));
+                    }
+                }
+            }));
+        }
+        let wait_ms = 150 + rand::random::<u64>() % 500;
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        g.proc.child.kill().unwrap();
+        g.proc.child.wait().unwrap();
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+
+        g = start().ready().await;
+        let ledger: Value = g
+            .admin()
+            .get(&format!("/admin/ledger?keyId={id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let rows = ledger["entries"].as_array().unwrap();
+        let mut kinds_by_request: HashMap<String, Vec<String>> = HashMap::new();
+        let mut sum = 0;
+        for r in rows {
+            let kind = r["kind"].as_str().unwrap().to_string();
+            sum += if kind == "charge" {
+                -r["amount"].as_i64().unwrap()
+            } else {
+                r["amount"].as_i64().unwrap()
+            };
+            kinds_by_request
+                .entry(r["requestId"].as_str().unwrap().to_string())
+                .or_default()
+                .push(kind);
+        }
+        for (req, kinds) in &kinds_by_request {
+            let mut sorted = kinds.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(
+                sorted.len(),
+                kinds.len(),
+                "round {round}: a duplicated ledger row for {req}: {kinds:?}"
+            );
+        }
+        let seen_now = seen.lock().unwrap().clone();
+        assert!(!seen_now.is_empty(), "round {round}: the load made no successful call");
+        for req in &seen_now {
+            assert_eq!(
+                kinds_by_request.get(req).map(Vec::as_slice),
+                Some(&["charge".to_string()][..]),
+                "round {round}: a call the client saw succeed is not charged exactly once in the ledger"
+            );
+        }
+        let key = g.admin().key(&id).await;
+        assert_eq!(
+            key["credits"], sum,
+            "round {round}: balance = grant - charges + refunds"
+        );
+        let charged = kinds_by_request.values().filter(|k| k.as_slice() == ["charge"]).count();
+        assert!(
+            charged >= seen_now.len() && charged <= seen_now.len() + 8 * (round + 1),
+            "round {round}: {charged} kept charges for {} seen successes (at most the in-flight calls may differ)",
+            seen_now.len()
+        );
+    }
+}
