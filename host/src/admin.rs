@@ -129,6 +129,13 @@ async fn route(state: &AppState, req: Request<hyper::body::Incoming>) -> Result<
             let id = id.to_string();
             topup(gate, &id, req).await
         }
+        (Method::POST, ["keys", id, "rotate"]) => {
+            let (key, secret) = gate.ledger().rotate(id).await?;
+            let mut view = key_view(&key);
+            view["key"] = Value::String(secret);
+            tracing::info!(key_id = %key.id, "key rotated");
+            Ok(ok(StatusCode::OK, view))
+        }
         (Method::POST, ["keys", id, action @ ("revoke" | "suspend" | "resume")]) => {
             let status = match *action {
                 "revoke" => Status::Revoked,

@@ -510,3 +510,29 @@ async fn every_charge_a_client_saw_survives_a_sigkill_at_a_random_moment() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_gives_a_new_secret_keeps_the_credits_and_stops_the_old_secret_at_once() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+    let (id, old) = admin.create_key("rot", 10).await;
+    let c_old = b.client_with(&old).await;
+    assert_eq!(c_old.call_text("echo", json!({"text": "before"})).await, "before");
+    let r = admin.action(&id, "rotate").await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let new = v["key"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    assert_eq!(v["id"], id.as_str());
+    assert_eq!(v["credits"], 9, "credits kept");
+    let (status, e) = error_of(&c_old, "echo").await;
+    assert_eq!(
+        (status, e["error"]["code"].clone()),
+        (401, json!(-32004)),
+        "the old secret is refused at once"
+    );
+    let c_new = b.client_with(&new).await;
+    assert_eq!(c_new.call_text("echo", json!({"text": "after"})).await, "after");
+    assert_eq!(admin.key(&id).await["credits"], 8);
+}

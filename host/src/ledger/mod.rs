@@ -203,6 +203,36 @@ impl Ledger {
         Ok(key.credit(amount))
     }
 
+    /// Gives a key a new secret (returned, shown once); the old one stops working at once. Id,
+    /// balance and settings stay. Durable before it returns.
+    pub async fn rotate(&self, id: &str) -> Result<(Arc<Key>, String), LedgerError> {
+        let key = self.get(id).ok_or_else(|| LedgerError::UnknownKey(id.to_string()))?;
+        if key.status() == Status::Revoked {
+            return Err(LedgerError::Revoked);
+        }
+        let secret = keys::new_secret();
+        let hash = keys::hash(&secret);
+        let prefix = keys::display_prefix(&secret);
+        {
+            // The old secret is refused from here on.
+            let mut by_hash = self.inner.by_hash.write().unwrap();
+            let old = *key.hash.read().unwrap();
+            by_hash.remove(&old);
+            *key.hash.write().unwrap() = hash;
+            *key.prefix.write().unwrap() = prefix.clone();
+            by_hash.insert(hash, key.clone());
+        }
+        self.inner
+            .store
+            .write(Op::Rotate {
+                key_id: id.to_string(),
+                hash,
+                prefix,
+            })
+            .await?;
+        Ok((key, secret))
+    }
+
     /// Changes a key's status; durable before it returns. A revoked key stays revoked.
     pub async fn set_status(&self, id: &str, status: Status) -> Result<Arc<Key>, LedgerError> {
         let key = self.get(id).ok_or_else(|| LedgerError::UnknownKey(id.to_string()))?;
@@ -361,6 +391,22 @@ mod tests {
             Err(e) => e.to_string(),
         };
         assert!(err.contains("tollgate.db"), "{err}");
+    }
+
+    #[test]
+    fn a_rotated_key_answers_only_to_its_new_secret_even_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = rt().block_on(async {
+            let ledger = Ledger::open(dir.path(), false).unwrap();
+            let (key, old) = ledger.create_key("rot", 9).await.unwrap();
+            let (_, new) = ledger.rotate(&key.id).await.unwrap();
+            assert!(ledger.authenticate(&old).is_none(), "the old secret stops at once");
+            assert_eq!(ledger.authenticate(&new).unwrap().credits(), 9);
+            (old, new)
+        });
+        let ledger = Ledger::open(dir.path(), false).unwrap();
+        assert!(ledger.authenticate(&old).is_none());
+        assert_eq!(ledger.authenticate(&new).unwrap().credits(), 9);
     }
 
     #[test]

@@ -98,6 +98,12 @@ pub enum Op {
         key_id: String,
         status: Status,
     },
+    /// A new secret for a key: its hash and display prefix change, nothing else.
+    Rotate {
+        key_id: String,
+        hash: KeyHash,
+        prefix: String,
+    },
 }
 
 /// A key as stored.
@@ -434,6 +440,10 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
                 }
                 Op::SetStatus { key_id, status } => {
                     set_status.execute(params![key_id, status.as_str()])?;
+                }
+                Op::Rotate { key_id, hash, prefix } => {
+                    tx.prepare_cached("UPDATE keys SET hash = ?2, prefix = ?3 WHERE id = ?1")?
+                        .execute(params![key_id, &hash[..], prefix])?;
                 }
             }
         }
