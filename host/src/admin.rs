@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::body::{self, Body};
 use crate::config::MAX_CREDITS;
 use crate::gate::{Gate, Refusal};
-use crate::ledger::{Key, LedgerError, Status};
+use crate::ledger::{Key, KeySettings, LedgerError, Status, now_ms};
 use crate::proxy::AppState;
 
 /// The largest admin request body.
@@ -54,7 +54,9 @@ impl AdminError {
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
             AdminError::Client(r) => match r {
                 Refusal::MissingKey | Refusal::UnknownKey => StatusCode::UNAUTHORIZED,
-                Refusal::Revoked | Refusal::Suspended => StatusCode::FORBIDDEN,
+                Refusal::Revoked | Refusal::Suspended | Refusal::Expired | Refusal::ToolForbidden(_) => {
+                    StatusCode::FORBIDDEN
+                }
                 Refusal::Insufficient { .. } => StatusCode::PAYMENT_REQUIRED,
                 Refusal::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             },
@@ -118,6 +120,16 @@ async fn route(state: &AppState, req: Request<hyper::body::Incoming>) -> Result<
     let parts: Vec<&str> = path.trim_start_matches("/admin/").split('/').collect();
     match (req.method().clone(), parts.as_slice()) {
         (Method::POST, ["keys"]) => create_key(gate, req).await,
+        (Method::PATCH, ["keys", id]) => {
+            let key = gate
+                .ledger()
+                .get(id)
+                .ok_or_else(|| AdminError::NotFound(id.to_string()))?;
+            let change: SettingsInput = json_body(req).await?;
+            let settings = change.apply(&key.settings(), now_ms())?;
+            let key = gate.ledger().set_settings(&key.id, settings).await?;
+            Ok(ok(StatusCode::OK, key_view(&key)))
+        }
         (Method::GET, ["keys", id]) => {
             let key = gate
                 .ledger()
@@ -174,26 +186,50 @@ fn ok(status: StatusCode, v: Value) -> Response<Body> {
     body::json(status, serde_json::to_vec(&v).expect("JSON serializes"))
 }
 
+/// A key's status as shown: `expired` once its expiry has passed.
+fn shown_status(key: &Key, settings: &KeySettings) -> &'static str {
+    match key.status() {
+        Status::Active if settings.is_expired(now_ms()) => "expired",
+        s => s.as_str(),
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 fn key_view(key: &Key) -> Value {
+    let s = key.settings();
     json!({
         "id": key.id,
         "name": key.name,
         "prefix": *key.prefix.read().unwrap(),
-        "status": key.status().as_str(),
+        "status": shown_status(key, &s),
         "credits": key.credits(),
         "spent": key.spent(),
         "calls": key.calls(),
-        "createdAt": key.created_at,
+        "createdAt": rfc3339(key.created_at),
+        "tags": s.tags,
+        "namespace": s.namespace,
+        "expiresAt": s.expires_at.map(rfc3339),
+        "allowedTools": s.allowed_tools,
+        "deniedTools": s.denied_tools,
     })
 }
 
 fn balance_view(key: &Key) -> Value {
+    let s = key.settings();
     json!({
         "id": key.id,
         "name": key.name,
+        "status": shown_status(key, &s),
         "credits": key.credits(),
         "spent": key.spent(),
         "calls": key.calls(),
+        "expiresAt": s.expires_at.map(rfc3339),
+        "allowedTools": s.allowed_tools,
+        "deniedTools": s.denied_tools,
     })
 }
 
@@ -233,11 +269,114 @@ fn check_credits(field: &str, v: i64, min: i64) -> Result<i64, AdminError> {
     Ok(v)
 }
 
+/// A `null` in JSON is `Some(None)` (clear it); a missing field is `None` (leave it).
+fn nullable<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Limits on settings lists, so that a key record stays small.
+const MAX_LIST: usize = 1000;
+const MAX_ITEM: usize = 256;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SettingsInput {
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    namespace: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    expires_at: Option<Option<String>>,
+    #[serde(default)]
+    expires_in: Option<i64>,
+    #[serde(default, deserialize_with = "nullable")]
+    allowed_tools: Option<Option<Vec<String>>>,
+    #[serde(default)]
+    denied_tools: Option<Vec<String>>,
+}
+
+fn check_list(field: &str, items: Vec<String>) -> Result<Vec<String>, AdminError> {
+    if items.len() > MAX_LIST {
+        return Err(AdminError::BadRequest(format!("{field}: at most {MAX_LIST} entries")));
+    }
+    for (i, item) in items.iter().enumerate() {
+        if item.is_empty() || item.len() > MAX_ITEM {
+            return Err(AdminError::BadRequest(format!(
+                "{field}[{i}]: give 1 to {MAX_ITEM} characters"
+            )));
+        }
+    }
+    Ok(items)
+}
+
+impl SettingsInput {
+    /// The settings after this change, validated.
+    fn apply(self, base: &KeySettings, now_ms: i64) -> Result<KeySettings, AdminError> {
+        let mut s = base.clone();
+        if let Some(tags) = self.tags {
+            s.tags = check_list("tags", tags)?;
+        }
+        if let Some(ns) = self.namespace {
+            if let Some(n) = &ns
+                && (n.is_empty() || n.len() > 64)
+            {
+                return Err(AdminError::BadRequest("namespace: give 1 to 64 characters".into()));
+            }
+            s.namespace = ns;
+        }
+        match (self.expires_at, self.expires_in) {
+            (Some(_), Some(_)) => {
+                return Err(AdminError::BadRequest(
+                    "expiresAt, expiresIn: give one, not both".into(),
+                ));
+            }
+            (Some(None), None) => s.expires_at = None,
+            (Some(Some(at)), None) => {
+                let t = humantime::parse_rfc3339_weak(&at)
+                    .map_err(|e| AdminError::BadRequest(format!("expiresAt: {at:?} is not an RFC 3339 time ({e})")))?;
+                let ms = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_err(|_| AdminError::BadRequest("expiresAt: before 1970".into()))?
+                    .as_millis() as i64;
+                s.expires_at = Some(ms);
+            }
+            (None, Some(secs)) => {
+                if !(1..=10 * 365 * 24 * 3600).contains(&secs) {
+                    return Err(AdminError::BadRequest(format!(
+                        "expiresIn: {secs} is out of range; give seconds from 1 to 315360000"
+                    )));
+                }
+                s.expires_at = Some(now_ms + secs * 1000);
+            }
+            (None, None) => {}
+        }
+        if let Some(allowed) = self.allowed_tools {
+            s.allowed_tools = allowed.map(|a| check_list("allowedTools", a)).transpose()?;
+        }
+        if let Some(denied) = self.denied_tools {
+            s.denied_tools = check_list("deniedTools", denied)?;
+        }
+        Ok(s)
+    }
+}
+
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct CreateKey {
     name: String,
     credits: i64,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    expires_at: Option<String>,
+    #[serde(default)]
+    expires_in: Option<i64>,
+    #[serde(default)]
+    allowed_tools: Option<Vec<String>>,
+    #[serde(default)]
+    denied_tools: Option<Vec<String>>,
 }
 
 async fn create_key(gate: &Gate, req: Request<hyper::body::Incoming>) -> Result<Response<Body>, AdminError> {
@@ -247,7 +386,16 @@ async fn create_key(gate: &Gate, req: Request<hyper::body::Incoming>) -> Result<
         return Err(AdminError::BadRequest("name: give 1 to 200 characters".into()));
     }
     let credits = check_credits("credits", body.credits, 0)?;
-    let (key, secret) = gate.ledger().create_key(name, credits).await?;
+    let settings = SettingsInput {
+        tags: body.tags,
+        namespace: body.namespace.map(Some),
+        expires_at: body.expires_at.map(Some),
+        expires_in: body.expires_in,
+        allowed_tools: body.allowed_tools.map(Some),
+        denied_tools: body.denied_tools,
+    }
+    .apply(&KeySettings::default(), now_ms())?;
+    let (key, secret) = gate.ledger().create_key(name, credits, settings).await?;
     let mut view = key_view(&key);
     // The secret is in this answer and nowhere else, ever.
     view["key"] = Value::String(secret);

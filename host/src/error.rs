@@ -75,6 +75,8 @@ impl Error {
                 Refusal::UnknownKey => (StatusCode::UNAUTHORIZED, code::KEY_UNKNOWN, msg, None),
                 Refusal::Revoked => (StatusCode::FORBIDDEN, code::KEY_REVOKED, msg, None),
                 Refusal::Suspended => (StatusCode::FORBIDDEN, code::KEY_SUSPENDED, msg, None),
+                Refusal::Expired => (StatusCode::FORBIDDEN, code::KEY_EXPIRED, msg, None),
+                Refusal::ToolForbidden(_) => (StatusCode::FORBIDDEN, code::TOOL_FORBIDDEN, msg, None),
                 Refusal::Insufficient { available, needed } => (
                     StatusCode::PAYMENT_REQUIRED,
                     code::INSUFFICIENT_CREDITS,

@@ -11,7 +11,7 @@ use serde::de::IgnoredAny;
 use crate::config::BillingConfig;
 use crate::jsonrpc::Message;
 use crate::ledger::keys::{self, KeyHash};
-use crate::ledger::{DebitError, Key, Ledger, LedgerError, Reservation, Status, StoreError};
+use crate::ledger::{DebitError, Key, KeySettings, Ledger, LedgerError, Reservation, Status, StoreError};
 
 /// Why a call is refused at the gate.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -24,6 +24,10 @@ pub enum Refusal {
     Revoked,
     #[error("the API key is suspended")]
     Suspended,
+    #[error("the API key has expired")]
+    Expired,
+    #[error("this API key may not call the tool {0:?}")]
+    ToolForbidden(String),
     #[error("insufficient credits: {available} available, {needed} needed")]
     Insufficient { available: i64, needed: i64 },
     #[error("the ledger is unavailable; no charge can be recorded")]
@@ -144,19 +148,63 @@ impl Gate {
             .ok_or(Refusal::MissingKey)?;
         let key = self.inner.ledger.authenticate(secret).ok_or(Refusal::UnknownKey)?;
         match key.status() {
+            Status::Active if key.settings().is_expired(crate::ledger::now_ms()) => Err(Refusal::Expired),
             Status::Active => Ok(key),
             Status::Suspended => Err(Refusal::Suspended),
             Status::Revoked => Err(Refusal::Revoked),
         }
     }
 
+    /// Whether `key` may make this call (its tool lists); the tool name if it is a `tools/call`.
+    pub fn check_call(&self, key: &Key, msg: &Message) -> Result<(), Refusal> {
+        if msg.method() == Some("tools/call") {
+            let tool = tool_name(msg).unwrap_or_default();
+            if !key.settings().allows_tool(&tool) {
+                return Err(Refusal::ToolForbidden(tool));
+            }
+        }
+        Ok(())
+    }
+
+    /// The price of a tool.
+    pub fn tool_price(&self, tool: &str) -> i64 {
+        let c = &self.inner.config;
+        c.tool_prices.get(tool).copied().unwrap_or(c.default_price)
+    }
+
+    /// A `tools/list` answer as a key should see it: only the tools it may call, each with its
+    /// price in `_meta["tollgate/price"]`.
+    pub fn view_tools(&self, m: Message, settings: Option<&KeySettings>) -> Message {
+        if !m.is_response() || m.is_error() {
+            return m;
+        }
+        let Some(mut result) = m.result_value() else { return m };
+        let Some(tools) = result.get_mut("tools").and_then(|t| t.as_array_mut()) else {
+            return m;
+        };
+        tools.retain(|t| {
+            let name = t.get("name").and_then(|n| n.as_str()).unwrap_or_default();
+            settings.is_none_or(|s| s.allows_tool(name))
+        });
+        for t in tools.iter_mut() {
+            let name = t.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string();
+            let price = self.tool_price(&name);
+            if let Some(obj) = t.as_object_mut() {
+                let meta = obj.entry("_meta").or_insert_with(|| serde_json::json!({}));
+                if let Some(meta) = meta.as_object_mut() {
+                    meta.insert("tollgate/price".into(), price.into());
+                }
+            }
+        }
+        let id = m.id().cloned().unwrap_or(serde_json::Value::Null);
+        Message::from_value(&crate::jsonrpc::result_response(id, serde_json::Value::Object(result)))
+    }
+
     /// What a paid request costs.
     pub fn price(&self, msg: &Message) -> i64 {
         let c = &self.inner.config;
         match msg.method() {
-            Some("tools/call") => tool_name(msg)
-                .and_then(|t| c.tool_prices.get(&t).copied())
-                .unwrap_or(c.default_price),
+            Some("tools/call") => tool_name(msg).map(|t| self.tool_price(&t)).unwrap_or(c.default_price),
             Some(m) => c.method_prices.get(m).copied().unwrap_or(0),
             None => 0,
         }

@@ -41,6 +41,10 @@ pub mod code {
     pub const KEY_REVOKED: i64 = -32005;
     /// The API key is suspended (HTTP 403).
     pub const KEY_SUSPENDED: i64 = -32006;
+    /// The API key has expired (HTTP 403).
+    pub const KEY_EXPIRED: i64 = -32008;
+    /// The API key may not call this tool (HTTP 403).
+    pub const TOOL_FORBIDDEN: i64 = -32009;
     /// The ledger cannot record charges (HTTP 503).
     pub const LEDGER_UNAVAILABLE: i64 = -32007;
     /// Not enough credits for the call (HTTP 402); `data` has `available` and `needed`.

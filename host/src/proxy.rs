@@ -20,7 +20,7 @@ use crate::deadline::{self, Deadline, Deadlines};
 use crate::error::Error;
 use crate::gate::{self, Gate, GateError, Outcome};
 use crate::jsonrpc::{self, Kind, Message, code};
-use crate::ledger::Reservation;
+use crate::ledger::{KeySettings, Reservation};
 use crate::session::{Session, Sessions};
 use crate::sse;
 use crate::upstream::{self, Replies, Reply, Upstream};
@@ -333,9 +333,19 @@ async fn post_inner(
         (Kind::Request, method) => {
             let session = session_of(state, headers)?;
             // The gate: a key, then its credits, reserved before anything reaches the upstream.
+            let method = method.unwrap_or_default();
+            // tools/list shows only what the caller's key may call, with prices.
+            let view = match state.gate() {
+                Some(gate) if method == "tools/list" => Some(ToolsView {
+                    gate: gate.clone(),
+                    settings: gate.key_of(headers).ok().map(|k| k.settings()),
+                }),
+                _ => None,
+            };
             let charge = match state.gate() {
-                Some(gate) if !gate.is_free(method.unwrap_or_default()) => {
+                Some(gate) if !gate.is_free(method) => {
                     let key = gate.key_of(headers)?;
+                    gate.check_call(&key, &msg)?;
                     let price = gate.price(&msg);
                     let request_id = format!("req_{:016x}", rand::random::<u64>());
                     let reservation = gate.reserve(&key, price, &request_id)?;
@@ -348,7 +358,7 @@ async fn post_inner(
             };
             let reply = with_deadline(&deadline, call_timeout, upstream.request(&session, headers, msg, raw)).await;
             match gone_ends_session(state, &session, reply).await {
-                Ok(reply) => respond_charged(reply, accept, deadline, call_timeout, id_out.clone(), charge).await,
+                Ok(reply) => respond_charged(reply, accept, deadline, call_timeout, id_out.clone(), charge, view).await,
                 Err(e) => {
                     if let Some(c) = charge {
                         c.settle(outcome_of_error(&e)).await?;
@@ -396,6 +406,21 @@ fn raw(bytes: Bytes, accept: Accepts) -> Response<Body> {
         body::json(StatusCode::OK, bytes)
     } else {
         body::sse(Body::from(sse::frame(&bytes)))
+    }
+}
+
+/// How a `tools/list` answer is shown to one caller.
+struct ToolsView {
+    gate: Gate,
+    settings: Option<Arc<KeySettings>>,
+}
+
+impl ToolsView {
+    fn apply(view: &Option<ToolsView>, m: Message) -> Message {
+        match view {
+            Some(v) => v.gate.view_tools(m, v.settings.as_deref()),
+            None => m,
+        }
     }
 }
 
@@ -450,7 +475,7 @@ async fn respond(
     timeout: Duration,
     id: Value,
 ) -> Result<Response<Body>, Error> {
-    respond_charged(reply, accept, deadline, timeout, id, None).await
+    respond_charged(reply, accept, deadline, timeout, id, None, None).await
 }
 
 /// Answers the client and settles the call's charge (if any) on the final message, before the
@@ -462,6 +487,7 @@ async fn respond_charged(
     timeout: Duration,
     id: Value,
     charge: Option<Charge>,
+    view: Option<ToolsView>,
 ) -> Result<Response<Body>, Error> {
     let settle = |charge: Option<Charge>, outcome: Outcome| async move {
         match charge {
@@ -472,14 +498,19 @@ async fn respond_charged(
     match reply {
         Reply::Done(m) => {
             let credits = settle(charge, gate::outcome_of_message(&m)).await?;
-            Ok(with_credits(one(&m, accept), credits))
+            Ok(with_credits(one(&ToolsView::apply(&view, m), accept), credits))
+        }
+        Reply::Raw(bytes) if view.is_some() => {
+            let m = Message::parse(&bytes).map_err(|e| upstream::Error::Protocol(e.to_string()))?;
+            let credits = settle(charge, gate::outcome_of_message(&m)).await?;
+            Ok(with_credits(one(&ToolsView::apply(&view, m), accept), credits))
         }
         Reply::Raw(bytes) => {
             let credits = settle(charge, gate::outcome_of(&bytes)).await?;
             Ok(with_credits(raw(bytes, accept), credits))
         }
         Reply::Stream(replies) if replies.streamable && accept.sse => {
-            Ok(stream(replies, deadline, timeout, id, charge))
+            Ok(stream(replies, deadline, timeout, id, charge, view))
         }
         Reply::Stream(mut replies) => loop {
             match deadline::race(deadline.alarm(), replies.recv()).await {
@@ -493,7 +524,7 @@ async fn respond_charged(
                 }
                 Ok(Some(m)) if m.is_response() => {
                     let credits = settle(charge, gate::outcome_of_message(&m)).await?;
-                    return Ok(with_credits(one(&m, accept), credits));
+                    return Ok(with_credits(one(&ToolsView::apply(&view, m), accept), credits));
                 }
                 Ok(Some(_)) => continue,
             }
@@ -510,6 +541,7 @@ fn stream(
     timeout: Duration,
     id: Value,
     mut charge: Option<Charge>,
+    view: Option<ToolsView>,
 ) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
@@ -533,6 +565,9 @@ fn stream(
                 }
             };
             let last = m.is_response();
+            if last {
+                m = ToolsView::apply(&view, m);
+            }
             if last
                 && let Some(c) = charge.take()
                 && let Err(e) = c.settle(outcome).await

@@ -536,3 +536,116 @@ async fn rotation_gives_a_new_secret_keeps_the_credits_and_stops_the_old_secret_
     assert_eq!(c_new.call_text("echo", json!({"text": "after"})).await, "after");
     assert_eq!(admin.key(&id).await["credits"], 8);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tool_lists_limit_what_a_key_may_call_and_see_and_tools_list_shows_prices() {
+    let b = Billed::start(&["--tool-price", "add:3"]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+    let r = admin
+        .post(
+            "/admin/keys",
+            &json!({"name": "narrow", "credits": 10, "allowedTools": ["echo", "add"], "deniedTools": ["add"]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    let (id, secret) = (
+        created["id"].as_str().unwrap().to_string(),
+        created["key"].as_str().unwrap().to_string(),
+    );
+    let c = b.client_with(&secret).await;
+
+    let tools = c.request("tools/list", json!({})).await;
+    let names: Vec<&str> = tools["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["echo"], "only the tools the key may call");
+    assert_eq!(tools["result"]["tools"][0]["_meta"]["tollgate/price"], 1);
+
+    let (status, v) = error_of(&c, "add").await;
+    assert_eq!((status, v["error"]["code"].clone()), (403, json!(-32009)));
+    assert_eq!(b.upstream_saw("add"), 0);
+
+    let r = admin
+        .http
+        .patch(format!("{}/admin/keys/{id}", g.base))
+        .header("x-admin-key", ADMIN_KEY)
+        .header("content-type", "application/json")
+        .body(json!({"allowedTools": null, "deniedTools": []}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        c.call_text("add", json!({"a": 1, "b": 2})).await,
+        "3",
+        "the change applies to the next call"
+    );
+    assert_eq!(admin.key(&id).await["credits"], 7);
+
+    let mut anon = g.client();
+    anon.initialize().await;
+    let all = anon.request("tools/list", json!({})).await;
+    let add = all["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "add")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        add["_meta"]["tollgate/price"], 3,
+        "prices are shown to anyone who lists"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_key_is_refused_and_shown_as_expired() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+    let r = admin
+        .post("/admin/keys", &json!({"name": "brief", "credits": 5, "expiresIn": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    let (id, secret) = (
+        v["id"].as_str().unwrap().to_string(),
+        v["key"].as_str().unwrap().to_string(),
+    );
+    let c = b.client_with(&secret).await;
+    assert_eq!(c.call_text("echo", json!({"text": "in time"})).await, "in time");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, e) = error_of(&c, "echo").await;
+    assert_eq!((status, e["error"]["code"].clone()), (403, json!(-32008)));
+    assert_eq!(admin.key(&id).await["status"], "expired");
+    assert_eq!(b.upstream_saw("echo"), 1);
+
+    for bad in [
+        json!({"name": "x", "credits": 1, "expiresIn": -5}),
+        json!({"name": "x", "credits": 1, "expiresAt": "next tuesday"}),
+        json!({"name": "x", "credits": 1, "expiresAt": "2030-01-01T00:00:00Z", "expiresIn": 5}),
+        json!({"name": "x", "credits": 1, "allowedTools": [""]}),
+        json!({"name": "x", "credits": 1, "tags": vec!["t"; 1001]}),
+    ] {
+        let r = admin.post("/admin/keys", &bad).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+    let r = admin
+        .post("/admin/keys", &json!({"name": "dated", "credits": 1, "expiresAt": "2030-01-01T00:00:00Z", "tags": ["gold"], "namespace": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["expiresAt"], "2030-01-01T00:00:00.000Z");
+    assert_eq!(v["tags"], json!(["gold"]));
+    assert_eq!(v["namespace"], "acme");
+}

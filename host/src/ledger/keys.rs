@@ -84,6 +84,32 @@ impl Status {
     }
 }
 
+/// What an operator sets on a key besides its credits. Stored as JSON with the key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct KeySettings {
+    pub tags: Vec<String>,
+    pub namespace: Option<String>,
+    /// Unix milliseconds after which the key is refused.
+    pub expires_at: Option<i64>,
+    /// When set, the only tools the key may call (and see in `tools/list`).
+    pub allowed_tools: Option<Vec<String>>,
+    /// Tools the key may never call.
+    pub denied_tools: Vec<String>,
+}
+
+impl KeySettings {
+    /// Whether the key may call (and see) this tool.
+    pub fn allows_tool(&self, tool: &str) -> bool {
+        !self.denied_tools.iter().any(|t| t == tool)
+            && self.allowed_tools.as_ref().is_none_or(|a| a.iter().any(|t| t == tool))
+    }
+
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.expires_at.is_some_and(|e| now_ms >= e)
+    }
+}
+
 /// The live state of one key.
 #[derive(Debug)]
 pub struct Key {
@@ -103,6 +129,8 @@ pub struct Key {
     spent: AtomicI64,
     /// Calls charged.
     calls: AtomicU64,
+    /// Replaced whole on change; a request reads one consistent snapshot.
+    settings: std::sync::RwLock<std::sync::Arc<KeySettings>>,
 }
 
 /// Why a debit was refused.
@@ -124,7 +152,16 @@ impl Key {
             credits: AtomicI64::new(credits),
             spent: AtomicI64::new(0),
             calls: AtomicU64::new(0),
+            settings: std::sync::RwLock::new(std::sync::Arc::new(KeySettings::default())),
         }
+    }
+
+    pub fn settings(&self) -> std::sync::Arc<KeySettings> {
+        self.settings.read().unwrap().clone()
+    }
+
+    pub fn set_settings(&self, s: KeySettings) {
+        *self.settings.write().unwrap() = std::sync::Arc::new(s);
     }
 
     pub fn status(&self) -> Status {

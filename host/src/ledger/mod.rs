@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use keys::{DebitError, Key, Status};
+pub use keys::{DebitError, Key, KeySettings, Status};
 pub use sqlite::{Entry, LedgerRow, Op, Store, StoreError};
 
 /// Unix time in milliseconds.
@@ -70,6 +70,10 @@ impl Ledger {
         for s in stored {
             let key = Arc::new(Key::new(s.id.clone(), s.name, s.hash, s.prefix, s.created_at, 0));
             key.restore(s.credits, s.spent, s.calls, s.status);
+            match serde_json::from_str::<KeySettings>(&s.settings) {
+                Ok(settings) => key.set_settings(settings),
+                Err(e) => tracing::error!(key_id = %s.id, error = %e, "unreadable key settings; using none"),
+            }
             by_hash.insert(s.hash, key.clone());
             by_id.insert(s.id, key);
         }
@@ -88,7 +92,12 @@ impl Ledger {
 
     /// Creates a key holding `credits`; returns it and its secret (shown once, never stored).
     /// Durable before it returns.
-    pub async fn create_key(&self, name: &str, credits: i64) -> Result<(Arc<Key>, String), LedgerError> {
+    pub async fn create_key(
+        &self,
+        name: &str,
+        credits: i64,
+        settings: KeySettings,
+    ) -> Result<(Arc<Key>, String), LedgerError> {
         let secret = keys::new_secret();
         let hash = keys::hash(&secret);
         let id = keys::new_id();
@@ -102,7 +111,9 @@ impl Ledger {
             hash,
             prefix,
             created_at: now,
+            settings: serde_json::to_string(&settings).expect("settings serialize"),
         })?;
+        key.set_settings(settings);
         let seq = store.submit(Op::Ledger {
             request_id: format!("grant-{id}"),
             key_id: id.clone(),
@@ -233,6 +244,23 @@ impl Ledger {
         Ok((key, secret))
     }
 
+    /// Replaces a key's settings; durable before it returns.
+    pub async fn set_settings(&self, id: &str, settings: KeySettings) -> Result<Arc<Key>, LedgerError> {
+        let key = self.get(id).ok_or_else(|| LedgerError::UnknownKey(id.to_string()))?;
+        if key.status() == Status::Revoked {
+            return Err(LedgerError::Revoked);
+        }
+        self.inner
+            .store
+            .write(Op::SetSettings {
+                key_id: id.to_string(),
+                settings: serde_json::to_string(&settings).expect("settings serialize"),
+            })
+            .await?;
+        key.set_settings(settings);
+        Ok(key)
+    }
+
     /// Changes a key's status; durable before it returns. A revoked key stays revoked.
     pub async fn set_status(&self, id: &str, status: Status) -> Result<Arc<Key>, LedgerError> {
         let key = self.get(id).ok_or_else(|| LedgerError::UnknownKey(id.to_string()))?;
@@ -269,7 +297,7 @@ mod tests {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let ledger = Ledger::open(dir.path(), false).unwrap();
-            let (key, secret) = ledger.create_key("alice", 5).await.unwrap();
+            let (key, secret) = ledger.create_key("alice", 5, KeySettings::default()).await.unwrap();
             assert_eq!(ledger.authenticate(&secret).unwrap().id, key.id);
             assert!(ledger.authenticate("tg_nope").is_none());
             assert_eq!(key.credits(), 5);
@@ -281,7 +309,7 @@ mod tests {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let ledger = Ledger::open(dir.path(), false).unwrap();
-            let (key, _) = ledger.create_key("racer", 10).await.unwrap();
+            let (key, _) = ledger.create_key("racer", 10, KeySettings::default()).await.unwrap();
             let tasks: Vec<_> = (0..64)
                 .map(|i| {
                     let ledger = ledger.clone();
@@ -317,7 +345,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (id, secret) = rt().block_on(async {
             let ledger = Ledger::open(dir.path(), false).unwrap();
-            let (key, secret) = ledger.create_key("bob", 100).await.unwrap();
+            let (key, secret) = ledger.create_key("bob", 100, KeySettings::default()).await.unwrap();
             let kept = ledger.reserve(&key, 7, "r1").unwrap();
             let s1 = ledger.settle(kept, true).unwrap();
             let refunded = ledger.reserve(&key, 5, "r2").unwrap();
@@ -349,7 +377,7 @@ mod tests {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let ledger = Ledger::open(dir.path(), false).unwrap();
-            let (key, _) = ledger.create_key("dup", 10).await.unwrap();
+            let (key, _) = ledger.create_key("dup", 10, KeySettings::default()).await.unwrap();
             let seq = ledger
                 .store()
                 .write(Op::Ledger {
@@ -398,7 +426,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (old, new) = rt().block_on(async {
             let ledger = Ledger::open(dir.path(), false).unwrap();
-            let (key, old) = ledger.create_key("rot", 9).await.unwrap();
+            let (key, old) = ledger.create_key("rot", 9, KeySettings::default()).await.unwrap();
             let (_, new) = ledger.rotate(&key.id).await.unwrap();
             assert!(ledger.authenticate(&old).is_none(), "the old secret stops at once");
             assert_eq!(ledger.authenticate(&new).unwrap().credits(), 9);
@@ -414,7 +442,7 @@ mod tests {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let ledger = Ledger::open(dir.path(), false).unwrap();
-            let (key, secret) = ledger.create_key("gone", 1).await.unwrap();
+            let (key, secret) = ledger.create_key("gone", 1, KeySettings::default()).await.unwrap();
             ledger.set_status(&key.id, Status::Revoked).await.unwrap();
             assert!(matches!(
                 ledger.set_status(&key.id, Status::Active).await,

@@ -38,6 +38,8 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         UNIQUE (request_id, kind)
      );",
+    // 2: operator settings per key (tags, namespace, expiry, tool lists), as JSON.
+    "ALTER TABLE keys ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';",
 ];
 
 /// Why the store cannot be used.
@@ -85,6 +87,13 @@ pub enum Op {
         hash: KeyHash,
         prefix: String,
         created_at: i64,
+        /// The key's settings as JSON.
+        settings: String,
+    },
+    /// New settings (JSON) for a key.
+    SetSettings {
+        key_id: String,
+        settings: String,
     },
     /// A ledger row; the key's balance columns move with it, in the same transaction.
     Ledger {
@@ -118,6 +127,7 @@ pub struct StoredKey {
     pub spent: i64,
     pub calls: u64,
     pub created_at: i64,
+    pub settings: String,
 }
 
 /// A ledger row as stored.
@@ -297,7 +307,8 @@ impl Store {
     }
 }
 
-const KEY_COLUMNS: &str = "SELECT id, name, hash, prefix, status, credits, spent, calls, created_at FROM keys";
+const KEY_COLUMNS: &str =
+    "SELECT id, name, hash, prefix, status, credits, spent, calls, created_at, settings FROM keys";
 
 fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
     let hash: Vec<u8> = r.get(2)?;
@@ -313,6 +324,7 @@ fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
         spent: r.get(6)?,
         calls: calls.max(0) as u64,
         created_at: r.get(8)?,
+        settings: r.get(9)?,
     })
 }
 
@@ -396,7 +408,7 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
     let mut moves: std::collections::HashMap<&str, (i64, i64, i64)> = std::collections::HashMap::new();
     {
         let mut insert_key = tx.prepare_cached(
-            "INSERT INTO keys (id, name, hash, prefix, status, credits, created_at) VALUES (?1, ?2, ?3, ?4, 'active', 0, ?5)",
+            "INSERT INTO keys (id, name, hash, prefix, status, credits, created_at, settings) VALUES (?1, ?2, ?3, ?4, 'active', 0, ?5, ?6)",
         )?;
         let mut insert_row = tx.prepare_cached(
             "INSERT OR IGNORE INTO ledger (request_id, key_id, kind, amount, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -410,8 +422,13 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
                     hash,
                     prefix,
                     created_at,
+                    settings,
                 } => {
-                    insert_key.execute(params![id, name, &hash[..], prefix, created_at])?;
+                    insert_key.execute(params![id, name, &hash[..], prefix, created_at, settings])?;
+                }
+                Op::SetSettings { key_id, settings } => {
+                    tx.prepare_cached("UPDATE keys SET settings = ?2 WHERE id = ?1")?
+                        .execute(params![key_id, settings])?;
                 }
                 Op::Ledger {
                     request_id,
