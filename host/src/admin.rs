@@ -120,6 +120,7 @@ async fn route(state: &AppState, req: Request<hyper::body::Incoming>) -> Result<
     let parts: Vec<&str> = path.trim_start_matches("/admin/").split('/').collect();
     match (req.method().clone(), parts.as_slice()) {
         (Method::POST, ["keys"]) => create_key(gate, req).await,
+        (Method::GET, ["keys"]) => list_keys(gate, req.uri().query().unwrap_or("")),
         (Method::PATCH, ["keys", id]) => {
             let key = gate
                 .ledger()
@@ -180,6 +181,89 @@ async fn route(state: &AppState, req: Request<hyper::body::Incoming>) -> Result<
         (_, ["keys"] | ["keys", _] | ["keys", _, _] | ["ledger"]) => Err(AdminError::MethodNotAllowed),
         _ => Err(AdminError::NoRoute),
     }
+}
+
+/// `GET /admin/keys?status=&namespace=&tag=&namePrefix=&limit=&cursor=`: keys in id order; the
+/// answer's `nextCursor` fetches the next page.
+fn list_keys(gate: &Gate, query: &str) -> Result<Response<Body>, AdminError> {
+    let mut status = None;
+    let mut namespace = None;
+    let mut tag = None;
+    let mut name_prefix = None;
+    let mut limit = 100usize;
+    let mut cursor = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "status" => {
+                if !["active", "suspended", "revoked", "expired"].contains(&v.as_str()) {
+                    return Err(AdminError::BadRequest(format!(
+                        "status: {v:?} is not one of active, suspended, revoked, expired"
+                    )));
+                }
+                status = Some(v);
+            }
+            "namespace" => namespace = Some(v),
+            "tag" => tag = Some(v),
+            "namePrefix" => name_prefix = Some(v),
+            "limit" => {
+                limit =
+                    v.parse().ok().filter(|l| (1..=1000).contains(l)).ok_or_else(|| {
+                        AdminError::BadRequest(format!("limit: {v:?} is not a number from 1 to 1000"))
+                    })?;
+            }
+            "cursor" => cursor = Some(v),
+            other => return Err(AdminError::BadRequest(format!("{other}: unknown filter"))),
+        }
+    }
+    let now = now_ms();
+    let page = gate.ledger().page(cursor.as_deref(), limit + 1, |k| {
+        let s = k.settings();
+        let shown = match k.status() {
+            Status::Active if s.is_expired(now) => "expired",
+            st => st.as_str(),
+        };
+        status.as_deref().is_none_or(|want| want == shown)
+            && namespace.as_deref().is_none_or(|n| s.namespace.as_deref() == Some(n))
+            && tag.as_deref().is_none_or(|t| s.tags.iter().any(|x| x == t))
+            && name_prefix.as_deref().is_none_or(|p| k.name.starts_with(p))
+    });
+    let more = page.len() > limit;
+    let keys: Vec<Value> = page.iter().take(limit).map(|k| key_view(k)).collect();
+    let next = if more {
+        page.get(limit - 1).map(|k| k.id.clone())
+    } else {
+        None
+    };
+    Ok(ok(StatusCode::OK, json!({ "keys": keys, "nextCursor": next })))
+}
+
+/// Decodes `%XX` and `+` in a query value.
+fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn ok(status: StatusCode, v: Value) -> Response<Body> {
@@ -425,4 +509,16 @@ async fn topup(gate: &Gate, id: &str, req: Request<hyper::body::Incoming>) -> Re
     let balance = gate.ledger().topup(id, credits, &request_id).await?;
     tracing::info!(key_id = %id, credits, "key topped up");
     Ok(ok(StatusCode::OK, json!({ "id": id, "credits": balance })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(percent_decode("a%20b+c"), "a b c");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
 }

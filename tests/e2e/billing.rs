@@ -649,3 +649,76 @@ async fn an_expired_key_is_refused_and_shown_as_expired() {
     assert_eq!(v["tags"], json!(["gold"]));
     assert_eq!(v["namespace"], "acme");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_listed_with_filters_and_a_cursor() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+    for i in 0..5 {
+        let ns = if i % 2 == 0 { "even" } else { "odd" };
+        let r = admin
+            .post(
+                "/admin/keys",
+                &json!({"name": format!("team-{i}"), "credits": i, "namespace": ns, "tags": ["t"]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let (other, _) = admin.create_key("solo", 1).await;
+    assert_eq!(admin.action(&other, "suspend").await.status(), 200);
+
+    let list = |q: String| {
+        let admin = &admin;
+        async move {
+            let r = admin.get(&format!("/admin/keys?{q}")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{q}");
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let even = list("namespace=even".into()).await;
+    assert_eq!(even["keys"].as_array().unwrap().len(), 3);
+    let suspended = list("status=suspended".into()).await;
+    assert_eq!(suspended["keys"][0]["id"], other.as_str());
+    assert_eq!(
+        list("namePrefix=team-".into()).await["keys"].as_array().unwrap().len(),
+        5
+    );
+    assert!(
+        list("tag=t".into()).await["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["name"] != "solo")
+    );
+
+    // Page through all six, two at a time, seeing each once.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let q = if cursor.is_empty() {
+            "limit=2".to_string()
+        } else {
+            format!("limit=2&cursor={cursor}")
+        };
+        let page = list(q).await;
+        for k in page["keys"].as_array().unwrap() {
+            seen.push(k["id"].as_str().unwrap().to_string());
+            assert!(k.get("key").is_none(), "a listing never shows a secret");
+        }
+        match page["nextCursor"].as_str() {
+            Some(c) => cursor = c.to_string(),
+            None => break,
+        }
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((seen.len(), unique.len()), (6, 6));
+    let r = admin.get("/admin/keys?limit=0").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = admin.get("/admin/keys?colour=red").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+}

@@ -8,7 +8,7 @@
 pub mod keys;
 pub mod sqlite;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -45,7 +45,8 @@ pub struct Ledger {
 
 struct Inner {
     by_hash: RwLock<HashMap<keys::KeyHash, Arc<Key>>>,
-    by_id: RwLock<HashMap<String, Arc<Key>>>,
+    /// Ordered by id, so that listings page with a cursor.
+    by_id: RwLock<BTreeMap<String, Arc<Key>>>,
     store: Store,
 }
 
@@ -66,7 +67,7 @@ impl Ledger {
     pub fn open(dir: &Path, power_safe: bool) -> Result<Ledger, StoreError> {
         let (store, stored) = Store::open(dir, power_safe)?;
         let mut by_hash = HashMap::with_capacity(stored.len());
-        let mut by_id = HashMap::with_capacity(stored.len());
+        let mut by_id = BTreeMap::new();
         for s in stored {
             let key = Arc::new(Key::new(s.id.clone(), s.name, s.hash, s.prefix, s.created_at, 0));
             key.restore(s.credits, s.spent, s.calls, s.status);
@@ -138,6 +139,22 @@ impl Ledger {
 
     pub fn get(&self, id: &str) -> Option<Arc<Key>> {
         self.inner.by_id.read().unwrap().get(id).cloned()
+    }
+
+    /// Up to `limit` keys after `cursor` (by id) that pass `filter`.
+    pub fn page(&self, cursor: Option<&str>, limit: usize, filter: impl Fn(&Key) -> bool) -> Vec<Arc<Key>> {
+        use std::ops::Bound;
+        let map = self.inner.by_id.read().unwrap();
+        let start = match cursor {
+            Some(c) => Bound::Excluded(c.to_string()),
+            None => Bound::Unbounded,
+        };
+        map.range((start, Bound::Unbounded))
+            .map(|(_, k)| k)
+            .filter(|k| filter(k))
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
     pub fn len(&self) -> usize {
