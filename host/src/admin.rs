@@ -54,9 +54,11 @@ impl AdminError {
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
             AdminError::Client(r) => match r {
                 Refusal::MissingKey | Refusal::UnknownKey => StatusCode::UNAUTHORIZED,
-                Refusal::Revoked | Refusal::Suspended | Refusal::Expired | Refusal::ToolForbidden(_) => {
-                    StatusCode::FORBIDDEN
-                }
+                Refusal::Revoked
+                | Refusal::Suspended
+                | Refusal::Expired
+                | Refusal::ToolForbidden(_)
+                | Refusal::IpForbidden(_) => StatusCode::FORBIDDEN,
                 Refusal::Insufficient { .. } => StatusCode::PAYMENT_REQUIRED,
                 Refusal::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             },
@@ -106,6 +108,9 @@ async fn route(state: &AppState, req: Request<hyper::body::Incoming>) -> Result<
             return Err(AdminError::MethodNotAllowed);
         }
         let key = gate.key_of(req.headers()).map_err(AdminError::Client)?;
+        let (parts, _) = req.into_parts();
+        gate.check_ip(&key, crate::proxy::client_ip_of(state, &parts))
+            .map_err(AdminError::Client)?;
         return Ok(ok(StatusCode::OK, balance_view(&key)));
     }
     let admin_key = req
@@ -299,6 +304,7 @@ fn key_view(key: &Key) -> Value {
         "expiresAt": s.expires_at.map(rfc3339),
         "allowedTools": s.allowed_tools,
         "deniedTools": s.denied_tools,
+        "ipAllowlist": s.ip_allowlist.as_ref().map(|l| l.iter().map(|n| n.to_string()).collect::<Vec<_>>()),
     })
 }
 
@@ -377,6 +383,8 @@ struct SettingsInput {
     allowed_tools: Option<Option<Vec<String>>>,
     #[serde(default)]
     denied_tools: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    ip_allowlist: Option<Option<Vec<String>>>,
 }
 
 fn check_list(field: &str, items: Vec<String>) -> Result<Vec<String>, AdminError> {
@@ -440,6 +448,28 @@ impl SettingsInput {
         if let Some(denied) = self.denied_tools {
             s.denied_tools = check_list("deniedTools", denied)?;
         }
+        if let Some(ips) = self.ip_allowlist {
+            s.ip_allowlist = match ips {
+                None => None,
+                Some(list) => {
+                    if list.len() > 100 {
+                        return Err(AdminError::BadRequest("ipAllowlist: at most 100 entries".into()));
+                    }
+                    let nets = list
+                        .iter()
+                        .enumerate()
+                        .map(|(i, ip)| {
+                            crate::config::parse_net(ip).ok_or_else(|| {
+                                AdminError::BadRequest(format!(
+                                    "ipAllowlist[{i}]: {ip:?} is not an IP address or CIDR range"
+                                ))
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Some(nets)
+                }
+            };
+        }
         Ok(s)
     }
 }
@@ -461,6 +491,8 @@ struct CreateKey {
     allowed_tools: Option<Vec<String>>,
     #[serde(default)]
     denied_tools: Option<Vec<String>>,
+    #[serde(default)]
+    ip_allowlist: Option<Vec<String>>,
 }
 
 async fn create_key(gate: &Gate, req: Request<hyper::body::Incoming>) -> Result<Response<Body>, AdminError> {
@@ -477,6 +509,7 @@ async fn create_key(gate: &Gate, req: Request<hyper::body::Incoming>) -> Result<
         expires_in: body.expires_in,
         allowed_tools: body.allowed_tools.map(Some),
         denied_tools: body.denied_tools,
+        ip_allowlist: body.ip_allowlist.map(Some),
     }
     .apply(&KeySettings::default(), now_ms())?;
     let (key, secret) = gate.ledger().create_key(name, credits, settings).await?;

@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` is believed (the client address is the last one added by a
+    /// peer outside this list). Empty: the peer address is the client address.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -166,6 +169,8 @@ pub struct RawServer {
     pub max_body_bytes: Option<u64>,
     pub header_read_timeout_ms: Option<u64>,
     pub shutdown_timeout_ms: Option<u64>,
+    /// Proxies (addresses or CIDR ranges) whose X-Forwarded-For is believed.
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -236,6 +241,20 @@ impl RawConfig {
                 .map_err(|_| invalid("server.max_body_bytes", "too large"))?,
             header_read_timeout: ms("server.header_read_timeout_ms", s.header_read_timeout_ms, 10_000)?,
             shutdown_timeout: ms("server.shutdown_timeout_ms", s.shutdown_timeout_ms, 10_000)?,
+            trusted_proxies: s
+                .trusted_proxies
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    parse_net(p).ok_or_else(|| {
+                        invalid(
+                            &format!("server.trusted_proxies[{i}]"),
+                            format!("{p:?} is not an IP address or CIDR range"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         };
 
         let u = self.upstream;
@@ -419,6 +438,15 @@ fn positive(path: &str, v: Option<u64>, default: u64) -> Result<u64, ConfigError
 
 fn ms(path: &str, v: Option<u64>, default: u64) -> Result<Duration, ConfigError> {
     Ok(Duration::from_millis(positive(path, v, default)?))
+}
+
+/// An address (`10.1.2.3`, `::1`) or CIDR range (`10.0.0.0/8`).
+pub fn parse_net(s: &str) -> Option<ipnet::IpNet> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+        .map(|n| n.trunc())
 }
 
 /// Finds a program the way a shell would: a path with a slash as is, else on `PATH`.

@@ -77,6 +77,7 @@ impl Error {
                 Refusal::Suspended => (StatusCode::FORBIDDEN, code::KEY_SUSPENDED, msg, None),
                 Refusal::Expired => (StatusCode::FORBIDDEN, code::KEY_EXPIRED, msg, None),
                 Refusal::ToolForbidden(_) => (StatusCode::FORBIDDEN, code::TOOL_FORBIDDEN, msg, None),
+                Refusal::IpForbidden(_) => (StatusCode::FORBIDDEN, code::IP_FORBIDDEN, msg, None),
                 Refusal::Insufficient { available, needed } => (
                     StatusCode::PAYMENT_REQUIRED,
                     code::INSUFFICIENT_CREDITS,

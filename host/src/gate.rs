@@ -28,6 +28,8 @@ pub enum Refusal {
     Expired,
     #[error("this API key may not call the tool {0:?}")]
     ToolForbidden(String),
+    #[error("this API key is not accepted from {0}")]
+    IpForbidden(std::net::IpAddr),
     #[error("insufficient credits: {available} available, {needed} needed")]
     Insufficient { available: i64, needed: i64 },
     #[error("the ledger is unavailable; no charge can be recorded")]
@@ -155,6 +157,15 @@ impl Gate {
         }
     }
 
+    /// Whether `key` is accepted from the client address `ip`.
+    pub fn check_ip(&self, key: &Key, ip: std::net::IpAddr) -> Result<(), Refusal> {
+        if key.settings().allows_ip(ip) {
+            Ok(())
+        } else {
+            Err(Refusal::IpForbidden(keys::canonical(ip)))
+        }
+    }
+
     /// Whether `key` may make this call (its tool lists); the tool name if it is a `tools/call`.
     pub fn check_call(&self, key: &Key, msg: &Message) -> Result<(), Refusal> {
         if msg.method() == Some("tools/call") {
@@ -231,6 +242,36 @@ impl Gate {
         self.inner.ledger.durable(seq).await?;
         Ok(key.credits())
     }
+}
+
+/// The client's address: the peer's, unless the peer is a trusted proxy, in which case the last
+/// `X-Forwarded-For` entry that a trusted proxy did not add.
+pub fn client_ip(peer: std::net::IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> std::net::IpAddr {
+    let is_trusted = |ip: &std::net::IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let mut ip = keys::canonical(peer);
+    if !is_trusted(&ip) {
+        return ip;
+    }
+    let entries: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    for entry in entries.into_iter().rev() {
+        match entry.parse::<std::net::IpAddr>() {
+            Ok(a) => {
+                ip = keys::canonical(a);
+                if !is_trusted(&ip) {
+                    return ip;
+                }
+            }
+            // Garbage in the header: believe nothing further left of it.
+            Err(_) => return ip,
+        }
+    }
+    ip
 }
 
 fn tool_name(msg: &Message) -> Option<String> {
@@ -321,6 +362,25 @@ fn unhex(s: &str) -> Option<KeyHash> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted = vec!["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "203.0.113.9, 10.1.1.1".parse().unwrap());
+        let peer: std::net::IpAddr = "10.2.2.2".parse().unwrap();
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "203.0.113.9".parse::<std::net::IpAddr>().unwrap()
+        );
+        let stranger: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+        assert_eq!(
+            client_ip(stranger, &h, &trusted),
+            stranger,
+            "an untrusted peer's header is ignored"
+        );
+        assert_eq!(client_ip(peer, &h, &[]), peer);
+    }
 
     #[test]
     fn answers_are_read_for_settlement() {

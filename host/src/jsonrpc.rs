@@ -45,6 +45,8 @@ pub mod code {
     pub const KEY_EXPIRED: i64 = -32008;
     /// The API key may not call this tool (HTTP 403).
     pub const TOOL_FORBIDDEN: i64 = -32009;
+    /// The API key is not accepted from the client's address (HTTP 403).
+    pub const IP_FORBIDDEN: i64 = -32010;
     /// The ledger cannot record charges (HTTP 503).
     pub const LEDGER_UNAVAILABLE: i64 = -32007;
     /// Not enough credits for the call (HTTP 402); `data` has `available` and `needed`.

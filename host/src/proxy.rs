@@ -33,6 +33,10 @@ const VERSION_HEADER: HeaderName = HeaderName::from_static("mcp-protocol-version
 const METHOD_HEADER: HeaderName = HeaderName::from_static("mcp-method");
 const NAME_HEADER: HeaderName = HeaderName::from_static("mcp-name");
 
+/// The TCP peer of a request (set by the server on every request).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
 /// What every request handler shares; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -345,6 +349,7 @@ async fn post_inner(
             let charge = match state.gate() {
                 Some(gate) if !gate.is_free(method) => {
                     let key = gate.key_of(headers)?;
+                    gate.check_ip(&key, client_ip_of(state, parts))?;
                     gate.check_call(&key, &msg)?;
                     let price = gate.price(&msg);
                     let request_id = format!("req_{:016x}", rand::random::<u64>());
@@ -407,6 +412,16 @@ fn raw(bytes: Bytes, accept: Accepts) -> Response<Body> {
     } else {
         body::sse(Body::from(sse::frame(&bytes)))
     }
+}
+
+/// The client's address for this request (peer, or forwarded by a trusted proxy).
+pub fn client_ip_of(state: &AppState, parts: &Parts) -> std::net::IpAddr {
+    let peer = parts
+        .extensions
+        .get::<Peer>()
+        .map(|p| p.0.ip())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    gate::client_ip(peer, &parts.headers, &state.config().server.trusted_proxies)
 }
 
 /// How a `tools/list` answer is shown to one caller.

@@ -722,3 +722,83 @@ async fn keys_are_listed_with_filters_and_a_cursor() {
     let r = admin.get("/admin/keys?colour=red").send().await.unwrap();
     assert_eq!(r.status(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ip_allowlist_admits_only_its_addresses_and_forwarded_for_counts_only_from_trusted_proxies() {
+    let data = tempfile::tempdir().unwrap();
+    let config = |trusted: &str| {
+        format!(
+            "[server]\ntrusted_proxies = [{trusted}]\n[upstream]\ncommand = [{FIXTURE:?}, \"--stdio\"]\n\
+             [billing]\ndata_dir = {:?}\nadmin_key = {ADMIN_KEY:?}\n",
+            data.path().join("data")
+        )
+    };
+    let g = Gateway::serve(&config("")).ready().await;
+    let admin = g.admin();
+    let r = admin
+        .post(
+            "/admin/keys",
+            &json!({"name": "office", "credits": 10, "ipAllowlist": ["10.0.0.0/8", "192.0.2.7"]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["ipAllowlist"], json!(["10.0.0.0/8", "192.0.2.7/32"]));
+    let (id, secret) = (
+        v["id"].as_str().unwrap().to_string(),
+        v["key"].as_str().unwrap().to_string(),
+    );
+    let mut c = g.client();
+    c.api_key = Some(secret.clone());
+    c.initialize().await;
+    let (status, e) = error_of(&c, "echo").await;
+    assert_eq!(
+        (status, e["error"]["code"].clone()),
+        (403, json!(-32010)),
+        "127.0.0.1 is not on the list"
+    );
+    let spoofed = c
+        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"}}}))
+        .header("x-forwarded-for", "10.9.9.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        spoofed.status(),
+        403,
+        "X-Forwarded-For from an untrusted peer is ignored"
+    );
+    let bad = admin
+        .post(
+            "/admin/keys",
+            &json!({"name": "x", "credits": 1, "ipAllowlist": ["10.0.0.0/33"]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    drop(g);
+
+    // Behind a trusted proxy (the test client on 127.0.0.1), the forwarded address counts.
+    let g = Gateway::serve(&config("\"127.0.0.1\"")).ready().await;
+    let mut c = g.client();
+    c.api_key = Some(secret);
+    c.initialize().await;
+    let r = c
+        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"via proxy"}}}))
+        .header("x-forwarded-for", "10.9.9.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"}}}))
+        .header("x-forwarded-for", "203.0.113.5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(g.admin().key(&id).await["credits"], 9);
+}

@@ -96,6 +96,8 @@ pub struct KeySettings {
     pub allowed_tools: Option<Vec<String>>,
     /// Tools the key may never call.
     pub denied_tools: Vec<String>,
+    /// When set, the only client addresses (single addresses or CIDR ranges) the key is accepted from.
+    pub ip_allowlist: Option<Vec<ipnet::IpNet>>,
 }
 
 impl KeySettings {
@@ -105,8 +107,24 @@ impl KeySettings {
             && self.allowed_tools.as_ref().is_none_or(|a| a.iter().any(|t| t == tool))
     }
 
+    /// Whether a call from `ip` is accepted.
+    pub fn allows_ip(&self, ip: std::net::IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.ip_allowlist
+            .as_ref()
+            .is_none_or(|nets| nets.iter().any(|n| n.contains(&ip)))
+    }
+
     pub fn is_expired(&self, now_ms: i64) -> bool {
         self.expires_at.is_some_and(|e| now_ms >= e)
+    }
+}
+
+/// An IPv4 address mapped into IPv6 (`::ffff:a.b.c.d`) as the IPv4 address it is.
+pub fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
     }
 }
 
