@@ -60,6 +60,7 @@ impl AdminError {
                 | Refusal::ToolForbidden(_)
                 | Refusal::IpForbidden(_) => StatusCode::FORBIDDEN,
                 Refusal::Insufficient { .. } => StatusCode::PAYMENT_REQUIRED,
+                Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
                 Refusal::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             },
             AdminError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -305,6 +306,8 @@ fn key_view(key: &Key) -> Value {
         "allowedTools": s.allowed_tools,
         "deniedTools": s.denied_tools,
         "ipAllowlist": s.ip_allowlist.as_ref().map(|l| l.iter().map(|n| n.to_string()).collect::<Vec<_>>()),
+        "rateLimit": s.rate_limit,
+        "toolRateLimits": s.tool_rate_limits,
     })
 }
 
@@ -385,6 +388,19 @@ struct SettingsInput {
     denied_tools: Option<Vec<String>>,
     #[serde(default, deserialize_with = "nullable")]
     ip_allowlist: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "nullable")]
+    rate_limit: Option<Option<String>>,
+    #[serde(default)]
+    tool_rate_limits: Option<std::collections::BTreeMap<String, String>>,
+}
+
+fn check_rate(field: &str, spec: &str) -> Result<(), AdminError> {
+    if crate::gate::parse_rate(spec).is_none() {
+        return Err(AdminError::BadRequest(format!(
+            "{field}: {spec:?} is not N/s, N/min or N/h (N from 1 to 1000000)"
+        )));
+    }
+    Ok(())
 }
 
 fn check_list(field: &str, items: Vec<String>) -> Result<Vec<String>, AdminError> {
@@ -470,6 +486,23 @@ impl SettingsInput {
                 }
             };
         }
+        if let Some(rate) = self.rate_limit {
+            if let Some(r) = &rate {
+                check_rate("rateLimit", r)?;
+            }
+            s.rate_limit = rate;
+        }
+        if let Some(tools) = self.tool_rate_limits {
+            if tools.len() > MAX_LIST {
+                return Err(AdminError::BadRequest(format!(
+                    "toolRateLimits: at most {MAX_LIST} tools"
+                )));
+            }
+            for (tool, r) in &tools {
+                check_rate(&format!("toolRateLimits.{tool}"), r)?;
+            }
+            s.tool_rate_limits = tools;
+        }
         Ok(s)
     }
 }
@@ -493,6 +526,10 @@ struct CreateKey {
     denied_tools: Option<Vec<String>>,
     #[serde(default)]
     ip_allowlist: Option<Vec<String>>,
+    #[serde(default)]
+    rate_limit: Option<String>,
+    #[serde(default)]
+    tool_rate_limits: Option<std::collections::BTreeMap<String, String>>,
 }
 
 async fn create_key(gate: &Gate, req: Request<hyper::body::Incoming>) -> Result<Response<Body>, AdminError> {
@@ -510,6 +547,8 @@ async fn create_key(gate: &Gate, req: Request<hyper::body::Incoming>) -> Result<
         allowed_tools: body.allowed_tools.map(Some),
         denied_tools: body.denied_tools,
         ip_allowlist: body.ip_allowlist.map(Some),
+        rate_limit: body.rate_limit.map(Some),
+        tool_rate_limits: body.tool_rate_limits,
     }
     .apply(&KeySettings::default(), now_ms())?;
     let (key, secret) = gate.ledger().create_key(name, credits, settings).await?;

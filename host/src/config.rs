@@ -56,6 +56,8 @@ pub struct BillingConfig {
     pub admin_key: Option<String>,
     /// fsync every ledger commit (survives power loss), not just write it (survives `kill -9`).
     pub power_safe: bool,
+    /// The rate limit of keys that set none, e.g. `"100/s"`.
+    pub rate_limit: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +160,8 @@ pub struct RawBilling {
     /// "process" (default): a charge survives the gateway being killed; "power": it survives a
     /// power loss too (an fsync per group commit).
     pub durability: Option<String>,
+    /// Calls per period per key unless the key sets its own: `"N/s"`, `"N/min"` or `"N/h"`.
+    pub rate_limit: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -424,6 +428,15 @@ impl RawBilling {
             refund_on_tool_error: refund_on.iter().any(|r| r == "tool_error"),
             admin_key,
             power_safe,
+            rate_limit: match self.rate_limit {
+                Some(r) if crate::gate::parse_rate(&r).is_none() => {
+                    return Err(invalid(
+                        "billing.rate_limit",
+                        format!("{r:?} is not N/s, N/min or N/h (N from 1 to 1000000)"),
+                    ));
+                }
+                r => r,
+            },
         }))
     }
 }

@@ -78,6 +78,12 @@ impl Error {
                 Refusal::Expired => (StatusCode::FORBIDDEN, code::KEY_EXPIRED, msg, None),
                 Refusal::ToolForbidden(_) => (StatusCode::FORBIDDEN, code::TOOL_FORBIDDEN, msg, None),
                 Refusal::IpForbidden(_) => (StatusCode::FORBIDDEN, code::IP_FORBIDDEN, msg, None),
+                Refusal::RateLimited { retry_after_ms, .. } => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    code::RATE_LIMITED,
+                    msg,
+                    Some(json!({ "retryAfterMs": retry_after_ms })),
+                ),
                 Refusal::Insufficient { available, needed } => (
                     StatusCode::PAYMENT_REQUIRED,
                     code::INSUFFICIENT_CREDITS,
@@ -114,6 +120,11 @@ impl Error {
         }
         let body = serde_json::to_vec(&jsonrpc::error_response(id, code, &message, data)).expect("JSON serializes");
         let mut resp = body::json(status, body);
+        if let Error::Gate(Refusal::RateLimited { retry_after_ms, .. }) = &self {
+            let secs = retry_after_ms.div_ceil(1000).max(1);
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        }
         if status == StatusCode::METHOD_NOT_ALLOWED {
             resp.headers_mut()
                 .insert(http::header::ALLOW, http::HeaderValue::from_static("POST, DELETE"));

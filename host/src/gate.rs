@@ -30,6 +30,12 @@ pub enum Refusal {
     ToolForbidden(String),
     #[error("this API key is not accepted from {0}")]
     IpForbidden(std::net::IpAddr),
+    #[error("rate limit of {limit} reached{}; retry in {retry_after_ms} ms", scope.as_ref().map(|t| format!(" for tool {t:?}")).unwrap_or_default())]
+    RateLimited {
+        limit: String,
+        scope: Option<String>,
+        retry_after_ms: u64,
+    },
     #[error("insufficient credits: {available} available, {needed} needed")]
     Insufficient { available: i64, needed: i64 },
     #[error("the ledger is unavailable; no charge can be recorded")]
@@ -89,6 +95,45 @@ struct Inner {
     config: BillingConfig,
     ledger: Ledger,
     admin_hash: KeyHash,
+    /// Rate limiters per key id, rebuilt when the key's settings change.
+    limits: std::sync::RwLock<std::collections::HashMap<String, Arc<Limits>>>,
+}
+
+/// A key's rate limiters (governor's GCRA: a call costs one cell; the error says when to retry).
+struct Limits {
+    /// The settings these were built from.
+    settings: Arc<KeySettings>,
+    key: Option<(String, governor::DefaultDirectRateLimiter)>,
+    tools: std::collections::HashMap<String, (String, governor::DefaultDirectRateLimiter)>,
+}
+
+/// Parses `N/s`, `N/min` or `N/h` (N from 1 to 1,000,000) into a quota.
+pub fn parse_rate(spec: &str) -> Option<governor::Quota> {
+    let (n, per) = spec.trim().split_once('/')?;
+    let n: u32 = n.trim().parse().ok().filter(|n| (1..=1_000_000).contains(n))?;
+    let n = std::num::NonZeroU32::new(n)?;
+    match per.trim() {
+        "s" | "sec" | "second" => Some(governor::Quota::per_second(n)),
+        "m" | "min" | "minute" => Some(governor::Quota::per_minute(n)),
+        "h" | "hour" => Some(governor::Quota::per_hour(n)),
+        _ => None,
+    }
+}
+
+fn limiter(spec: &str) -> Option<(String, governor::DefaultDirectRateLimiter)> {
+    parse_rate(spec).map(|q| (spec.to_string(), governor::RateLimiter::direct(q)))
+}
+
+fn check_limiter(l: &(String, governor::DefaultDirectRateLimiter), scope: Option<&str>) -> Result<(), Refusal> {
+    use governor::clock::Clock;
+    l.1.check().map_err(|not_until| {
+        let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+        Refusal::RateLimited {
+            limit: l.0.clone(),
+            scope: scope.map(str::to_string),
+            retry_after_ms: wait.as_millis().max(1) as u64,
+        }
+    })
 }
 
 /// The file under the data directory that holds the generated admin key's hash.
@@ -110,6 +155,7 @@ impl Gate {
                     config: config.clone(),
                     ledger,
                     admin_hash,
+                    limits: std::sync::RwLock::new(std::collections::HashMap::new()),
                 }),
             },
             shown_once,
@@ -166,15 +212,52 @@ impl Gate {
         }
     }
 
-    /// Whether `key` may make this call (its tool lists); the tool name if it is a `tools/call`.
+    /// Whether `key` may make this call: its tool lists, then its rate limits (the key's, then the
+    /// key×tool one).
     pub fn check_call(&self, key: &Key, msg: &Message) -> Result<(), Refusal> {
-        if msg.method() == Some("tools/call") {
+        let settings = key.settings();
+        let tool = if msg.method() == Some("tools/call") {
             let tool = tool_name(msg).unwrap_or_default();
-            if !key.settings().allows_tool(&tool) {
+            if !settings.allows_tool(&tool) {
                 return Err(Refusal::ToolForbidden(tool));
             }
+            Some(tool)
+        } else {
+            None
+        };
+        let limits = self.limits_of(key, &settings);
+        if let Some(l) = &limits.key {
+            check_limiter(l, None)?;
+        }
+        if let Some(tool) = &tool
+            && let Some(l) = limits.tools.get(tool)
+        {
+            check_limiter(l, Some(tool))?;
         }
         Ok(())
+    }
+
+    fn limits_of(&self, key: &Key, settings: &Arc<KeySettings>) -> Arc<Limits> {
+        if let Some(l) = self.inner.limits.read().unwrap().get(&key.id)
+            && Arc::ptr_eq(&l.settings, settings)
+        {
+            return l.clone();
+        }
+        let spec = settings
+            .rate_limit
+            .as_deref()
+            .or(self.inner.config.rate_limit.as_deref());
+        let built = Arc::new(Limits {
+            settings: settings.clone(),
+            key: spec.and_then(limiter),
+            tools: settings
+                .tool_rate_limits
+                .iter()
+                .filter_map(|(t, s)| limiter(s).map(|l| (t.clone(), l)))
+                .collect(),
+        });
+        self.inner.limits.write().unwrap().insert(key.id.clone(), built.clone());
+        built
     }
 
     /// The price of a tool.

@@ -47,6 +47,8 @@ pub mod code {
     pub const TOOL_FORBIDDEN: i64 = -32009;
     /// The API key is not accepted from the client's address (HTTP 403).
     pub const IP_FORBIDDEN: i64 = -32010;
+    /// A rate limit was reached (HTTP 429, with `Retry-After`); `data.retryAfterMs` says when.
+    pub const RATE_LIMITED: i64 = -32011;
     /// The ledger cannot record charges (HTTP 503).
     pub const LEDGER_UNAVAILABLE: i64 = -32007;
     /// Not enough credits for the call (HTTP 402); `data` has `available` and `needed`.

@@ -802,3 +802,56 @@ async fn an_ip_allowlist_admits_only_its_addresses_and_forwarded_for_counts_only
     assert_eq!(r.status(), 403);
     assert_eq!(g.admin().key(&id).await["credits"], 9);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limits_per_key_and_per_tool_refuse_with_when_to_retry_and_charge_nothing() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+    let r = admin
+        .post(
+            "/admin/keys",
+            &json!({"name": "limited", "credits": 100, "rateLimit": "3/min", "toolRateLimits": {"add": "1/min"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    let (id, secret) = (
+        v["id"].as_str().unwrap().to_string(),
+        v["key"].as_str().unwrap().to_string(),
+    );
+    let c = b.client_with(&secret).await;
+    assert_eq!(c.call_text("add", json!({"a": 1, "b": 1})).await, "2");
+    let r = c
+        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":1}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "the per-tool limit");
+    assert!(r.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], -32011);
+    assert!(v["error"]["data"]["retryAfterMs"].as_u64().unwrap() > 0);
+    assert!(v["error"]["message"].as_str().unwrap().contains("add"));
+    assert_eq!(
+        c.call_text("echo", json!({"text": "a"})).await,
+        "a",
+        "other tools still pass"
+    );
+    let (status, v) = error_of(&c, "echo").await;
+    assert_eq!(
+        (status, v["error"]["code"].clone()),
+        (429, json!(-32011)),
+        "the key limit (3/min) is used up"
+    );
+    assert_eq!(admin.key(&id).await["credits"], 98, "refused calls cost nothing");
+    assert_eq!(b.upstream_saw("add") + b.upstream_saw("echo"), 2);
+    let bad = admin
+        .post("/admin/keys", &json!({"name": "x", "credits": 1, "rateLimit": "lots"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}

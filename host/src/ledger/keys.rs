@@ -98,6 +98,10 @@ pub struct KeySettings {
     pub denied_tools: Vec<String>,
     /// When set, the only client addresses (single addresses or CIDR ranges) the key is accepted from.
     pub ip_allowlist: Option<Vec<ipnet::IpNet>>,
+    /// Calls per period for the whole key, e.g. `"100/min"` (overrides the gateway's default).
+    pub rate_limit: Option<String>,
+    /// Calls per period for one tool of this key, e.g. `{"search": "10/min"}`.
+    pub tool_rate_limits: std::collections::BTreeMap<String, String>,
 }
 
 impl KeySettings {
