@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::body::{self, Body};
 use crate::config::MAX_CREDITS;
 use crate::gate::{Gate, Refusal};
-use crate::ledger::{Key, KeySettings, LedgerError, Status, now_ms};
+use crate::ledger::{Key, KeySettings, LedgerError, Quota, Status, now_ms};
 use crate::proxy::AppState;
 
 /// The largest admin request body.
@@ -61,6 +61,8 @@ impl AdminError {
                 | Refusal::IpForbidden(_) => StatusCode::FORBIDDEN,
                 Refusal::Insufficient { .. } => StatusCode::PAYMENT_REQUIRED,
                 Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+                Refusal::Limit(crate::ledger::DebitError::SpendingLimit { .. }) => StatusCode::PAYMENT_REQUIRED,
+                Refusal::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
                 Refusal::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             },
             AdminError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -308,7 +310,16 @@ fn key_view(key: &Key) -> Value {
         "ipAllowlist": s.ip_allowlist.as_ref().map(|l| l.iter().map(|n| n.to_string()).collect::<Vec<_>>()),
         "rateLimit": s.rate_limit,
         "toolRateLimits": s.tool_rate_limits,
+        "spendingLimit": s.spending_limit,
+        "quota": s.quota,
+        "quotaUsage": usage_view(key),
     })
+}
+
+fn usage_view(key: &Key) -> Value {
+    let u = key.usage(now_ms());
+    json!({"dailyCalls": u.day_calls, "dailyCredits": u.day_credits,
+           "monthlyCalls": u.month_calls, "monthlyCredits": u.month_credits})
 }
 
 fn balance_view(key: &Key) -> Value {
@@ -323,6 +334,10 @@ fn balance_view(key: &Key) -> Value {
         "expiresAt": s.expires_at.map(rfc3339),
         "allowedTools": s.allowed_tools,
         "deniedTools": s.denied_tools,
+        "spendingLimit": s.spending_limit,
+        "remainingBudget": s.spending_limit.map(|l| (l - key.spent()).max(0).min(key.credits())),
+        "quota": s.quota,
+        "quotaUsage": usage_view(key),
     })
 }
 
@@ -392,6 +407,10 @@ struct SettingsInput {
     rate_limit: Option<Option<String>>,
     #[serde(default)]
     tool_rate_limits: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    spending_limit: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "nullable")]
+    quota: Option<Option<Quota>>,
 }
 
 fn check_rate(field: &str, spec: &str) -> Result<(), AdminError> {
@@ -503,6 +522,27 @@ impl SettingsInput {
             }
             s.tool_rate_limits = tools;
         }
+        if let Some(limit) = self.spending_limit {
+            if let Some(l) = limit {
+                check_credits("spendingLimit", l, 0)?;
+            }
+            s.spending_limit = limit;
+        }
+        if let Some(quota) = self.quota {
+            if let Some(q) = &quota {
+                for (field, v) in [
+                    ("quota.dailyCalls", q.daily_calls),
+                    ("quota.monthlyCalls", q.monthly_calls),
+                    ("quota.dailyCredits", q.daily_credits),
+                    ("quota.monthlyCredits", q.monthly_credits),
+                ] {
+                    if let Some(v) = v {
+                        check_credits(field, v, 0)?;
+                    }
+                }
+            }
+            s.quota = quota;
+        }
         Ok(s)
     }
 }
@@ -530,6 +570,10 @@ struct CreateKey {
     rate_limit: Option<String>,
     #[serde(default)]
     tool_rate_limits: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    spending_limit: Option<i64>,
+    #[serde(default)]
+    quota: Option<Quota>,
 }
 
 async fn create_key(gate: &Gate, req: Request<hyper::body::Incoming>) -> Result<Response<Body>, AdminError> {
@@ -549,6 +593,8 @@ async fn create_key(gate: &Gate, req: Request<hyper::body::Incoming>) -> Result<
         ip_allowlist: body.ip_allowlist.map(Some),
         rate_limit: body.rate_limit.map(Some),
         tool_rate_limits: body.tool_rate_limits,
+        spending_limit: body.spending_limit.map(Some),
+        quota: body.quota.map(Some),
     }
     .apply(&KeySettings::default(), now_ms())?;
     let (key, secret) = gate.ledger().create_key(name, credits, settings).await?;

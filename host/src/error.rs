@@ -78,6 +78,10 @@ impl Error {
                 Refusal::Expired => (StatusCode::FORBIDDEN, code::KEY_EXPIRED, msg, None),
                 Refusal::ToolForbidden(_) => (StatusCode::FORBIDDEN, code::TOOL_FORBIDDEN, msg, None),
                 Refusal::IpForbidden(_) => (StatusCode::FORBIDDEN, code::IP_FORBIDDEN, msg, None),
+                Refusal::Limit(crate::ledger::DebitError::SpendingLimit { .. }) => {
+                    (StatusCode::PAYMENT_REQUIRED, code::SPENDING_LIMIT, msg, None)
+                }
+                Refusal::Limit(_) => (StatusCode::TOO_MANY_REQUESTS, code::QUOTA_EXCEEDED, msg, None),
                 Refusal::RateLimited { retry_after_ms, .. } => (
                     StatusCode::TOO_MANY_REQUESTS,
                     code::RATE_LIMITED,

@@ -30,6 +30,8 @@ pub enum Refusal {
     ToolForbidden(String),
     #[error("this API key is not accepted from {0}")]
     IpForbidden(std::net::IpAddr),
+    #[error("{0}")]
+    Limit(DebitError),
     #[error("rate limit of {limit} reached{}; retry in {retry_after_ms} ms", scope.as_ref().map(|t| format!(" for tool {t:?}")).unwrap_or_default())]
     RateLimited {
         limit: String,
@@ -48,6 +50,7 @@ impl From<LedgerError> for Refusal {
             LedgerError::Debit(DebitError::Insufficient { available, needed }) => {
                 Refusal::Insufficient { available, needed }
             }
+            LedgerError::Debit(d @ (DebitError::SpendingLimit { .. } | DebitError::Quota { .. })) => Refusal::Limit(d),
             LedgerError::Revoked => Refusal::Revoked,
             LedgerError::UnknownKey(_) => Refusal::UnknownKey,
             LedgerError::Store(e) => {

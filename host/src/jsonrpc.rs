@@ -49,6 +49,10 @@ pub mod code {
     pub const IP_FORBIDDEN: i64 = -32010;
     /// A rate limit was reached (HTTP 429, with `Retry-After`); `data.retryAfterMs` says when.
     pub const RATE_LIMITED: i64 = -32011;
+    /// The key's spending limit would be passed (HTTP 402).
+    pub const SPENDING_LIMIT: i64 = -32012;
+    /// A daily or monthly quota of the key is used up (HTTP 429).
+    pub const QUOTA_EXCEEDED: i64 = -32013;
     /// The ledger cannot record charges (HTTP 503).
     pub const LEDGER_UNAVAILABLE: i64 = -32007;
     /// Not enough credits for the call (HTTP 402); `data` has `available` and `needed`.

@@ -855,3 +855,85 @@ async fn rate_limits_per_key_and_per_tool_refuse_with_when_to_retry_and_charge_n
         .unwrap();
     assert_eq!(bad.status(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quotas_and_spending_limits_hold_across_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("data");
+    let start = || {
+        let mut cmd = std::process::Command::new(TOLLGATE);
+        cmd.args(["wrap", "--listen", "127.0.0.1:0", "--price", "2", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--", FIXTURE, "--stdio"])
+            .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY);
+        let (proc, rest) = Proc::spawn(cmd, "listening on ", Duration::from_secs(30));
+        Gateway {
+            proc,
+            base: rest.trim_end_matches("/mcp").to_string(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    };
+    let g = start().ready().await;
+    let admin = g.admin();
+    let create = |body: Value| {
+        let admin = &admin;
+        async move {
+            let r = admin.post("/admin/keys", &body).send().await.unwrap();
+            assert_eq!(r.status(), 201, "{body}");
+            let v: Value = r.json().await.unwrap();
+            (
+                v["id"].as_str().unwrap().to_string(),
+                v["key"].as_str().unwrap().to_string(),
+            )
+        }
+    };
+    let (q_id, q_secret) = create(json!({"name": "quota", "credits": 100, "quota": {"dailyCalls": 2}})).await;
+    let (s_id, s_secret) = create(json!({"name": "budget", "credits": 100, "spendingLimit": 3})).await;
+    let client = |g: &Gateway, secret: &str| {
+        let mut c = g.client();
+        c.api_key = Some(secret.to_string());
+        c
+    };
+    let mut q = client(&g, &q_secret);
+    q.initialize().await;
+    let mut s = client(&g, &s_secret);
+    s.initialize().await;
+    assert_eq!(q.call_text("echo", json!({"text": "1"})).await, "1");
+    assert_eq!(q.call_text("echo", json!({"text": "2"})).await, "2");
+    let (status, v) = error_of(&q, "echo").await;
+    assert_eq!((status, v["error"]["code"].clone()), (429, json!(-32013)), "{v}");
+    assert_eq!(s.call_text("echo", json!({"text": "1"})).await, "1");
+    let (status, v) = error_of(&s, "echo").await;
+    assert_eq!(
+        (status, v["error"]["code"].clone()),
+        (402, json!(-32012)),
+        "2 spent, 2 more would pass 3: {v}"
+    );
+    let balance: Value = reqwest::Client::new()
+        .get(format!("{}/balance", g.base))
+        .header("x-api-key", &q_secret)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(balance["quotaUsage"]["dailyCalls"], 2);
+    assert_eq!(balance["quota"]["dailyCalls"], 2);
+    drop(g);
+
+    let g = start().ready().await;
+    let mut q = client(&g, &q_secret);
+    q.initialize().await;
+    let (status, _) = error_of(&q, "echo").await;
+    assert_eq!(
+        status, 429,
+        "the day's usage is counted again from the ledger after a restart"
+    );
+    let mut s = client(&g, &s_secret);
+    s.initialize().await;
+    let (status, _) = error_of(&s, "echo").await;
+    assert_eq!(status, 402);
+    assert_eq!(g.admin().key(&q_id).await["credits"], 96);
+    assert_eq!(g.admin().key(&s_id).await["credits"], 98);
+}

@@ -102,6 +102,88 @@ pub struct KeySettings {
     pub rate_limit: Option<String>,
     /// Calls per period for one tool of this key, e.g. `{"search": "10/min"}`.
     pub tool_rate_limits: std::collections::BTreeMap<String, String>,
+    /// The most credits the key may ever spend.
+    pub spending_limit: Option<i64>,
+    /// Calls and credits per UTC day and month.
+    pub quota: Option<Quota>,
+}
+
+/// Limits per UTC day and calendar month (each optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct Quota {
+    pub daily_calls: Option<i64>,
+    pub monthly_calls: Option<i64>,
+    pub daily_credits: Option<i64>,
+    pub monthly_credits: Option<i64>,
+}
+
+/// Days since 1970-01-01 (UTC) of a Unix-milliseconds time.
+pub fn day_of(ms: i64) -> i64 {
+    ms.div_euclid(86_400_000)
+}
+
+/// The civil date (year, month 1–12, day) of a day number (Howard Hinnant's algorithm).
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// The day number of a civil date (the inverse of [`civil_from_days`]).
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// A month number (year × 12 + month − 1) of a Unix-milliseconds time, in UTC.
+pub fn month_of(ms: i64) -> i64 {
+    let (y, m, _) = civil_from_days(day_of(ms));
+    y * 12 + m - 1
+}
+
+/// Unix milliseconds at the start of a month number.
+pub fn month_start_ms(month: i64) -> i64 {
+    days_from_civil(month.div_euclid(12), month.rem_euclid(12) + 1, 1) * 86_400_000
+}
+
+/// What a key used in the current UTC day and month.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub day: i64,
+    pub day_calls: i64,
+    pub day_credits: i64,
+    pub month: i64,
+    pub month_calls: i64,
+    pub month_credits: i64,
+}
+
+impl Usage {
+    /// Starts a new day or month when one has begun.
+    fn roll(&mut self, now_ms: i64) {
+        let (day, month) = (day_of(now_ms), month_of(now_ms));
+        if day != self.day {
+            self.day = day;
+            self.day_calls = 0;
+            self.day_credits = 0;
+        }
+        if month != self.month {
+            self.month = month;
+            self.month_calls = 0;
+            self.month_credits = 0;
+        }
+    }
 }
 
 impl KeySettings {
@@ -153,6 +235,8 @@ pub struct Key {
     calls: AtomicU64,
     /// Replaced whole on change; a request reads one consistent snapshot.
     settings: std::sync::RwLock<std::sync::Arc<KeySettings>>,
+    /// Day and month usage; its lock also makes the quota check and the debit one step.
+    usage: std::sync::Mutex<Usage>,
 }
 
 /// Why a debit was refused.
@@ -160,6 +244,10 @@ pub struct Key {
 pub enum DebitError {
     #[error("insufficient credits: {available} available, {needed} needed")]
     Insufficient { available: i64, needed: i64 },
+    #[error("spending limit of {limit} credits reached ({spent} spent, {needed} needed)")]
+    SpendingLimit { limit: i64, spent: i64, needed: i64 },
+    #[error("{what} quota of {limit} reached")]
+    Quota { what: &'static str, limit: i64 },
 }
 
 impl Key {
@@ -175,7 +263,20 @@ impl Key {
             spent: AtomicI64::new(0),
             calls: AtomicU64::new(0),
             settings: std::sync::RwLock::new(std::sync::Arc::new(KeySettings::default())),
+            usage: std::sync::Mutex::new(Usage::default()),
         }
+    }
+
+    /// Usage in the current day and month (as of `now_ms`).
+    pub fn usage(&self, now_ms: i64) -> Usage {
+        let mut u = self.usage.lock().unwrap();
+        u.roll(now_ms);
+        *u
+    }
+
+    /// Restores usage counted from the ledger at start-up.
+    pub fn restore_usage(&self, u: Usage) {
+        *self.usage.lock().unwrap() = u;
     }
 
     pub fn settings(&self) -> std::sync::Arc<KeySettings> {
@@ -239,16 +340,61 @@ impl Key {
         self.credits.fetch_add(amount, Ordering::AcqRel) + amount
     }
 
-    /// Charges a call: debits `amount` if the key holds it, and counts the call and the spend.
-    pub fn charge(&self, amount: i64) -> Result<i64, DebitError> {
+    /// Charges a call at `now_ms`: checks the spending limit and quotas, debits `amount` if the key
+    /// holds it, and counts the call and the spend, all as one step per key.
+    pub fn charge(&self, amount: i64, now_ms: i64) -> Result<i64, DebitError> {
+        let settings = self.settings();
+        let mut u = self.usage.lock().unwrap();
+        u.roll(now_ms);
+        if let Some(limit) = settings.spending_limit {
+            let spent = self.spent();
+            if spent + amount > limit {
+                return Err(DebitError::SpendingLimit {
+                    limit,
+                    spent,
+                    needed: amount,
+                });
+            }
+        }
+        if let Some(q) = &settings.quota {
+            let checks = [
+                ("daily calls", q.daily_calls, u.day_calls + 1),
+                ("monthly calls", q.monthly_calls, u.month_calls + 1),
+                ("daily credits", q.daily_credits, u.day_credits + amount),
+                ("monthly credits", q.monthly_credits, u.month_credits + amount),
+            ];
+            for (what, limit, would_be) in checks {
+                if let Some(limit) = limit
+                    && would_be > limit
+                {
+                    return Err(DebitError::Quota { what, limit });
+                }
+            }
+        }
         let left = self.debit(amount)?;
+        u.day_calls += 1;
+        u.month_calls += 1;
+        u.day_credits += amount;
+        u.month_credits += amount;
         self.spent.fetch_add(amount, Ordering::AcqRel);
         self.calls.fetch_add(1, Ordering::AcqRel);
         Ok(left)
     }
 
-    /// Gives a charge back; returns the new balance.
-    pub fn refund(&self, amount: i64) -> i64 {
+    /// Gives back a charge made at `charged_at_ms`; returns the new balance.
+    pub fn refund(&self, amount: i64, charged_at_ms: i64, now_ms: i64) -> i64 {
+        {
+            let mut u = self.usage.lock().unwrap();
+            u.roll(now_ms);
+            if u.day == day_of(charged_at_ms) {
+                u.day_calls -= 1;
+                u.day_credits -= amount;
+            }
+            if u.month == month_of(charged_at_ms) {
+                u.month_calls -= 1;
+                u.month_credits -= amount;
+            }
+        }
         self.spent.fetch_sub(amount, Ordering::AcqRel);
         self.credit(amount)
     }
@@ -281,12 +427,57 @@ mod tests {
         let handles: Vec<_> = (0..64)
             .map(|_| {
                 let k = k.clone();
-                std::thread::spawn(move || k.debit(1).is_ok())
+                std::thread::spawn(move || k.charge(1, 0).is_ok())
             })
             .collect();
         let ok = handles.into_iter().map(|h| h.join().unwrap()).filter(|b| *b).count();
         assert_eq!(ok, 10);
         assert_eq!(k.credits(), 0);
+    }
+
+    #[test]
+    fn civil_dates_round_trip_and_months_start_where_they_should() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(days_from_civil(2024, 2, 29)), (2024, 2, 29));
+        let ms = days_from_civil(2026, 11, 26) * 86_400_000 + 3_600_000;
+        assert_eq!(month_of(ms), 2026 * 12 + 10);
+        assert_eq!(month_start_ms(month_of(ms)), days_from_civil(2026, 11, 1) * 86_400_000);
+        assert_eq!(
+            month_start_ms(2026 * 12 + 11),
+            days_from_civil(2026, 12, 1) * 86_400_000
+        );
+    }
+
+    #[test]
+    fn quotas_and_the_spending_limit_refuse_without_debiting() {
+        let k = key(100);
+        k.set_settings(KeySettings {
+            spending_limit: Some(5),
+            quota: Some(Quota {
+                daily_calls: Some(3),
+                ..Quota::default()
+            }),
+            ..KeySettings::default()
+        });
+        let now = 1_000_000_000_000;
+        assert!(k.charge(2, now).is_ok());
+        assert!(k.charge(2, now).is_ok());
+        assert!(matches!(k.charge(2, now), Err(DebitError::SpendingLimit { .. })));
+        assert!(k.charge(1, now).is_ok());
+        assert!(matches!(
+            k.charge(0, now),
+            Err(DebitError::Quota {
+                what: "daily calls",
+                ..
+            })
+        ));
+        assert_eq!(k.credits(), 95);
+        k.refund(1, now, now);
+        assert!(k.charge(0, now).is_ok(), "a refund gives the call back to the quota");
+        assert!(
+            k.charge(0, now + 86_400_000).is_ok(),
+            "a new day starts a new daily quota"
+        );
     }
 
     #[test]

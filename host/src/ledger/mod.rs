@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use keys::{DebitError, Key, KeySettings, Status};
+pub use keys::{DebitError, Key, KeySettings, Quota, Status, Usage};
 pub use sqlite::{Entry, LedgerRow, Op, Store, StoreError};
 
 /// Unix time in milliseconds.
@@ -59,6 +59,8 @@ pub struct Reservation {
     pub request_id: String,
     /// The store sequence number of the charge row.
     pub seq: u64,
+    /// When it was charged (Unix ms), to give a refund back to the right day and month.
+    pub at: i64,
 }
 
 impl Ledger {
@@ -66,11 +68,26 @@ impl Ledger {
     /// [`Store::open`] for `power_safe`).
     pub fn open(dir: &Path, power_safe: bool) -> Result<Ledger, StoreError> {
         let (store, stored) = Store::open(dir, power_safe)?;
+        let now = now_ms();
+        let usage = store.usage_since(
+            keys::day_of(now) * 86_400_000,
+            keys::month_start_ms(keys::month_of(now)),
+        )?;
         let mut by_hash = HashMap::with_capacity(stored.len());
         let mut by_id = BTreeMap::new();
         for s in stored {
             let key = Arc::new(Key::new(s.id.clone(), s.name, s.hash, s.prefix, s.created_at, 0));
             key.restore(s.credits, s.spent, s.calls, s.status);
+            if let Some((day_calls, day_credits, month_calls, month_credits)) = usage.get(&s.id) {
+                key.restore_usage(Usage {
+                    day: keys::day_of(now),
+                    day_calls: *day_calls,
+                    day_credits: *day_credits,
+                    month: keys::month_of(now),
+                    month_calls: *month_calls,
+                    month_credits: *month_credits,
+                });
+            }
             match serde_json::from_str::<KeySettings>(&s.settings) {
                 Ok(settings) => key.set_settings(settings),
                 Err(e) => tracing::error!(key_id = %s.id, error = %e, "unreadable key settings; using none"),
@@ -168,13 +185,14 @@ impl Ledger {
     /// Takes `amount` credits for the call `request_id`, atomically, and queues its charge row. The
     /// caller forwards the call meanwhile and waits for [`Ledger::durable`] before answering.
     pub fn reserve(&self, key: &Arc<Key>, amount: i64, request_id: &str) -> Result<Reservation, LedgerError> {
-        key.charge(amount)?;
+        let at = now_ms();
+        key.charge(amount, at)?;
         let seq = self.inner.store.submit(Op::Ledger {
             request_id: request_id.to_string(),
             key_id: key.id.clone(),
             entry: Entry::Charge,
             amount,
-            at: now_ms(),
+            at,
         });
         match seq {
             Ok(seq) => Ok(Reservation {
@@ -182,9 +200,10 @@ impl Ledger {
                 amount,
                 request_id: request_id.to_string(),
                 seq,
+                at,
             }),
             Err(e) => {
-                key.refund(amount);
+                key.refund(amount, at, at);
                 Err(e.into())
             }
         }
@@ -196,7 +215,7 @@ impl Ledger {
         if keep || r.amount == 0 {
             return Ok(r.seq);
         }
-        r.key.refund(r.amount);
+        r.key.refund(r.amount, r.at, now_ms());
         let seq = self.inner.store.submit(Op::Ledger {
             request_id: r.request_id,
             key_id: r.key.id.clone(),

@@ -130,6 +130,9 @@ pub struct StoredKey {
     pub settings: String,
 }
 
+/// Day calls, day credits, month calls, month credits.
+pub type UsageRow = (i64, i64, i64, i64);
+
 /// A ledger row as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerRow {
@@ -295,6 +298,31 @@ impl Store {
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Calls and credits kept per key since two times (the start of the day and of the month):
+    /// `key id → (day calls, day credits, month calls, month credits)`. Charges count, refunds
+    /// take back.
+    pub fn usage_since(
+        &self,
+        day_start: i64,
+        month_start: i64,
+    ) -> Result<std::collections::HashMap<String, UsageRow>, StoreError> {
+        let conn = self.reader()?;
+        let mut stmt = conn.prepare(
+            "SELECT key_id,
+                    SUM(CASE WHEN created_at >= ?1 THEN (CASE kind WHEN 'charge' THEN 1 ELSE -1 END) ELSE 0 END),
+                    SUM(CASE WHEN created_at >= ?1 THEN (CASE kind WHEN 'charge' THEN amount ELSE -amount END) ELSE 0 END),
+                    SUM(CASE kind WHEN 'charge' THEN 1 ELSE -1 END),
+                    SUM(CASE kind WHEN 'charge' THEN amount ELSE -amount END)
+             FROM ledger WHERE kind IN ('charge', 'refund') AND created_at >= ?2 GROUP BY key_id",
+        )?;
+        let rows = stmt
+            .query_map(params![day_start, month_start.min(day_start)], |r| {
+                Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            })?
+            .collect::<Result<std::collections::HashMap<_, _>, _>>()?;
         Ok(rows)
     }
 
