@@ -27,6 +27,8 @@ pub enum AdminError {
     BillingOff,
     #[error("a valid X-Admin-Key header is required")]
     Unauthorized,
+    #[error("too many wrong admin keys from this address; retry in {0} s")]
+    TooManyFailures(u64),
     #[error("{0}")]
     Client(Refusal),
     #[error("Content-Type must be application/json")]
@@ -52,6 +54,7 @@ impl AdminError {
         match self {
             AdminError::BillingOff | AdminError::NotFound(_) | AdminError::NoRoute => StatusCode::NOT_FOUND,
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::TooManyFailures(_) => StatusCode::TOO_MANY_REQUESTS,
             AdminError::Client(r) => match r {
                 Refusal::MissingKey | Refusal::UnknownKey => StatusCode::UNAUTHORIZED,
                 Refusal::Revoked
@@ -96,14 +99,18 @@ impl From<LedgerError> for AdminError {
 }
 
 /// Serves `/admin/...` and `/balance`.
-pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>) -> Response<Body> {
-    match route(state, req).await {
+pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>, peer: std::net::IpAddr) -> Response<Body> {
+    match route(state, req, peer).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn route(state: &AppState, req: Request<hyper::body::Incoming>) -> Result<Response<Body>, AdminError> {
+async fn route(
+    state: &AppState,
+    req: Request<hyper::body::Incoming>,
+    peer: std::net::IpAddr,
+) -> Result<Response<Body>, AdminError> {
     let gate = state.gate().ok_or(AdminError::BillingOff)?;
     let path = req.uri().path().to_string();
     if path == "/balance" {
@@ -111,18 +118,18 @@ async fn route(state: &AppState, req: Request<hyper::body::Incoming>) -> Result<
             return Err(AdminError::MethodNotAllowed);
         }
         let key = gate.key_of(req.headers()).map_err(AdminError::Client)?;
-        let (parts, _) = req.into_parts();
-        gate.check_ip(&key, crate::proxy::client_ip_of(state, &parts))
+        gate.check_ip(&key, crate::proxy::client_ip_of(state, req.headers(), peer))
             .map_err(AdminError::Client)?;
         return Ok(ok(StatusCode::OK, balance_view(&key)));
     }
-    let admin_key = req
-        .headers()
-        .get("x-admin-key")
-        .and_then(|v| v.to_str().ok())
-        .ok_or(AdminError::Unauthorized)?;
-    if !gate.is_admin(admin_key) {
-        tracing::warn!("admin request with a wrong admin key");
+    let peer = crate::ledger::keys::canonical(peer);
+    if let Some(wait) = gate.admin_blocked(peer) {
+        return Err(AdminError::TooManyFailures(wait.as_secs().max(1)));
+    }
+    let admin_key = req.headers().get("x-admin-key").and_then(|v| v.to_str().ok());
+    if !admin_key.is_some_and(|k| gate.is_admin(k)) {
+        tracing::warn!(%peer, "admin request without a valid admin key");
+        gate.admin_failed(peer);
         return Err(AdminError::Unauthorized);
     }
     let parts: Vec<&str> = path.trim_start_matches("/admin/").split('/').collect();

@@ -98,9 +98,20 @@ struct Inner {
     config: BillingConfig,
     ledger: Ledger,
     admin_hash: KeyHash,
+    /// Peers that sent wrong admin keys: a limiter of failures, and when they may try again.
+    admin_failures: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, AdminFailures>>,
     /// Rate limiters per key id, rebuilt when the key's settings change.
     limits: std::sync::RwLock<std::collections::HashMap<String, Arc<Limits>>>,
 }
+
+/// Wrong admin keys from one peer.
+struct AdminFailures {
+    limiter: governor::DefaultDirectRateLimiter,
+    blocked_until: Option<std::time::Instant>,
+}
+
+/// Wrong admin keys one peer may send per minute before it is refused for a while.
+const ADMIN_FAILURES_PER_MINUTE: u32 = 10;
 
 /// A key's rate limiters (governor's GCRA: a call costs one cell; the error says when to retry).
 struct Limits {
@@ -159,6 +170,7 @@ impl Gate {
                     ledger,
                     admin_hash,
                     limits: std::sync::RwLock::new(std::collections::HashMap::new()),
+                    admin_failures: std::sync::Mutex::new(std::collections::HashMap::new()),
                 }),
             },
             shown_once,
@@ -181,6 +193,33 @@ impl Gate {
     /// Whether `secret` is the admin key (compared in constant time).
     pub fn is_admin(&self, secret: &str) -> bool {
         keys::same_hash(&keys::hash(secret), &self.inner.admin_hash)
+    }
+
+    /// How long `peer` must wait before trying an admin key again, if it is blocked.
+    pub fn admin_blocked(&self, peer: std::net::IpAddr) -> Option<std::time::Duration> {
+        let map = self.inner.admin_failures.lock().unwrap();
+        let until = map.get(&peer)?.blocked_until?;
+        until.checked_duration_since(std::time::Instant::now())
+    }
+
+    /// Counts a wrong admin key from `peer`; past the limit, the peer is blocked for a while.
+    pub fn admin_failed(&self, peer: std::net::IpAddr) {
+        use governor::clock::Clock;
+        let mut map = self.inner.admin_failures.lock().unwrap();
+        if map.len() >= 100_000 {
+            // Bounded memory under a spray of addresses: forget the oldest state wholesale.
+            map.clear();
+        }
+        let entry = map.entry(peer).or_insert_with(|| AdminFailures {
+            limiter: governor::RateLimiter::direct(governor::Quota::per_minute(
+                std::num::NonZeroU32::new(ADMIN_FAILURES_PER_MINUTE).expect("non-zero"),
+            )),
+            blocked_until: None,
+        });
+        if let Err(not_until) = entry.limiter.check() {
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            entry.blocked_until = Some(std::time::Instant::now() + wait.max(std::time::Duration::from_secs(1)));
+        }
     }
 
     /// The client key a request carries: `X-API-Key`, or `Authorization: Bearer`.

@@ -4,6 +4,7 @@
 //! JSON, protocol version, routing headers, session) before anything reaches the upstream; answers
 //! go back as JSON, or as SSE when there is something to stream and the client accepts it.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,10 +33,6 @@ const SESSION_HEADER: HeaderName = HeaderName::from_static("mcp-session-id");
 const VERSION_HEADER: HeaderName = HeaderName::from_static("mcp-protocol-version");
 const METHOD_HEADER: HeaderName = HeaderName::from_static("mcp-method");
 const NAME_HEADER: HeaderName = HeaderName::from_static("mcp-name");
-
-/// The TCP peer of a request (set by the server on every request).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub std::net::SocketAddr);
 
 /// What every request handler shares; cheap to clone.
 #[derive(Clone)]
@@ -107,10 +104,10 @@ impl AppState {
 }
 
 /// Routes one HTTP request.
-pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>) -> Response<Body> {
+pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>, peer: IpAddr) -> Response<Body> {
     let path = req.uri().path();
     match (req.method(), path) {
-        (&Method::POST, "/mcp") => post(state, req).await,
+        (&Method::POST, "/mcp") => post(state, req, peer).await,
         (&Method::GET, "/mcp") => get_stream(state, req).await,
         (&Method::DELETE, "/mcp") => delete(state, req).await,
         (_, "/mcp") => {
@@ -119,8 +116,8 @@ pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>) -> Re
                 .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
             r
         }
-        (_, "/balance") => crate::admin::handle(state, req).await,
-        (_, p) if p.starts_with("/admin/") => crate::admin::handle(state, req).await,
+        (_, "/balance") => crate::admin::handle(state, req, peer).await,
+        (_, p) if p.starts_with("/admin/") => crate::admin::handle(state, req, peer).await,
         (&Method::GET, "/healthz") => body::json(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
         (&Method::GET, "/readyz") => {
             if state.upstream().is_ready().await {
@@ -252,10 +249,10 @@ fn check_headers(headers: &HeaderMap, msg: &Message) -> Result<(), Error> {
     Ok(())
 }
 
-async fn post(state: &AppState, req: Request<hyper::body::Incoming>) -> Response<Body> {
+async fn post(state: &AppState, req: Request<hyper::body::Incoming>, peer: IpAddr) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let mut id = Value::Null;
-    match post_inner(state, &parts, body, &mut id).await {
+    match post_inner(state, &parts, body, peer, &mut id).await {
         Ok(r) => r,
         Err(e) => e.into_response(id),
     }
@@ -265,6 +262,7 @@ async fn post_inner(
     state: &AppState,
     parts: &Parts,
     body: hyper::body::Incoming,
+    peer: IpAddr,
     id_out: &mut Value,
 ) -> Result<Response<Body>, Error> {
     let config = state.config();
@@ -349,7 +347,7 @@ async fn post_inner(
             let charge = match state.gate() {
                 Some(gate) if !gate.is_free(method) => {
                     let key = gate.key_of(headers)?;
-                    gate.check_ip(&key, client_ip_of(state, parts))?;
+                    gate.check_ip(&key, client_ip_of(state, headers, peer))?;
                     gate.check_call(&key, &msg)?;
                     let price = gate.price(&msg);
                     let request_id = format!("req_{:016x}", rand::random::<u64>());
@@ -414,14 +412,9 @@ fn raw(bytes: Bytes, accept: Accepts) -> Response<Body> {
     }
 }
 
-/// The client's address for this request (peer, or forwarded by a trusted proxy).
-pub fn client_ip_of(state: &AppState, parts: &Parts) -> std::net::IpAddr {
-    let peer = parts
-        .extensions
-        .get::<Peer>()
-        .map(|p| p.0.ip())
-        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-    gate::client_ip(peer, &parts.headers, &state.config().server.trusted_proxies)
+/// The client's address for this request (the peer, or as forwarded by a trusted proxy).
+pub fn client_ip_of(state: &AppState, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+    gate::client_ip(peer, headers, &state.config().server.trusted_proxies)
 }
 
 /// How a `tools/list` answer is shown to one caller.

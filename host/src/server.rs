@@ -67,12 +67,11 @@ pub async fn run(listener: TcpListener, state: AppState, shutdown: impl Future<O
             timer: timer.clone(),
         };
         let state = state.clone();
-        let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             // The request's headers are in: the header clock stops.
             timer.reading.store(false, Ordering::Release);
-            req.extensions_mut().insert(proxy::Peer(peer));
             let state = state.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(&state, req).await) }
+            async move { Ok::<_, Infallible>(proxy::handle(&state, req, peer.ip()).await) }
         });
         let conn = http.serve_connection(TokioIo::new(io), svc);
         let watch = conns.track();

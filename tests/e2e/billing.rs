@@ -937,3 +937,25 @@ async fn quotas_and_spending_limits_hold_across_a_restart() {
     assert_eq!(g.admin().key(&q_id).await["credits"], 96);
     assert_eq!(g.admin().key(&s_id).await["credits"], 98);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_guessing_admin_keys_is_refused_for_a_while_even_with_the_right_one() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let http = reqwest::Client::new();
+    let attempt = |key: &'static str| {
+        http.get(format!("{}/admin/keys", g.base))
+            .header("x-admin-key", key)
+            .send()
+    };
+    for _ in 0..10 {
+        assert_eq!(attempt("guess-guess-guess-guess").await.unwrap().status(), 401);
+    }
+    assert_eq!(
+        attempt("guess-guess-guess-guess").await.unwrap().status(),
+        401,
+        "the 11th failure blocks"
+    );
+    let r = attempt(ADMIN_KEY).await.unwrap();
+    assert_eq!(r.status(), 429, "blocked, even with the right key");
+}
