@@ -243,20 +243,7 @@ async fn an_upstream_error_is_refunded_and_a_tool_error_is_kept_by_default() {
 async fn balances_survive_a_kill_and_restart_on_the_same_database() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().join("data");
-    let start = || {
-        let mut cmd = std::process::Command::new(TOLLGATE);
-        cmd.args(["wrap", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data_dir)
-            .args(["--", FIXTURE, "--stdio"])
-            .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY)
-            .env("RUST_LOG", "info");
-        let (proc, rest) = Proc::spawn(cmd, "listening on ", Duration::from_secs(30));
-        Gateway {
-            proc,
-            base: rest.trim_end_matches("/mcp").to_string(),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    };
+    let start = || Gateway::billed_on(&data_dir, &[]);
     let g = start().ready().await;
     let (id, secret) = g.admin().create_key("durable", 50).await;
     let mut c = g.client();
@@ -404,20 +391,7 @@ async fn every_charge_a_client_saw_survives_a_sigkill_at_a_random_moment() {
 
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().join("data");
-    let start = || {
-        let mut cmd = std::process::Command::new(TOLLGATE);
-        cmd.args(["wrap", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data_dir)
-            .args(["--", FIXTURE, "--stdio"])
-            .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY)
-            .env("RUST_LOG", "warn");
-        let (proc, rest) = Proc::spawn(cmd, "listening on ", Duration::from_secs(30));
-        Gateway {
-            proc,
-            base: rest.trim_end_matches("/mcp").to_string(),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    };
+    let start = || Gateway::billed_on(&data_dir, &[]);
     const GRANT: i64 = 1_000_000;
     let mut g = start().ready().await;
     let (id, secret) = g.admin().create_key("crash", GRANT).await;
@@ -860,19 +834,7 @@ async fn rate_limits_per_key_and_per_tool_refuse_with_when_to_retry_and_charge_n
 async fn quotas_and_spending_limits_hold_across_a_restart() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().join("data");
-    let start = || {
-        let mut cmd = std::process::Command::new(TOLLGATE);
-        cmd.args(["wrap", "--listen", "127.0.0.1:0", "--price", "2", "--data-dir"])
-            .arg(&data_dir)
-            .args(["--", FIXTURE, "--stdio"])
-            .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY);
-        let (proc, rest) = Proc::spawn(cmd, "listening on ", Duration::from_secs(30));
-        Gateway {
-            proc,
-            base: rest.trim_end_matches("/mcp").to_string(),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    };
+    let start = || Gateway::billed_on(&data_dir, &["--price", "2"]);
     let g = start().ready().await;
     let admin = g.admin();
     let create = |body: Value| {

@@ -130,19 +130,7 @@ async fn the_server_stream_is_forwarded() {
     assert_eq!(stream.status(), 200);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(c.call_text("notify_list_changed", json!({})).await, "sent");
-    let mut body = stream.bytes_stream();
-    let got = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut text = String::new();
-        while let Some(chunk) = body.next().await {
-            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-            if text.contains("notifications/tools/list_changed") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(got, Ok(true));
+    assert!(stream_shows(stream, "notifications/tools/list_changed", Duration::from_secs(5)).await);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -219,20 +219,10 @@ async fn list_changes_reach_every_open_stream() {
     caller.initialize().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(caller.call_text("notify_list_changed", json!({})).await, "sent");
-    let mut body = stream.bytes_stream();
-    let got = tokio::time::timeout(Duration::from_secs(5), async {
-        use futures_util::StreamExt;
-        let mut text = String::new();
-        while let Some(chunk) = body.next().await {
-            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-            if text.contains("notifications/tools/list_changed") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(got, Ok(true), "the GET stream carried tools/list_changed");
+    assert!(
+        stream_shows(stream, "notifications/tools/list_changed", Duration::from_secs(5)).await,
+        "the GET stream carried tools/list_changed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

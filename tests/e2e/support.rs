@@ -144,6 +144,18 @@ impl Gateway {
         g
     }
 
+    /// `tollgate wrap` with billing on this data directory (a test can restart on it), the admin
+    /// key [`ADMIN_KEY`], in front of the stdio fixture.
+    pub fn billed_on(data_dir: &Path, extra: &[&str]) -> Gateway {
+        let mut cmd = Command::new(TOLLGATE);
+        cmd.args(["wrap", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .args(["--", FIXTURE, "--stdio"])
+            .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY);
+        Gateway::start(cmd)
+    }
+
     /// The admin API of this gateway, with [`ADMIN_KEY`].
     pub fn admin(&self) -> Admin {
         Admin {
@@ -410,6 +422,23 @@ pub async fn timed_messages(resp: reqwest::Response) -> Vec<(Instant, Value)> {
         }
     }
     out
+}
+
+/// Reads an open SSE response until its text contains `needle` (true) or `within` passes (false).
+pub async fn stream_shows(resp: reqwest::Response, needle: &str, within: Duration) -> bool {
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    tokio::time::timeout(within, async {
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if text.contains(needle) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// Polls `f` until it returns Some, or panics after `within`.
