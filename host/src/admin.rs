@@ -173,6 +173,8 @@ async fn route(
             let key = gate.ledger().set_status(id, status).await?;
             Ok(ok(StatusCode::OK, key_view(&key)))
         }
+        (Method::GET, ["requests"]) => list_requests(gate, req.uri().query().unwrap_or("")).await,
+        (Method::GET, ["consumer-insights"]) => consumer_insights(gate).await,
         (Method::GET, ["ledger"]) => {
             let key_id = req
                 .uri()
@@ -193,7 +195,9 @@ async fn route(
                 .collect();
             Ok(ok(StatusCode::OK, json!({ "entries": rows })))
         }
-        (_, ["keys"] | ["keys", _] | ["keys", _, _] | ["ledger"]) => Err(AdminError::MethodNotAllowed),
+        (_, ["keys"] | ["keys", _] | ["keys", _, _] | ["ledger"] | ["requests"] | ["consumer-insights"]) => {
+            Err(AdminError::MethodNotAllowed)
+        }
         _ => Err(AdminError::NoRoute),
     }
 }
@@ -252,6 +256,124 @@ fn list_keys(gate: &Gate, query: &str) -> Result<Response<Body>, AdminError> {
         None
     };
     Ok(ok(StatusCode::OK, json!({ "keys": keys, "nextCursor": next })))
+}
+
+/// A time in a query: Unix milliseconds or RFC 3339.
+fn query_time(field: &str, v: &str) -> Result<i64, AdminError> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(v)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .ok_or_else(|| AdminError::BadRequest(format!("{field}: {v:?} is not Unix milliseconds or an RFC 3339 time")))
+}
+
+/// `GET /admin/requests?keyId=&tool=&outcome=&since=&until=&limit=&cursor=`: the request log,
+/// newest first; `nextCursor` fetches older rows.
+async fn list_requests(gate: &Gate, query: &str) -> Result<Response<Body>, AdminError> {
+    let mut f = crate::ledger::RequestFilter {
+        limit: 100,
+        ..Default::default()
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "keyId" => f.key_id = Some(v),
+            "tool" => f.tool = Some(v),
+            "outcome" => {
+                if !["allowed", "refunded", "denied"].contains(&v.as_str()) {
+                    return Err(AdminError::BadRequest(format!(
+                        "outcome: {v:?} is not one of allowed, refunded, denied"
+                    )));
+                }
+                f.outcome = Some(v);
+            }
+            "since" => f.since = Some(query_time("since", &v)?),
+            "until" => f.until = Some(query_time("until", &v)?),
+            "limit" => {
+                f.limit =
+                    v.parse().ok().filter(|l| (1..=1000).contains(l)).ok_or_else(|| {
+                        AdminError::BadRequest(format!("limit: {v:?} is not a number from 1 to 1000"))
+                    })?;
+            }
+            "cursor" => {
+                f.before = Some(
+                    v.parse()
+                        .map_err(|_| AdminError::BadRequest(format!("cursor: {v:?} is not a cursor from this API")))?,
+                );
+            }
+            other => return Err(AdminError::BadRequest(format!("{other}: unknown filter"))),
+        }
+    }
+    let store = gate.ledger().store().clone();
+    let limit = f.limit;
+    let rows = tokio::task::spawn_blocking(move || store.requests(&f))
+        .await
+        .map_err(|_| AdminError::Unavailable)?
+        .map_err(|e| AdminError::from(LedgerError::from(e)))?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.seq.to_string()))
+        .flatten();
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .map(|r| {
+            json!({"requestId": r.request_id, "keyId": r.key_id, "method": r.method, "tool": r.tool,
+                   "outcome": r.outcome, "reason": r.reason, "credits": r.credits,
+                   "durationUs": r.duration_us, "at": rfc3339(r.created_at)})
+        })
+        .collect();
+    Ok(ok(StatusCode::OK, json!({ "requests": rows, "nextCursor": next })))
+}
+
+/// `GET /admin/consumer-insights`: who spends and who calls most. Spend and calls come from the
+/// ledger-backed balances; `uniqueTools` from the successful calls in the request log.
+async fn consumer_insights(gate: &Gate) -> Result<Response<Body>, AdminError> {
+    let now = now_ms();
+    let keys = gate.ledger().page(None, usize::MAX, |_| true);
+    let total = keys.len();
+    let active = keys
+        .iter()
+        .filter(|k| k.status() == Status::Active && !k.settings().is_expired(now))
+        .count();
+    let total_spent: i64 = keys.iter().map(|k| k.spent()).sum();
+    let total_calls: u64 = keys.iter().map(|k| k.calls()).sum();
+    let top = |by: &dyn Fn(&Key) -> i64| {
+        let mut v: Vec<_> = keys.iter().filter(|k| by(k) > 0).cloned().collect();
+        v.sort_by_key(|k| std::cmp::Reverse(by(k)));
+        v.truncate(10);
+        v
+    };
+    let spenders = top(&|k: &Key| k.spent());
+    let active_keys = top(&|k: &Key| k.calls() as i64);
+    let mut ids: Vec<String> = spenders
+        .iter()
+        .chain(active_keys.iter())
+        .map(|k| k.id.clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let store = gate.ledger().store().clone();
+    let unique = tokio::task::spawn_blocking(move || store.unique_tools(&ids))
+        .await
+        .map_err(|_| AdminError::Unavailable)?
+        .map_err(|e| AdminError::from(LedgerError::from(e)))?;
+    let entry = |k: &Key| {
+        json!({"id": k.id, "name": k.name, "totalSpent": k.spent(), "totalCalls": k.calls(),
+               "uniqueTools": unique.get(&k.id).copied().unwrap_or(0)})
+    };
+    Ok(ok(
+        StatusCode::OK,
+        json!({
+            "summary": {"totalConsumers": total, "activeConsumers": active,
+                        "totalCreditsSpent": total_spent, "totalCalls": total_calls},
+            "topSpenders": spenders.iter().map(|k| entry(k)).collect::<Vec<_>>(),
+            "mostActive": active_keys.iter().map(|k| entry(k)).collect::<Vec<_>>(),
+            "generatedAt": rfc3339(now),
+        }),
+    ))
 }
 
 /// Decodes `%XX` and `+` in a query value.

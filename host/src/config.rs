@@ -58,6 +58,10 @@ pub struct BillingConfig {
     pub power_safe: bool,
     /// The rate limit of keys that set none, e.g. `"100/s"`.
     pub rate_limit: Option<String>,
+    /// Request-log rows older than this are pruned.
+    pub log_retention_days: i64,
+    /// At most this many request-log rows are kept.
+    pub log_max_rows: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +166,10 @@ pub struct RawBilling {
     pub durability: Option<String>,
     /// Calls per period per key unless the key sets its own: `"N/s"`, `"N/min"` or `"N/h"`.
     pub rate_limit: Option<String>,
+    /// Days of request log kept (default 30).
+    pub log_retention_days: Option<u64>,
+    /// Rows of request log kept at most (default 1,000,000).
+    pub log_max_rows: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -428,6 +436,8 @@ impl RawBilling {
             refund_on_tool_error: refund_on.iter().any(|r| r == "tool_error"),
             admin_key,
             power_safe,
+            log_retention_days: positive("billing.log_retention_days", self.log_retention_days, 30)? as i64,
+            log_max_rows: positive("billing.log_max_rows", self.log_max_rows, 1_000_000)? as i64,
             rate_limit: match self.rate_limit {
                 Some(r) if crate::gate::parse_rate(&r).is_none() => {
                     return Err(invalid(

@@ -44,6 +44,47 @@ pub enum Refusal {
     LedgerUnavailable,
 }
 
+impl Refusal {
+    /// A short, stable name for the request log.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::MissingKey => "missing_key",
+            Refusal::UnknownKey => "unknown_key",
+            Refusal::Revoked => "revoked",
+            Refusal::Suspended => "suspended",
+            Refusal::Expired => "expired",
+            Refusal::ToolForbidden(_) => "tool_forbidden",
+            Refusal::IpForbidden(_) => "ip_forbidden",
+            Refusal::Insufficient { .. } => "insufficient_credits",
+            Refusal::Limit(DebitError::SpendingLimit { .. }) => "spending_limit",
+            Refusal::Limit(_) => "quota",
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::LedgerUnavailable => "ledger_unavailable",
+        }
+    }
+}
+
+impl Outcome {
+    fn reason(self) -> Option<&'static str> {
+        match self {
+            Outcome::Ok => None,
+            Outcome::ToolError => Some("tool_error"),
+            Outcome::RpcError => Some("upstream_error"),
+            Outcome::Timeout => Some("timeout"),
+            Outcome::NotForwarded => Some("not_forwarded"),
+        }
+    }
+}
+
+/// What the request log records of one call.
+pub struct CallRecord<'a> {
+    pub request_id: &'a str,
+    pub key_id: Option<&'a str>,
+    pub method: &'a str,
+    pub tool: Option<&'a str>,
+    pub started: std::time::Instant,
+}
+
 impl From<LedgerError> for Refusal {
     fn from(e: LedgerError) -> Refusal {
         match e {
@@ -158,7 +199,11 @@ impl Gate {
     /// one, a key is generated at first start, returned here to be shown once, and only its hash
     /// is kept.
     pub fn open(config: &BillingConfig) -> Result<(Gate, Option<String>), GateError> {
-        let ledger = Ledger::open(&config.data_dir, config.power_safe)?;
+        let retention = crate::ledger::Retention {
+            max_age_ms: config.log_retention_days * 86_400_000,
+            max_rows: config.log_max_rows,
+        };
+        let ledger = Ledger::open(&config.data_dir, config.power_safe, retention)?;
         let (admin_hash, shown_once) = match &config.admin_key {
             Some(k) => (keys::hash(k), None),
             None => admin_key_from_file(&config.data_dir)?,
@@ -353,7 +398,7 @@ impl Gate {
 
     /// Settles a reservation by the call's outcome and waits until the result is durable. Returns
     /// the key's balance after settlement.
-    pub async fn settle(&self, r: Reservation, outcome: Outcome) -> Result<i64, Refusal> {
+    pub async fn settle(&self, r: Reservation, outcome: Outcome, record: &CallRecord<'_>) -> Result<i64, Refusal> {
         let c = &self.inner.config;
         let keep = match outcome {
             Outcome::Ok => true,
@@ -363,9 +408,41 @@ impl Gate {
             Outcome::NotForwarded => false,
         };
         let key = r.key.clone();
+        let amount = r.amount;
         let seq = self.inner.ledger.settle(r, keep)?;
+        let (outcome_name, credits) = if keep { ("allowed", amount) } else { ("refunded", 0) };
+        self.log(
+            record,
+            outcome_name,
+            if keep { None } else { outcome.reason() },
+            credits,
+        );
         self.inner.ledger.durable(seq).await?;
         Ok(key.credits())
+    }
+
+    /// Records a refused call in the request log.
+    pub fn log_denied(&self, record: &CallRecord<'_>, refusal: &Refusal) {
+        self.log(record, "denied", Some(refusal.reason()), 0);
+    }
+
+    fn log(&self, r: &CallRecord<'_>, outcome: &str, reason: Option<&str>, credits: i64) {
+        let row = crate::ledger::RequestRow {
+            seq: 0,
+            request_id: r.request_id.to_string(),
+            key_id: r.key_id.map(str::to_string),
+            method: r.method.to_string(),
+            tool: r.tool.map(str::to_string),
+            outcome: outcome.to_string(),
+            reason: reason.map(str::to_string),
+            credits,
+            duration_us: r.started.elapsed().as_micros() as i64,
+            created_at: crate::ledger::now_ms(),
+        };
+        // The log is not money: it is not waited for, and a failure to queue it is only logged.
+        if let Err(e) = self.inner.ledger.store().submit(crate::ledger::Op::Request(row)) {
+            tracing::warn!(error = %e, "request log row dropped");
+        }
     }
 }
 
@@ -399,7 +476,8 @@ pub fn client_ip(peer: std::net::IpAddr, headers: &HeaderMap, trusted: &[ipnet::
     ip
 }
 
-fn tool_name(msg: &Message) -> Option<String> {
+/// The tool a `tools/call` names.
+pub fn tool_name(msg: &Message) -> Option<String> {
     #[derive(Deserialize)]
     struct Call<'a> {
         #[serde(borrow)]

@@ -19,7 +19,7 @@ use crate::body::{self, Body};
 use crate::config::Config;
 use crate::deadline::{self, Deadline, Deadlines};
 use crate::error::Error;
-use crate::gate::{self, Gate, GateError, Outcome};
+use crate::gate::{self, CallRecord, Gate, GateError, Outcome};
 use crate::jsonrpc::{self, Kind, Message, code};
 use crate::ledger::{KeySettings, Reservation};
 use crate::session::{Session, Sessions};
@@ -265,6 +265,7 @@ async fn post_inner(
     peer: IpAddr,
     id_out: &mut Value,
 ) -> Result<Response<Body>, Error> {
+    let started = std::time::Instant::now();
     let config = state.config();
     let headers = &parts.headers;
     check_origin(config, headers)?;
@@ -346,16 +347,40 @@ async fn post_inner(
             };
             let charge = match state.gate() {
                 Some(gate) if !gate.is_free(method) => {
-                    let key = gate.key_of(headers)?;
-                    gate.check_ip(&key, client_ip_of(state, headers, peer))?;
-                    gate.check_call(&key, &msg)?;
-                    let price = gate.price(&msg);
                     let request_id = format!("req_{:016x}", rand::random::<u64>());
-                    let reservation = gate.reserve(&key, price, &request_id)?;
-                    Some(Charge {
-                        gate: gate.clone(),
-                        reservation,
-                    })
+                    let tool = if method == "tools/call" {
+                        gate::tool_name(&msg)
+                    } else {
+                        None
+                    };
+                    let mut key_id = None;
+                    let admitted = (|| {
+                        let key = gate.key_of(headers)?;
+                        key_id = Some(key.id.clone());
+                        gate.check_ip(&key, client_ip_of(state, headers, peer))?;
+                        gate.check_call(&key, &msg)?;
+                        gate.reserve(&key, gate.price(&msg), &request_id)
+                    })();
+                    let record = CallRecord {
+                        request_id: &request_id,
+                        key_id: key_id.as_deref(),
+                        method,
+                        tool: tool.as_deref(),
+                        started,
+                    };
+                    match admitted {
+                        Ok(reservation) => Some(Charge {
+                            gate: gate.clone(),
+                            reservation,
+                            method: method.to_string(),
+                            tool,
+                            started,
+                        }),
+                        Err(refusal) => {
+                            gate.log_denied(&record, &refusal);
+                            return Err(refusal.into());
+                        }
+                    }
                 }
                 _ => None,
             };
@@ -436,13 +461,24 @@ impl ToolsView {
 struct Charge {
     gate: Gate,
     reservation: Reservation,
+    method: String,
+    tool: Option<String>,
+    started: std::time::Instant,
 }
 
 impl Charge {
-    /// Keeps or refunds per the outcome; durable before it returns.
+    /// Keeps or refunds per the outcome, logs the call; durable before it returns.
     async fn settle(self, outcome: Outcome) -> Result<Settled, Error> {
         let request_id = self.reservation.request_id.clone();
-        let credits = self.gate.settle(self.reservation, outcome).await?;
+        let key_id = self.reservation.key.id.clone();
+        let record = CallRecord {
+            request_id: &request_id,
+            key_id: Some(&key_id),
+            method: &self.method,
+            tool: self.tool.as_deref(),
+            started: self.started,
+        };
+        let credits = self.gate.settle(self.reservation, outcome, &record).await?;
         Ok(Settled { credits, request_id })
     }
 }

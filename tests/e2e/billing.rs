@@ -921,3 +921,114 @@ async fn a_peer_guessing_admin_keys_is_refused_for_a_while_even_with_the_right_o
     let r = attempt(ADMIN_KEY).await.unwrap();
     assert_eq!(r.status(), 429, "blocked, even with the right key");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_request_log_and_consumer_insights_report_what_was_actually_charged() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+    let (a_id, a_secret) = admin.create_key("alice", 10).await;
+    let (b_id, b_secret) = admin.create_key("bob", 10).await;
+    let a = b.client_with(&a_secret).await;
+    let bob = b.client_with(&b_secret).await;
+    let r = a
+        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"1"}}}))
+        .send()
+        .await
+        .unwrap();
+    let first_request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(a.call_text("echo", json!({"text": "2"})).await, "2");
+    assert_eq!(a.call_text("add", json!({"a": 1, "b": 2})).await, "3");
+    assert_eq!(a.call("fail", json!({})).await["error"]["code"], -32050);
+    assert_eq!(bob.call_text("echo", json!({"text": "b"})).await, "b");
+    let mut anon = g.client();
+    anon.initialize().await;
+    assert_eq!(error_of(&anon, "echo").await.0, 401);
+
+    let get = |q: &'static str| {
+        let admin = &admin;
+        async move {
+            let r = admin.get(&format!("/admin/requests?{q}")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{q}");
+            r.json::<Value>().await.unwrap()["requests"].as_array().unwrap().clone()
+        }
+    };
+    let all = eventually(Duration::from_secs(5), "six request-log rows", || async {
+        let rows = get("").await;
+        (rows.len() == 6).then_some(rows)
+    })
+    .await;
+    assert_eq!(all[0]["outcome"], "denied", "newest first");
+    assert_eq!(all[0]["reason"], "missing_key");
+    let refunded = get("outcome=refunded").await;
+    assert_eq!(refunded.len(), 1);
+    assert_eq!(refunded[0]["tool"], "fail");
+    assert_eq!(refunded[0]["reason"], "upstream_error");
+    assert_eq!(
+        refunded[0]["credits"], 0,
+        "the log records what was charged, not the list price"
+    );
+    let alices: Vec<Value> = all.iter().filter(|r| r["keyId"] == a_id.as_str()).cloned().collect();
+    assert_eq!(alices.len(), 4);
+    assert!(alices.iter().any(|r| r["requestId"] == first_request_id.as_str()));
+    let ledger: Value = admin
+        .get(&format!("/admin/ledger?keyId={a_id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        ledger["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["requestId"] == first_request_id.as_str()),
+        "log and ledger share the request id"
+    );
+    let page1 = get("limit=4").await;
+    let cursor = {
+        let r = admin.get("/admin/requests?limit=4").send().await.unwrap();
+        r.json::<Value>().await.unwrap()["nextCursor"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let r = admin
+        .get(&format!("/admin/requests?limit=4&cursor={cursor}"))
+        .send()
+        .await
+        .unwrap();
+    let page2 = r.json::<Value>().await.unwrap()["requests"].as_array().unwrap().clone();
+    assert_eq!(page1.len() + page2.len(), 6);
+    assert_eq!(
+        admin
+            .get("/admin/requests?outcome=maybe")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+
+    let insights: Value = admin
+        .get("/admin/consumer-insights")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(insights["summary"]["totalConsumers"], 2);
+    assert_eq!(insights["summary"]["totalCreditsSpent"], 4);
+    assert_eq!(insights["topSpenders"][0]["id"], a_id.as_str());
+    assert_eq!(insights["topSpenders"][0]["totalSpent"], 3);
+    assert_eq!(
+        insights["topSpenders"][0]["uniqueTools"], 2,
+        "echo and add succeeded; fail did not"
+    );
+    assert_eq!(insights["topSpenders"][1]["id"], b_id.as_str());
+    assert_eq!(insights["mostActive"][0]["totalCalls"], 4);
+    assert!(insights["generatedAt"].as_str().unwrap().ends_with('Z'));
+}

@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use keys::{DebitError, Key, KeySettings, Quota, Status, Usage};
-pub use sqlite::{Entry, LedgerRow, Op, Store, StoreError};
+pub use sqlite::{Entry, LedgerRow, Op, RequestFilter, RequestRow, Retention, Store, StoreError};
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {
@@ -66,8 +66,8 @@ pub struct Reservation {
 impl Ledger {
     /// Opens the store under `dir` and loads every key with its stored balance (see
     /// [`Store::open`] for `power_safe`).
-    pub fn open(dir: &Path, power_safe: bool) -> Result<Ledger, StoreError> {
-        let (store, stored) = Store::open(dir, power_safe)?;
+    pub fn open(dir: &Path, power_safe: bool, retention: Retention) -> Result<Ledger, StoreError> {
+        let (store, stored) = Store::open(dir, power_safe, retention)?;
         let now = now_ms();
         let usage = store.usage_since(
             keys::day_of(now) * 86_400_000,
@@ -320,6 +320,11 @@ impl Ledger {
 mod tests {
     use super::*;
 
+    const TEST_RETENTION: Retention = Retention {
+        max_age_ms: 86_400_000,
+        max_rows: 1000,
+    };
+
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -332,7 +337,7 @@ mod tests {
     fn a_key_is_found_by_its_secret_and_only_by_it() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let ledger = Ledger::open(dir.path(), false).unwrap();
+            let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
             let (key, secret) = ledger.create_key("alice", 5, KeySettings::default()).await.unwrap();
             assert_eq!(ledger.authenticate(&secret).unwrap().id, key.id);
             assert!(ledger.authenticate("tg_nope").is_none());
@@ -344,7 +349,7 @@ mod tests {
     fn sixty_four_racing_reservations_on_ten_credits_take_exactly_ten() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let ledger = Ledger::open(dir.path(), false).unwrap();
+            let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
             let (key, _) = ledger.create_key("racer", 10, KeySettings::default()).await.unwrap();
             let tasks: Vec<_> = (0..64)
                 .map(|i| {
@@ -380,7 +385,7 @@ mod tests {
     fn balances_survive_a_restart_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let (id, secret) = rt().block_on(async {
-            let ledger = Ledger::open(dir.path(), false).unwrap();
+            let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
             let (key, secret) = ledger.create_key("bob", 100, KeySettings::default()).await.unwrap();
             let kept = ledger.reserve(&key, 7, "r1").unwrap();
             let s1 = ledger.settle(kept, true).unwrap();
@@ -391,7 +396,7 @@ mod tests {
             ledger.set_status(&key.id, Status::Suspended).await.unwrap();
             (key.id.clone(), secret)
         });
-        let ledger = Ledger::open(dir.path(), false).unwrap();
+        let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
         let key = ledger.authenticate(&secret).unwrap();
         assert_eq!(key.id, id);
         assert_eq!(key.credits(), 100 - 7 + 20);
@@ -412,7 +417,7 @@ mod tests {
     fn the_same_request_cannot_be_charged_twice() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let ledger = Ledger::open(dir.path(), false).unwrap();
+            let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
             let (key, _) = ledger.create_key("dup", 10, KeySettings::default()).await.unwrap();
             let seq = ledger
                 .store()
@@ -450,7 +455,7 @@ mod tests {
             b"this is not sqlite, it is a text file of length",
         )
         .unwrap();
-        let err = match Ledger::open(dir.path(), false) {
+        let err = match Ledger::open(dir.path(), false, TEST_RETENTION) {
             Ok(_) => panic!("opened a corrupt database"),
             Err(e) => e.to_string(),
         };
@@ -461,14 +466,14 @@ mod tests {
     fn a_rotated_key_answers_only_to_its_new_secret_even_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let (old, new) = rt().block_on(async {
-            let ledger = Ledger::open(dir.path(), false).unwrap();
+            let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
             let (key, old) = ledger.create_key("rot", 9, KeySettings::default()).await.unwrap();
             let (_, new) = ledger.rotate(&key.id).await.unwrap();
             assert!(ledger.authenticate(&old).is_none(), "the old secret stops at once");
             assert_eq!(ledger.authenticate(&new).unwrap().credits(), 9);
             (old, new)
         });
-        let ledger = Ledger::open(dir.path(), false).unwrap();
+        let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
         assert!(ledger.authenticate(&old).is_none());
         assert_eq!(ledger.authenticate(&new).unwrap().credits(), 9);
     }
@@ -477,7 +482,7 @@ mod tests {
     fn a_revoked_key_cannot_be_resumed_or_topped_up() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let ledger = Ledger::open(dir.path(), false).unwrap();
+            let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
             let (key, secret) = ledger.create_key("gone", 1, KeySettings::default()).await.unwrap();
             ledger.set_status(&key.id, Status::Revoked).await.unwrap();
             assert!(matches!(

@@ -40,7 +40,27 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 2: operator settings per key (tags, namespace, expiry, tool lists), as JSON.
     "ALTER TABLE keys ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';",
+    // 3: the request log: one row per paid or refused call.
+    "CREATE TABLE requests (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id TEXT NOT NULL,
+        key_id TEXT,
+        method TEXT NOT NULL,
+        tool TEXT,
+        outcome TEXT NOT NULL,
+        reason TEXT,
+        credits INTEGER NOT NULL,
+        duration_us INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+     );",
 ];
+
+/// How long and how many request-log rows are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub max_age_ms: i64,
+    pub max_rows: i64,
+}
 
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +127,8 @@ pub enum Op {
         key_id: String,
         status: Status,
     },
+    /// A request-log row.
+    Request(RequestRow),
     /// A new secret for a key: its hash and display prefix change, nothing else.
     Rotate {
         key_id: String,
@@ -128,6 +150,37 @@ pub struct StoredKey {
     pub calls: u64,
     pub created_at: i64,
     pub settings: String,
+}
+
+/// One call in the request log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRow {
+    pub seq: i64,
+    pub request_id: String,
+    pub key_id: Option<String>,
+    pub method: String,
+    pub tool: Option<String>,
+    /// `allowed` (charge kept), `refunded`, or `denied`.
+    pub outcome: String,
+    /// Why it was denied or refunded.
+    pub reason: Option<String>,
+    /// Credits actually kept.
+    pub credits: i64,
+    pub duration_us: i64,
+    pub created_at: i64,
+}
+
+/// Filters for reading the request log (newest first).
+#[derive(Debug, Clone, Default)]
+pub struct RequestFilter {
+    pub key_id: Option<String>,
+    pub tool: Option<String>,
+    pub outcome: Option<String>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    /// Rows older than this sequence number (the previous page's last).
+    pub before: Option<i64>,
+    pub limit: i64,
 }
 
 /// Day calls, day credits, month calls, month credits.
@@ -168,7 +221,7 @@ impl Store {
     /// `power_safe`: fsync every commit (`synchronous=FULL`), so commits survive a power loss or an
     /// OS crash. Without it (`synchronous=NORMAL` in WAL mode) a commit is one write to the WAL: it
     /// survives the process being killed (`kill -9`), which is what a gateway crash is.
-    pub fn open(dir: &Path, power_safe: bool) -> Result<(Store, Vec<StoredKey>), StoreError> {
+    pub fn open(dir: &Path, power_safe: bool, retention: Retention) -> Result<(Store, Vec<StoredKey>), StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_path_buf(),
             source,
@@ -223,7 +276,7 @@ impl Store {
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
             .name("tollgate-db-checkpoint".into())
-            .spawn(move || checkpointer(checkpoint_conn, weak))
+            .spawn(move || checkpointer(checkpoint_conn, weak, retention))
             .expect("spawning the checkpointer");
         Ok((Store { inner }, keys))
     }
@@ -326,6 +379,58 @@ impl Store {
         Ok(rows)
     }
 
+    /// Request-log rows matching `f`, newest first.
+    pub fn requests(&self, f: &RequestFilter) -> Result<Vec<RequestRow>, StoreError> {
+        let conn = self.reader()?;
+        let mut stmt = conn.prepare(
+            "SELECT seq, request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at
+             FROM requests
+             WHERE (?1 IS NULL OR key_id = ?1) AND (?2 IS NULL OR tool = ?2) AND (?3 IS NULL OR outcome = ?3)
+               AND (?4 IS NULL OR created_at >= ?4) AND (?5 IS NULL OR created_at < ?5)
+               AND (?6 IS NULL OR seq < ?6)
+             ORDER BY seq DESC LIMIT ?7",
+        )?;
+        let rows = stmt
+            .query_map(
+                params![f.key_id, f.tool, f.outcome, f.since, f.until, f.before, f.limit],
+                |r| {
+                    Ok(RequestRow {
+                        seq: r.get(0)?,
+                        request_id: r.get(1)?,
+                        key_id: r.get(2)?,
+                        method: r.get(3)?,
+                        tool: r.get(4)?,
+                        outcome: r.get(5)?,
+                        reason: r.get(6)?,
+                        credits: r.get(7)?,
+                        duration_us: r.get(8)?,
+                        created_at: r.get(9)?,
+                    })
+                },
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// How many distinct tools each of these keys called successfully (per the request log).
+    pub fn unique_tools(&self, key_ids: &[String]) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        if key_ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let conn = self.reader()?;
+        let marks = vec!["?"; key_ids.len()].join(",");
+        let mut stmt = conn.prepare(&format!(
+            "SELECT key_id, COUNT(DISTINCT tool) FROM requests
+             WHERE outcome = 'allowed' AND tool IS NOT NULL AND key_id IN ({marks}) GROUP BY key_id"
+        ))?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(key_ids.iter()), |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
     /// A key as stored now (for checks against the live state).
     pub fn stored_key(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
         let conn = self.reader()?;
@@ -364,7 +469,10 @@ fn load_keys(conn: &Connection) -> Result<Vec<StoredKey>, StoreError> {
 
 /// Copies the WAL into the database file now and then (PASSIVE: it never blocks the writer), so
 /// the WAL stays small without the writer ever pausing for a checkpoint.
-fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>) {
+/// It also prunes the request log to its retention every few seconds.
+fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Retention) {
+    let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
+    let mut ticks = 0u64;
     loop {
         std::thread::sleep(std::time::Duration::from_millis(500));
         if inner.upgrade().is_none() {
@@ -372,6 +480,20 @@ fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>) {
         }
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+        ticks += 1;
+        if ticks.is_multiple_of(10) {
+            let cutoff = super::now_ms() - retention.max_age_ms;
+            let pruned = conn.execute(
+                "DELETE FROM requests WHERE created_at < ?1
+                    OR seq <= (SELECT MAX(seq) FROM requests) - ?2",
+                params![cutoff, retention.max_rows],
+            );
+            match pruned {
+                Ok(n) if n > 0 => tracing::debug!(rows = n, "request log pruned"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning the request log failed"),
+            }
         }
     }
 }
@@ -442,6 +564,10 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
             "INSERT OR IGNORE INTO ledger (request_id, key_id, kind, amount, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         let mut set_status = tx.prepare_cached("UPDATE keys SET status = ?2 WHERE id = ?1")?;
+        let mut insert_request = tx.prepare_cached(
+            "INSERT INTO requests (request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
         for (_, op) in batch {
             match op {
                 Op::CreateKey {
@@ -485,6 +611,19 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
                 }
                 Op::SetStatus { key_id, status } => {
                     set_status.execute(params![key_id, status.as_str()])?;
+                }
+                Op::Request(r) => {
+                    insert_request.execute(params![
+                        r.request_id,
+                        r.key_id,
+                        r.method,
+                        r.tool,
+                        r.outcome,
+                        r.reason,
+                        r.credits,
+                        r.duration_us,
+                        r.created_at
+                    ])?;
                 }
                 Op::Rotate { key_id, hash, prefix } => {
                     tx.prepare_cached("UPDATE keys SET hash = ?2, prefix = ?3 WHERE id = ?1")?
