@@ -62,6 +62,8 @@ pub struct BillingConfig {
     pub log_retention_days: i64,
     /// At most this many request-log rows are kept.
     pub log_max_rows: i64,
+    /// Evaluate and log every decision, enforce none, charge none.
+    pub shadow: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -170,6 +172,8 @@ pub struct RawBilling {
     pub log_retention_days: Option<u64>,
     /// Rows of request log kept at most (default 1,000,000).
     pub log_max_rows: Option<u64>,
+    /// Shadow mode: log what would be refused or charged, refuse and charge nothing.
+    pub shadow: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -438,6 +442,7 @@ impl RawBilling {
             power_safe,
             log_retention_days: positive("billing.log_retention_days", self.log_retention_days, 30)? as i64,
             log_max_rows: positive("billing.log_max_rows", self.log_max_rows, 1_000_000)? as i64,
+            shadow: self.shadow.unwrap_or(false),
             rate_limit: match self.rate_limit {
                 Some(r) if crate::gate::parse_rate(&r).is_none() => {
                     return Err(invalid(

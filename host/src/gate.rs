@@ -421,6 +421,27 @@ impl Gate {
         Ok(key.credits())
     }
 
+    /// Shadow mode: the gate decides and logs, but refuses and charges nothing.
+    pub fn is_shadow(&self) -> bool {
+        self.inner.config.shadow
+    }
+
+    /// Shadow mode: whether a charge would pass, changing nothing.
+    pub fn would_reserve(&self, key: &Key, amount: i64) -> Result<(), Refusal> {
+        key.would_charge(amount, crate::ledger::now_ms())
+            .map_err(|e| Refusal::from(LedgerError::Debit(e)))
+    }
+
+    /// Shadow mode: records a call that would have been allowed (and charged `would_cost`).
+    pub fn log_shadow_allowed(&self, record: &CallRecord<'_>, would_cost: i64) {
+        self.log(
+            record,
+            "allowed",
+            Some(&format!("shadow: would charge {would_cost}")),
+            0,
+        );
+    }
+
     /// Records a refused call in the request log.
     pub fn log_denied(&self, record: &CallRecord<'_>, refusal: &Refusal) {
         self.log(record, "denied", Some(refusal.reason()), 0);

@@ -354,12 +354,18 @@ async fn post_inner(
                         None
                     };
                     let mut key_id = None;
+                    let shadow = gate.is_shadow();
+                    let price = gate.price(&msg);
                     let admitted = (|| {
                         let key = gate.key_of(headers)?;
                         key_id = Some(key.id.clone());
                         gate.check_ip(&key, client_ip_of(state, headers, peer))?;
                         gate.check_call(&key, &msg)?;
-                        gate.reserve(&key, gate.price(&msg), &request_id)
+                        if shadow {
+                            gate.would_reserve(&key, price)?;
+                            return Ok(None);
+                        }
+                        gate.reserve(&key, price, &request_id).map(Some)
                     })();
                     let record = CallRecord {
                         request_id: &request_id,
@@ -369,13 +375,22 @@ async fn post_inner(
                         started,
                     };
                     match admitted {
-                        Ok(reservation) => Some(Charge {
+                        Ok(Some(reservation)) => Some(Charge {
                             gate: gate.clone(),
                             reservation,
                             method: method.to_string(),
                             tool,
                             started,
                         }),
+                        Ok(None) => {
+                            gate.log_shadow_allowed(&record, price);
+                            None
+                        }
+                        Err(refusal) if shadow => {
+                            tracing::info!(reason = refusal.reason(), "shadow mode: would refuse");
+                            gate.log_denied(&record, &refusal);
+                            None
+                        }
                         Err(refusal) => {
                             gate.log_denied(&record, &refusal);
                             return Err(refusal.into());

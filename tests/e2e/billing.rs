@@ -1032,3 +1032,51 @@ async fn the_request_log_and_consumer_insights_report_what_was_actually_charged(
     assert_eq!(insights["mostActive"][0]["totalCalls"], 4);
     assert!(insights["generatedAt"].as_str().unwrap().ends_with('Z'));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shadow_mode_logs_every_decision_and_enforces_and_charges_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::serve(&format!(
+        "[upstream]\ncommand = [{FIXTURE:?}, \"--stdio\"]\n[billing]\nshadow = true\ndata_dir = {:?}\nadmin_key = {ADMIN_KEY:?}\n",
+        data.path().join("data")
+    ))
+    .ready()
+    .await;
+    let (id, secret) = g.admin().create_key("shadowed", 1).await;
+    let mut c = g.client();
+    c.api_key = Some(secret);
+    c.initialize().await;
+    for i in 0..3 {
+        assert_eq!(
+            c.call_text("echo", json!({"text": i.to_string()})).await,
+            i.to_string(),
+            "never refused"
+        );
+    }
+    let mut anon = g.client();
+    anon.initialize().await;
+    assert_eq!(anon.call_text("echo", json!({"text": "no key"})).await, "no key");
+    assert_eq!(g.admin().key(&id).await["credits"], 1, "nothing charged");
+    let rows = eventually(Duration::from_secs(5), "four log rows", || async {
+        let v: Value = g
+            .admin()
+            .get("/admin/requests")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let rows = v["requests"].as_array().unwrap().clone();
+        (rows.len() == 4).then_some(rows)
+    })
+    .await;
+    let reasons: Vec<&str> = rows.iter().map(|r| r["reason"].as_str().unwrap_or("")).collect();
+    assert!(reasons.contains(&"missing_key"), "{reasons:?}");
+    // Nothing is ever charged in shadow mode, so the one credit would pay for each call.
+    assert_eq!(
+        reasons.iter().filter(|r| **r == "shadow: would charge 1").count(),
+        3,
+        "{reasons:?}"
+    );
+}

@@ -343,9 +343,22 @@ impl Key {
     /// Charges a call at `now_ms`: checks the spending limit and quotas, debits `amount` if the key
     /// holds it, and counts the call and the spend, all as one step per key.
     pub fn charge(&self, amount: i64, now_ms: i64) -> Result<i64, DebitError> {
-        let settings = self.settings();
         let mut u = self.usage.lock().unwrap();
         u.roll(now_ms);
+        self.check_limits(&u, amount)?;
+        let left = self.debit(amount)?;
+        u.day_calls += 1;
+        u.month_calls += 1;
+        u.day_credits += amount;
+        u.month_credits += amount;
+        self.spent.fetch_add(amount, Ordering::AcqRel);
+        self.calls.fetch_add(1, Ordering::AcqRel);
+        Ok(left)
+    }
+
+    /// The spending limit and quotas, for a charge of `amount` on top of `u`.
+    fn check_limits(&self, u: &Usage, amount: i64) -> Result<(), DebitError> {
+        let settings = self.settings();
         if let Some(limit) = settings.spending_limit {
             let spent = self.spent();
             if spent + amount > limit {
@@ -357,13 +370,12 @@ impl Key {
             }
         }
         if let Some(q) = &settings.quota {
-            let checks = [
+            for (what, limit, would_be) in [
                 ("daily calls", q.daily_calls, u.day_calls + 1),
                 ("monthly calls", q.monthly_calls, u.month_calls + 1),
                 ("daily credits", q.daily_credits, u.day_credits + amount),
                 ("monthly credits", q.monthly_credits, u.month_credits + amount),
-            ];
-            for (what, limit, would_be) in checks {
+            ] {
                 if let Some(limit) = limit
                     && would_be > limit
                 {
@@ -371,14 +383,22 @@ impl Key {
                 }
             }
         }
-        let left = self.debit(amount)?;
-        u.day_calls += 1;
-        u.month_calls += 1;
-        u.day_credits += amount;
-        u.month_credits += amount;
-        self.spent.fetch_add(amount, Ordering::AcqRel);
-        self.calls.fetch_add(1, Ordering::AcqRel);
-        Ok(left)
+        Ok(())
+    }
+
+    /// Whether [`Key::charge`] would succeed now, changing nothing (shadow mode).
+    pub fn would_charge(&self, amount: i64, now_ms: i64) -> Result<(), DebitError> {
+        let mut u = *self.usage.lock().unwrap();
+        u.roll(now_ms);
+        self.check_limits(&u, amount)?;
+        let available = self.credits();
+        if available < amount {
+            return Err(DebitError::Insufficient {
+                available,
+                needed: amount,
+            });
+        }
+        Ok(())
     }
 
     /// Gives back a charge made at `charged_at_ms`; returns the new balance.
