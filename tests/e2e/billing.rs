@@ -1080,3 +1080,65 @@ async fn shadow_mode_logs_every_decision_and_enforces_and_charges_nothing() {
         "{reasons:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn topups_racing_spends_end_exact_and_twenty_keys_in_parallel_stay_isolated() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+
+    // One key: 40 calls race 20 top-ups of 3 credits; it starts with 10.
+    let (id, secret) = admin.create_key("racing", 10).await;
+    let c = b.client_with(&secret).await;
+    let mut calls = Vec::new();
+    for _ in 0..40 {
+        let c = c.clone();
+        calls.push(tokio::spawn(async move { error_of(&c, "echo").await.0 }));
+    }
+    let mut topups = Vec::new();
+    for _ in 0..20 {
+        let admin = g.admin();
+        let id = id.clone();
+        topups.push(tokio::spawn(async move { admin.topup(&id, 3).await }));
+    }
+    let mut ok = 0i64;
+    for t in calls {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            402 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    for t in topups {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        admin.key(&id).await["credits"],
+        10 + 20 * 3 - ok,
+        "granted + top-ups - successful calls"
+    );
+
+    // Twenty keys, each spending its own credits at once: no key pays for another.
+    let mut keys = Vec::new();
+    for i in 0..20 {
+        keys.push(admin.create_key(&format!("k{i}"), 5 + i).await);
+    }
+    let mut tasks = Vec::new();
+    for (i, (_, secret)) in keys.iter().enumerate() {
+        let c = b.client_with(secret).await;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..(i % 5 + 1) {
+                assert_eq!(c.call_text("echo", json!({"text": "x"})).await, "x");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for (i, (id, _)) in keys.iter().enumerate() {
+        let spent = (i % 5 + 1) as i64;
+        let key = admin.key(id).await;
+        assert_eq!(key["credits"], 5 + i as i64 - spent, "key {i}");
+        assert_eq!(key["spent"], spent, "key {i}");
+    }
+}
