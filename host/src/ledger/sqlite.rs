@@ -501,32 +501,16 @@ fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Rete
 /// The writer thread: takes everything queued, applies it in one transaction, commits, publishes.
 fn writer(mut conn: Connection, rx: mpsc::Receiver<(u64, Op)>, inner: Arc<Inner>) {
     const MAX_BATCH: usize = 4096;
-    // Under load (the last commit carried more than one operation) the writer waits this long for
-    // more operations before committing, so that many calls share one commit. Alone, a call's
-    // operation is committed at once.
-    const GATHER: std::time::Duration = std::time::Duration::from_micros(200);
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut busy = false;
     while let Ok(first) = rx.recv() {
         batch.push(first);
-        let gather_until = std::time::Instant::now() + if busy { GATHER } else { std::time::Duration::ZERO };
+        // Everything already queued goes into this commit: under load, many calls share one.
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => batch.push(op),
-                Err(mpsc::TryRecvError::Disconnected) => break,
-                Err(mpsc::TryRecvError::Empty) => {
-                    let left = gather_until.saturating_duration_since(std::time::Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    match rx.recv_timeout(left) {
-                        Ok(op) => batch.push(op),
-                        Err(_) => break,
-                    }
-                }
+                Err(_) => break,
             }
         }
-        busy = batch.len() > 1;
         let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
         let started = std::time::Instant::now();
         match apply(&mut conn, &batch) {
