@@ -516,20 +516,11 @@ async fn tool_lists_limit_what_a_key_may_call_and_see_and_tools_list_shows_price
     let b = Billed::start(&["--tool-price", "add:3"]);
     let g = b.gateway.ready_ref().await;
     let admin = g.admin();
-    let r = admin
-        .post(
-            "/admin/keys",
-            &json!({"name": "narrow", "credits": 10, "allowedTools": ["echo", "add"], "deniedTools": ["add"]}),
+    let (id, secret, _) = admin
+        .create_key_with(
+            json!({"name": "narrow", "credits": 10, "allowedTools": ["echo", "add"], "deniedTools": ["add"]}),
         )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let created: Value = r.json().await.unwrap();
-    let (id, secret) = (
-        created["id"].as_str().unwrap().to_string(),
-        created["key"].as_str().unwrap().to_string(),
-    );
+        .await;
     let c = b.client_with(&secret).await;
 
     let tools = c.request("tools/list", json!({})).await;
@@ -584,17 +575,9 @@ async fn an_expired_key_is_refused_and_shown_as_expired() {
     let b = Billed::start(&[]);
     let g = b.gateway.ready_ref().await;
     let admin = g.admin();
-    let r = admin
-        .post("/admin/keys", &json!({"name": "brief", "credits": 5, "expiresIn": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
-    let (id, secret) = (
-        v["id"].as_str().unwrap().to_string(),
-        v["key"].as_str().unwrap().to_string(),
-    );
+    let (id, secret, _) = admin
+        .create_key_with(json!({"name": "brief", "credits": 5, "expiresIn": 1}))
+        .await;
     let c = b.client_with(&secret).await;
     assert_eq!(c.call_text("echo", json!({"text": "in time"})).await, "in time");
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -782,20 +765,11 @@ async fn rate_limits_per_key_and_per_tool_refuse_with_when_to_retry_and_charge_n
     let b = Billed::start(&[]);
     let g = b.gateway.ready_ref().await;
     let admin = g.admin();
-    let r = admin
-        .post(
-            "/admin/keys",
-            &json!({"name": "limited", "credits": 100, "rateLimit": "3/min", "toolRateLimits": {"add": "1/min"}}),
+    let (id, secret, _) = admin
+        .create_key_with(
+            json!({"name": "limited", "credits": 100, "rateLimit": "3/min", "toolRateLimits": {"add": "1/min"}}),
         )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
-    let (id, secret) = (
-        v["id"].as_str().unwrap().to_string(),
-        v["key"].as_str().unwrap().to_string(),
-    );
+        .await;
     let c = b.client_with(&secret).await;
     assert_eq!(c.call_text("add", json!({"a": 1, "b": 1})).await, "2");
     let r = c

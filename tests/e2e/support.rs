@@ -493,6 +493,18 @@ impl Admin {
         )
     }
 
+    /// Creates a key from a full request body; returns its id, its secret and the whole answer.
+    pub async fn create_key_with(&self, body: Value) -> (String, String, Value) {
+        let r = self.post("/admin/keys", &body).send().await.unwrap();
+        assert_eq!(r.status(), 201, "creating a key failed: {body}");
+        let v: Value = r.json().await.unwrap();
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["key"].as_str().unwrap().to_string(),
+            v,
+        )
+    }
+
     /// The key as the admin API shows it.
     pub async fn key(&self, id: &str) -> Value {
         let r = self.get(&format!("/admin/keys/{id}")).send().await.unwrap();
