@@ -299,24 +299,20 @@ impl Gate {
         }
     }
 
-    /// Whether `key` may make this call: its tool lists, then its rate limits (the key's, then the
-    /// key×tool one).
-    pub fn check_call(&self, key: &Key, msg: &Message) -> Result<(), Refusal> {
+    /// Whether `key` may make this call (`tool`: the tool of a `tools/call`, "" if it names none):
+    /// its tool lists, then its rate limits (the key's, then the key×tool one).
+    pub fn check_call(&self, key: &Key, tool: Option<&str>) -> Result<(), Refusal> {
         let settings = key.settings();
-        let tool = if msg.method() == Some("tools/call") {
-            let tool = tool_name(msg).unwrap_or_default();
-            if !settings.allows_tool(&tool) {
-                return Err(Refusal::ToolForbidden(tool));
-            }
-            Some(tool)
-        } else {
-            None
-        };
+        if let Some(tool) = tool
+            && !settings.allows_tool(tool)
+        {
+            return Err(Refusal::ToolForbidden(tool.to_string()));
+        }
         let limits = self.limits_of(key, &settings);
         if let Some(l) = &limits.key {
             check_limiter(l, None)?;
         }
-        if let Some(tool) = &tool
+        if let Some(tool) = tool
             && let Some(l) = limits.tools.get(tool)
         {
             check_limiter(l, Some(tool))?;
@@ -381,13 +377,11 @@ impl Gate {
         Message::from_value(&crate::jsonrpc::result_response(id, serde_json::Value::Object(result)))
     }
 
-    /// What a paid request costs.
-    pub fn price(&self, msg: &Message) -> i64 {
-        let c = &self.inner.config;
-        match msg.method() {
-            Some("tools/call") => tool_name(msg).map(|t| self.tool_price(&t)).unwrap_or(c.default_price),
-            Some(m) => c.method_prices.get(m).copied().unwrap_or(0),
-            None => 0,
+    /// What a paid request costs (`tool`: the tool of a `tools/call`).
+    pub fn price(&self, method: &str, tool: Option<&str>) -> i64 {
+        match (method, tool) {
+            ("tools/call", Some(t)) => self.tool_price(t),
+            (m, _) => self.inner.config.method_prices.get(m).copied().unwrap_or(0),
         }
     }
 

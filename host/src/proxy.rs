@@ -353,14 +353,16 @@ async fn post_inner(
                     } else {
                         None
                     };
+                    // Parsed once: the tool lists, the rate limits and the price all use it.
+                    let gate_tool = (method == "tools/call").then(|| tool.as_deref().unwrap_or(""));
                     let mut key_id = None;
                     let shadow = gate.is_shadow();
-                    let price = gate.price(&msg);
+                    let price = gate.price(method, gate_tool);
                     let admitted = (|| {
                         let key = gate.key_of(headers)?;
                         key_id = Some(key.id.clone());
                         gate.check_ip(&key, client_ip_of(state, headers, peer))?;
-                        gate.check_call(&key, &msg)?;
+                        gate.check_call(&key, gate_tool)?;
                         if shadow {
                             gate.would_reserve(&key, price)?;
                             return Ok(None);

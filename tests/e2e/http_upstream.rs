@@ -119,14 +119,7 @@ async fn the_server_stream_is_forwarded() {
     let g = gateway(&fx).await;
     let mut c = g.client();
     c.initialize().await;
-    let stream = c
-        .http
-        .get(&c.url)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", c.session.as_deref().unwrap())
-        .send()
-        .await
-        .unwrap();
+    let stream = c.open_stream().await;
     assert_eq!(stream.status(), 200);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(c.call_text("notify_list_changed", json!({})).await, "sent");

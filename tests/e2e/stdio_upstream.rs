@@ -206,14 +206,7 @@ async fn list_changes_reach_every_open_stream() {
     let g = Gateway::stdio_fixture("").ready().await;
     let mut listener = g.client();
     listener.initialize().await;
-    let stream = listener
-        .http
-        .get(&listener.url)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", listener.session.as_deref().unwrap())
-        .send()
-        .await
-        .unwrap();
+    let stream = listener.open_stream().await;
     assert_eq!(stream.status(), 200);
     let mut caller = g.client();
     caller.initialize().await;
@@ -273,14 +266,7 @@ async fn ending_a_session_ends_its_open_stream() {
     let g = Gateway::stdio_fixture("").ready().await;
     let mut c = g.client();
     c.initialize().await;
-    let stream = c
-        .http
-        .get(&c.url)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", c.session.as_deref().unwrap())
-        .send()
-        .await
-        .unwrap();
+    let stream = c.open_stream().await;
     assert_eq!(stream.status(), 200);
     assert_eq!(c.delete().await.status(), 204);
     let ended = tokio::time::timeout(Duration::from_secs(3), stream.bytes()).await;

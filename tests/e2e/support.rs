@@ -358,6 +358,17 @@ impl McpClient {
             .to_string()
     }
 
+    /// Opens the session's server-to-client stream (`GET /mcp`).
+    pub async fn open_stream(&self) -> reqwest::Response {
+        self.http
+            .get(&self.url)
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", self.session.as_deref().unwrap())
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn delete(&self) -> reqwest::Response {
         self.http
             .delete(&self.url)
