@@ -47,6 +47,12 @@ pub enum AdminError {
     Conflict(String),
     #[error("the ledger is unavailable")]
     Unavailable,
+    /// A reload refused; the plugins that were serving still are.
+    #[error("reload refused, the running plugins keep serving: {0}")]
+    ReloadRefused(String),
+    /// The health plugin failed (details in the log).
+    #[error("health policy failed")]
+    HealthFailed,
 }
 
 impl AdminError {
@@ -67,6 +73,8 @@ impl AdminError {
                 Refusal::Limit(crate::ledger::DebitError::SpendingLimit { .. }) => StatusCode::PAYMENT_REQUIRED,
                 Refusal::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
                 Refusal::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+                Refusal::PolicyDenied(_) => StatusCode::FORBIDDEN,
+                Refusal::PolicyFailed => StatusCode::INTERNAL_SERVER_ERROR,
             },
             AdminError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AdminError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -74,6 +82,8 @@ impl AdminError {
             AdminError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::Conflict(_) => StatusCode::CONFLICT,
             AdminError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            AdminError::ReloadRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AdminError::HealthFailed => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -175,6 +185,9 @@ async fn route(
         }
         (Method::GET, ["requests"]) => list_requests(gate, req.uri().query().unwrap_or("")).await,
         (Method::GET, ["consumer-insights"]) => consumer_insights(gate).await,
+        (Method::GET, ["plugins"]) => Ok(ok(StatusCode::OK, plugins_view(gate))),
+        (Method::POST, ["plugins", "reload"]) => reload_plugins(state, gate, req).await,
+        (Method::GET, ["system-health"]) => system_health(gate).await,
         (Method::GET, ["ledger"]) => {
             let key_id = req
                 .uri()
@@ -195,9 +208,18 @@ async fn route(
                 .collect();
             Ok(ok(StatusCode::OK, json!({ "entries": rows })))
         }
-        (_, ["keys"] | ["keys", _] | ["keys", _, _] | ["ledger"] | ["requests"] | ["consumer-insights"]) => {
-            Err(AdminError::MethodNotAllowed)
-        }
+        (
+            _,
+            ["keys"]
+            | ["keys", _]
+            | ["keys", _, _]
+            | ["ledger"]
+            | ["requests"]
+            | ["consumer-insights"]
+            | ["plugins"]
+            | ["plugins", "reload"]
+            | ["system-health"],
+        ) => Err(AdminError::MethodNotAllowed),
         _ => Err(AdminError::NoRoute),
     }
 }
@@ -374,6 +396,131 @@ async fn consumer_insights(gate: &Gate) -> Result<Response<Body>, AdminError> {
             "generatedAt": rfc3339(now),
         }),
     ))
+}
+
+/// `GET /admin/plugins`: each loaded plugin, where it came from, and how its calls go.
+fn plugins_view(gate: &Gate) -> Value {
+    let policy = gate.policy();
+    let l = policy.limits();
+    json!({
+        "plugins": policy.describe(crate::policy::DEFAULT_TENANT),
+        "limits": {
+            "memoryBytes": l.memory_bytes,
+            "pricingFuel": l.pricing_fuel,
+            "healthFuel": l.health_fuel,
+            "pricingTimeoutMs": l.pricing_deadline.as_millis() as u64,
+            "healthTimeoutMs": l.health_deadline.as_millis() as u64,
+            "maxArgumentBytes": l.max_argument_bytes,
+            "maxPrice": l.max_price,
+            "poolSize": l.pool_size,
+            "recycleAfter": l.recycle_after,
+        },
+    })
+}
+
+/// One role in a `POST /admin/plugins/reload` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginInput {
+    /// A component file; omitted: the embedded default.
+    file: Option<std::path::PathBuf>,
+    /// The plugin's configuration; omitted: `{}`.
+    config: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReloadInput {
+    pricing: Option<PluginInput>,
+    health: Option<PluginInput>,
+}
+
+/// `POST /admin/plugins/reload`: load the plugins again and swap them in atomically, or change
+/// nothing and say why. With a body, the roles it names get the component and configuration it
+/// gives; without one, the plugins come from the config file again (`serve`), or the same
+/// component files are read again (`wrap`).
+async fn reload_plugins(
+    state: &AppState,
+    gate: &Gate,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, AdminError> {
+    let has_body = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || req.headers().contains_key(header::TRANSFER_ENCODING);
+    let (pricing, health) = if has_body {
+        let input: ReloadInput = json_body(req).await?;
+        let spec = |p: PluginInput| crate::policy::PluginSpec {
+            file: p.file,
+            config: p.config.unwrap_or_else(|| json!({})).to_string(),
+        };
+        (input.pricing.map(spec), input.health.map(spec))
+    } else if let Some(path) = state.config().source.clone() {
+        let config = crate::config::RawConfig::from_file(&path)
+            .and_then(crate::config::RawConfig::validate)
+            .map_err(|e| AdminError::ReloadRefused(e.to_string()))?;
+        let Some(billing) = config.billing else {
+            return Err(AdminError::ReloadRefused(format!(
+                "{}: billing is off in the file; that needs a restart",
+                path.display()
+            )));
+        };
+        if billing.policy.limits != *gate.policy().limits() {
+            tracing::warn!("plugin limits changed in the config file; they apply after a restart");
+        }
+        (Some(billing.policy.pricing), Some(billing.policy.health))
+    } else {
+        (None, None)
+    };
+    let g = gate.clone();
+    let reloaded =
+        tokio::task::spawn_blocking(move || g.policy().reload(crate::policy::DEFAULT_TENANT, pricing, health))
+            .await
+            .map_err(|_| AdminError::Unavailable)?;
+    match reloaded {
+        Ok(changes) => {
+            tracing::info!(?changes, "plugins reloaded");
+            Ok(ok(
+                StatusCode::OK,
+                json!({"reloaded": changes, "plugins": plugins_view(gate)["plugins"]}),
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "plugin reload refused");
+            Err(AdminError::ReloadRefused(e.to_string()))
+        }
+    }
+}
+
+/// `GET /admin/system-health`: the health plugin's report on a snapshot of the keys and the
+/// request-log window. Scored off the async workers, so the proxy never waits for it.
+async fn system_health(gate: &Gate) -> Result<Response<Body>, AdminError> {
+    let g = gate.clone();
+    let scored = tokio::task::spawn_blocking(move || {
+        let now = now_ms();
+        let mut figures = crate::policy::health::KeyFigures::default();
+        g.ledger().for_each(|k| figures.add(k, now));
+        let policy = g.policy();
+        let window_ms = policy.health_window.as_millis() as i64;
+        let buckets = g.window().since((now - window_ms).div_euclid(60_000) + 1);
+        let plugin = policy.default_tenant().health.load();
+        let report = plugin.score(policy.limits(), &figures, &buckets, window_ms, now);
+        (report, plugin.info.file.clone(), now, window_ms)
+    })
+    .await
+    .map_err(|_| AdminError::Unavailable)?;
+    match scored {
+        (Ok(r), _, now, window_ms) => Ok(ok(
+            StatusCode::OK,
+            json!({"score": r.score, "level": r.level, "components": r.components,
+                   "windowMs": window_ms, "generatedAt": rfc3339(now)}),
+        )),
+        (Err(f), file, _, _) => {
+            tracing::error!(plugin = %file, error = %f, "health plugin failed");
+            Err(AdminError::HealthFailed)
+        }
+    }
 }
 
 /// Decodes `%XX` and `+` in a query value.

@@ -134,21 +134,29 @@ pub fn main() -> ExitCode {
     let config = match cli.command {
         Command::Check { config } => {
             return match RawConfig::from_file(&config).and_then(RawConfig::validate) {
-                Ok(_) => {
-                    println!("{}: ok", config.display());
-                    ExitCode::SUCCESS
-                }
+                Ok(c) => match check_plugins(&c) {
+                    Ok(()) => {
+                        println!("{}: ok", config.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {}: plugins: {e}", config.display());
+                        ExitCode::from(2)
+                    }
+                },
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(2)
                 }
             };
         }
-        Command::Serve { config, listen } => RawConfig::from_file(&config).and_then(|mut raw| {
+        Command::Serve { config: path, listen } => RawConfig::from_file(&path).and_then(|mut raw| {
             if listen.is_some() {
                 raw.server.listen = listen;
             }
-            raw.validate()
+            let mut config = raw.validate()?;
+            config.source = Some(path);
+            Ok(config)
         }),
         Command::Wrap(args) => args.into_config(),
     };
@@ -173,6 +181,21 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Compiles and configures the plugins a config names, as start-up would (without the cache).
+fn check_plugins(config: &Config) -> Result<(), crate::policy::PolicyError> {
+    if let Some(b) = &config.billing {
+        let policy = crate::policy::Policy::load(&b.policy, None)?;
+        for p in policy.describe(crate::policy::DEFAULT_TENANT) {
+            println!(
+                "plugin {}: {} ok",
+                p["role"].as_str().unwrap_or("?"),
+                p["file"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn serve(config: Config) -> std::io::Result<()> {

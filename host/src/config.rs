@@ -18,6 +18,8 @@ pub struct Config {
     pub sessions: SessionConfig,
     /// `None`: billing is off, every method is free and no key is asked for.
     pub billing: Option<BillingConfig>,
+    /// The file this came from (`serve`), read again on a reload.
+    pub source: Option<PathBuf>,
 }
 
 /// The largest credit amount accepted anywhere (balances, prices, top-ups): 10^12.
@@ -64,6 +66,8 @@ pub struct BillingConfig {
     pub log_max_rows: i64,
     /// Evaluate and log every decision, enforce none, charge none.
     pub shadow: bool,
+    /// The pricing and health plugins, their configuration and limits.
+    pub policy: crate::policy::PolicyConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +152,125 @@ pub struct RawConfig {
     pub sessions: RawSessions,
     #[serde(default)]
     pub billing: RawBilling,
+    #[serde(default)]
+    pub plugins: RawPlugins,
+}
+
+/// `[plugins]`: which WebAssembly components price calls and score health, and their limits.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlugins {
+    /// Memory cap per plugin instance, MiB (default 16).
+    pub memory_mib: Option<u64>,
+    /// Work bound of one pricing call, in fuel units (about one per instruction; default 5000000).
+    pub pricing_fuel: Option<u64>,
+    /// Work bound of one health score (default 500000000).
+    pub health_fuel: Option<u64>,
+    /// Wall-clock backstop of one pricing call, ms (default 250).
+    pub pricing_timeout_ms: Option<u64>,
+    /// Wall-clock backstop of one health score, ms (default 5000).
+    pub health_timeout_ms: Option<u64>,
+    /// Arguments above this size reach the pricing plugin as a size only (default 65536).
+    pub max_argument_bytes: Option<u64>,
+    /// The highest price a pricing plugin may set (default 1000000).
+    pub max_price: Option<u64>,
+    /// Warm instances per plugin (default: twice the CPU count).
+    pub pool_size: Option<u64>,
+    /// Replace an instance after this many calls (default 1000000).
+    pub recycle_after: Option<u64>,
+    /// How much of the request log health scoring looks at, e.g. "1h" (default; at most 24h).
+    pub health_window: Option<String>,
+    pub pricing: Option<RawPlugin>,
+    pub health: Option<RawPlugin>,
+}
+
+/// One plugin: its component file (default: the embedded one) and its configuration.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlugin {
+    pub file: Option<PathBuf>,
+    pub config: Option<toml::Table>,
+}
+
+impl RawPlugins {
+    fn validate(
+        self,
+        default_pricing: serde_json::Value,
+        prices_set: bool,
+    ) -> Result<crate::policy::PolicyConfig, ConfigError> {
+        let d = crate::policy::Limits::default();
+        let mib = positive("plugins.memory_mib", self.memory_mib, 16)?;
+        if mib > 4096 {
+            return Err(invalid("plugins.memory_mib", "must be at most 4096"));
+        }
+        let limits = crate::policy::Limits {
+            memory_bytes: (mib as usize) << 20,
+            pricing_fuel: positive("plugins.pricing_fuel", self.pricing_fuel, d.pricing_fuel)?,
+            health_fuel: positive("plugins.health_fuel", self.health_fuel, d.health_fuel)?,
+            load_fuel: d.load_fuel,
+            pricing_deadline: ms("plugins.pricing_timeout_ms", self.pricing_timeout_ms, 250)?,
+            health_deadline: ms("plugins.health_timeout_ms", self.health_timeout_ms, 5000)?,
+            load_deadline: d.load_deadline,
+            max_argument_bytes: self.max_argument_bytes.unwrap_or(d.max_argument_bytes as u64) as usize,
+            max_price: match self.max_price {
+                Some(p) if p == 0 || p > MAX_CREDITS as u64 => {
+                    return Err(invalid("plugins.max_price", format!("must be from 1 to {MAX_CREDITS}")));
+                }
+                p => p.unwrap_or(d.max_price),
+            },
+            pool_size: positive("plugins.pool_size", self.pool_size, d.pool_size as u64)?.min(64) as usize,
+            recycle_after: positive("plugins.recycle_after", self.recycle_after, d.recycle_after)?,
+        };
+        let health_window = match self.health_window.as_deref() {
+            None => Duration::from_secs(3600),
+            Some(w) => match humantime::parse_duration(w) {
+                Ok(d) if d >= Duration::from_secs(60) && d <= Duration::from_secs(86_400) => d,
+                _ => {
+                    return Err(invalid(
+                        "plugins.health_window",
+                        format!("{w:?} is not a duration from 1m to 24h"),
+                    ));
+                }
+            },
+        };
+        let spec = |path: &str, raw: Option<RawPlugin>, default: serde_json::Value| {
+            let raw = raw.unwrap_or_default();
+            if let Some(f) = &raw.file
+                && !f.is_file()
+            {
+                return Err(invalid(
+                    &format!("{path}.file"),
+                    format!("{} is not a file", f.display()),
+                ));
+            }
+            let config = match raw.config {
+                Some(t) => serde_json::to_value(t).map_err(|e| invalid(&format!("{path}.config"), e.to_string()))?,
+                None if raw.file.is_none() => default,
+                None => serde_json::json!({}),
+            };
+            Ok(crate::policy::PluginSpec {
+                file: raw.file,
+                config: config.to_string(),
+            })
+        };
+        if prices_set
+            && self
+                .pricing
+                .as_ref()
+                .is_some_and(|p| p.file.is_some() || p.config.is_some())
+        {
+            return Err(invalid(
+                "plugins.pricing",
+                "prices are set in [billing] too; with a pricing plugin configured, set them in plugins.pricing.config",
+            ));
+        }
+        Ok(crate::policy::PolicyConfig {
+            limits,
+            pricing: spec("plugins.pricing", self.pricing, default_pricing)?,
+            health: spec("plugins.health", self.health, serde_json::json!({}))?,
+            health_window,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -366,8 +489,9 @@ impl RawConfig {
             )?),
             max: positive("sessions.max", self.sessions.max, 10_000)? as usize,
         };
-        let billing = self.billing.validate()?;
+        let billing = self.billing.validate(self.plugins)?;
         Ok(Config {
+            source: None,
             server,
             upstream,
             sessions,
@@ -377,10 +501,11 @@ impl RawConfig {
 }
 
 impl RawBilling {
-    fn validate(self) -> Result<Option<BillingConfig>, ConfigError> {
+    fn validate(self, plugins: RawPlugins) -> Result<Option<BillingConfig>, ConfigError> {
         if self.enabled == Some(false) {
             return Ok(None);
         }
+        let prices_set = self.default_price.is_some() || self.tool_prices.is_some() || self.method_prices.is_some();
         let price = |path: &str, v: i64| -> Result<i64, ConfigError> {
             if !(0..=MAX_CREDITS).contains(&v) {
                 return Err(invalid(path, format!("{v} is not a price from 0 to {MAX_CREDITS}")));
@@ -427,7 +552,14 @@ impl RawBilling {
         {
             return Err(invalid("billing.admin_key", "must be at least 16 characters"));
         }
+        let default_pricing = serde_json::json!({
+            "default_price": default_price,
+            "tools": tool_prices,
+            "methods": method_prices,
+        });
+        let policy = plugins.validate(default_pricing, prices_set)?;
         Ok(Some(BillingConfig {
+            policy,
             data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("tollgate-data")),
             default_price,
             tool_prices,

@@ -95,6 +95,8 @@ impl Error {
                     Some(json!({ "available": available, "needed": needed })),
                 ),
                 Refusal::LedgerUnavailable => (StatusCode::SERVICE_UNAVAILABLE, code::LEDGER_UNAVAILABLE, msg, None),
+                Refusal::PolicyDenied(_) => (StatusCode::FORBIDDEN, code::POLICY_DENIED, msg, None),
+                Refusal::PolicyFailed => (StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL_ERROR, msg, None),
             },
             // The exchange reached the gateway and the JSON-RPC error says what happened upstream, so
             // SDKs surface the code and message; HTTP-level answers only where the transport needs one.

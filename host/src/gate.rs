@@ -12,6 +12,9 @@ use crate::config::BillingConfig;
 use crate::jsonrpc::Message;
 use crate::ledger::keys::{self, KeyHash};
 use crate::ledger::{DebitError, Key, KeySettings, Ledger, LedgerError, Reservation, Status, StoreError};
+use crate::policy::pricing::{CallInput, Price, Priced};
+use crate::policy::{Policy, PolicyError};
+use crate::window::Window;
 
 /// Why a call is refused at the gate.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -42,6 +45,11 @@ pub enum Refusal {
     Insufficient { available: i64, needed: i64 },
     #[error("the ledger is unavailable; no charge can be recorded")]
     LedgerUnavailable,
+    #[error("refused by the pricing policy: {0}")]
+    PolicyDenied(String),
+    /// The pricing plugin failed (details are in the log, not in the answer).
+    #[error("pricing policy failed")]
+    PolicyFailed,
 }
 
 impl Refusal {
@@ -60,6 +68,8 @@ impl Refusal {
             Refusal::Limit(_) => "quota",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::LedgerUnavailable => "ledger_unavailable",
+            Refusal::PolicyDenied(_) => "policy_denied",
+            Refusal::PolicyFailed => "pricing_policy_failed",
         }
     }
 }
@@ -127,6 +137,8 @@ pub enum GateError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("loading the policy plugins: {0}")]
+    Policy(#[from] PolicyError),
 }
 
 /// The gate and its ledger; cheap to clone.
@@ -143,6 +155,10 @@ struct Inner {
     admin_failures: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, AdminFailures>>,
     /// Rate limiters per key id, rebuilt when the key's settings change.
     limits: std::sync::RwLock<std::collections::HashMap<String, Arc<Limits>>>,
+    /// The pricing and health plugins.
+    policy: Policy,
+    /// Per-minute totals of the request log, for health scoring.
+    window: Window,
 }
 
 /// Wrong admin keys from one peer.
@@ -208,6 +224,12 @@ impl Gate {
             Some(k) => (keys::hash(k), None),
             None => admin_key_from_file(&config.data_dir)?,
         };
+        let policy = Policy::load(&config.policy, Some(config.data_dir.join("plugin-cache")))?;
+        let window = Window::default();
+        let since = crate::ledger::now_ms() - crate::window::MAX_MINUTES as i64 * 60_000;
+        for (minute, outcome, n, credits, total_us, max_us) in ledger.store().request_minutes(since)? {
+            window.add(minute, &outcome, n, credits, total_us, max_us);
+        }
         Ok((
             Gate {
                 inner: Arc::new(Inner {
@@ -216,6 +238,8 @@ impl Gate {
                     admin_hash,
                     limits: std::sync::RwLock::new(std::collections::HashMap::new()),
                     admin_failures: std::sync::Mutex::new(std::collections::HashMap::new()),
+                    policy,
+                    window,
                 }),
             },
             shown_once,
@@ -343,15 +367,10 @@ impl Gate {
         built
     }
 
-    /// The price of a tool.
-    pub fn tool_price(&self, tool: &str) -> i64 {
-        let c = &self.inner.config;
-        c.tool_prices.get(tool).copied().unwrap_or(c.default_price)
-    }
-
     /// A `tools/list` answer as a key should see it: only the tools it may call, each with its
-    /// price in `_meta["tollgate/price"]`.
-    pub fn view_tools(&self, m: Message, settings: Option<&KeySettings>) -> Message {
+    /// price for a call without arguments in `_meta["tollgate/price"]` (omitted where the pricing
+    /// plugin refuses or fails).
+    pub fn view_tools(&self, m: Message, key: Option<&Key>) -> Message {
         if !m.is_response() || m.is_error() {
             return m;
         }
@@ -359,14 +378,34 @@ impl Gate {
         let Some(tools) = result.get_mut("tools").and_then(|t| t.as_array_mut()) else {
             return m;
         };
+        let settings = key.map(|k| k.settings());
         tools.retain(|t| {
             let name = t.get("name").and_then(|n| n.as_str()).unwrap_or_default();
-            settings.is_none_or(|s| s.allows_tool(name))
+            settings.as_ref().is_none_or(|s| s.allows_tool(name))
         });
+        let now_ms = crate::ledger::now_ms();
         for t in tools.iter_mut() {
             let name = t.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string();
-            let price = self.tool_price(&name);
-            if let Some(obj) = t.as_object_mut() {
+            let input = CallInput {
+                method: "tools/call",
+                tool: Some(&name),
+                arguments: Some("{}"),
+                request_id: "",
+                now_ms,
+            };
+            let price =
+                match self
+                    .inner
+                    .policy
+                    .default_tenant()
+                    .pricing
+                    .load()
+                    .price(self.inner.policy.limits(), &input, key)
+                {
+                    Priced::Charge(p) => Some(p.credits),
+                    _ => None,
+                };
+            if let (Some(obj), Some(price)) = (t.as_object_mut(), price) {
                 let meta = obj.entry("_meta").or_insert_with(|| serde_json::json!({}));
                 if let Some(meta) = meta.as_object_mut() {
                     meta.insert("tollgate/price".into(), price.into());
@@ -377,12 +416,26 @@ impl Gate {
         Message::from_value(&crate::jsonrpc::result_response(id, serde_json::Value::Object(result)))
     }
 
-    /// What a paid request costs (`tool`: the tool of a `tools/call`).
-    pub fn price(&self, method: &str, tool: Option<&str>) -> i64 {
-        match (method, tool) {
-            ("tools/call", Some(t)) => self.tool_price(t),
-            (m, _) => self.inner.config.method_prices.get(m).copied().unwrap_or(0),
+    /// What a paid request costs, as the pricing plugin decides. A plugin that fails refuses the
+    /// call (fail closed); the details go to the log only.
+    pub fn price(&self, key: &Key, input: &CallInput<'_>) -> Result<Price, Refusal> {
+        let plugin = self.inner.policy.default_tenant().pricing.load();
+        match plugin.price(self.inner.policy.limits(), input, Some(key)) {
+            Priced::Charge(p) => Ok(p),
+            Priced::Denied(reason) => Err(Refusal::PolicyDenied(reason)),
+            Priced::Failed(f) => {
+                tracing::error!(plugin = %plugin.info.file, error = %f, request_id = input.request_id, "pricing plugin failed; call refused");
+                Err(Refusal::PolicyFailed)
+            }
         }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    pub fn window(&self) -> &Window {
+        &self.inner.window
     }
 
     /// Reserves the price of a call on `key` under `request_id`.
@@ -392,7 +445,15 @@ impl Gate {
 
     /// Settles a reservation by the call's outcome and waits until the result is durable. Returns
     /// the key's balance after settlement.
-    pub async fn settle(&self, r: Reservation, outcome: Outcome, record: &CallRecord<'_>) -> Result<i64, Refusal> {
+    /// `price`: what was reserved for; `answer_bytes`: the size of the answer, for a surcharge.
+    pub async fn settle(
+        &self,
+        r: Reservation,
+        price: Price,
+        answer_bytes: usize,
+        outcome: Outcome,
+        record: &CallRecord<'_>,
+    ) -> Result<i64, Refusal> {
         let c = &self.inner.config;
         let keep = match outcome {
             Outcome::Ok => true,
@@ -402,9 +463,13 @@ impl Gate {
             Outcome::NotForwarded => false,
         };
         let key = r.key.clone();
-        let amount = r.amount;
-        let seq = self.inner.ledger.settle(r, keep)?;
-        let (outcome_name, credits) = if keep { ("allowed", amount) } else { ("refunded", 0) };
+        let kept = if keep {
+            price.kept(answer_bytes).min(r.amount)
+        } else {
+            0
+        };
+        let seq = self.inner.ledger.settle(r, kept)?;
+        let (outcome_name, credits) = if keep { ("allowed", kept) } else { ("refunded", 0) };
         self.log(
             record,
             outcome_name,
@@ -438,7 +503,12 @@ impl Gate {
 
     /// Records a refused call in the request log.
     pub fn log_denied(&self, record: &CallRecord<'_>, refusal: &Refusal) {
-        self.log(record, "denied", Some(refusal.reason()), 0);
+        let outcome = if matches!(refusal, Refusal::PolicyFailed) {
+            "error"
+        } else {
+            "denied"
+        };
+        self.log(record, outcome, Some(refusal.reason()), 0);
     }
 
     fn log(&self, r: &CallRecord<'_>, outcome: &str, reason: Option<&str>, credits: i64) {
@@ -454,6 +524,9 @@ impl Gate {
             duration_us: r.started.elapsed().as_micros() as i64,
             created_at: crate::ledger::now_ms(),
         };
+        self.inner
+            .window
+            .record(row.created_at, outcome, credits, row.duration_us as u64);
         // The log is not money: it is not waited for, and a failure to queue it is only logged.
         if let Err(e) = self.inner.ledger.store().submit(crate::ledger::Op::Request(row)) {
             tracing::warn!(error = %e, "request log row dropped");
@@ -491,17 +564,22 @@ pub fn client_ip(peer: std::net::IpAddr, headers: &HeaderMap, trusted: &[ipnet::
     ip
 }
 
-/// The tool a `tools/call` names.
-pub fn tool_name(msg: &Message) -> Option<String> {
+/// The tool a `tools/call` names, and its arguments as JSON text.
+pub fn tool_call(msg: &Message) -> (Option<String>, Option<&str>) {
     #[derive(Deserialize)]
     struct Call<'a> {
         #[serde(borrow)]
-        name: std::borrow::Cow<'a, str>,
+        name: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow)]
+        arguments: Option<&'a serde_json::value::RawValue>,
     }
-    let raw = msg.raw_params()?;
-    serde_json::from_str::<Call>(raw.get())
-        .ok()
-        .map(|c| c.name.into_owned())
+    let Some(raw) = msg.raw_params() else {
+        return (None, None);
+    };
+    match serde_json::from_str::<Call>(raw.get()) {
+        Ok(c) => (c.name.map(|n| n.into_owned()), c.arguments.map(|a| a.get())),
+        Err(_) => (None, None),
+    }
 }
 
 #[derive(Deserialize)]

@@ -55,6 +55,8 @@ pub mod code {
     pub const QUOTA_EXCEEDED: i64 = -32013;
     /// The ledger cannot record charges (HTTP 503).
     pub const LEDGER_UNAVAILABLE: i64 = -32007;
+    /// The pricing plugin refused the call (its reason is in the message).
+    pub const POLICY_DENIED: i64 = -32014;
     /// Not enough credits for the call (HTTP 402); `data` has `available` and `needed`.
     pub const INSUFFICIENT_CREDITS: i64 = -32402;
     /// The upstream MCP server is not running or cannot be reached.
@@ -216,6 +218,11 @@ impl Message {
     /// The raw `params` text, if any.
     pub fn raw_params(&self) -> Option<&RawValue> {
         self.params.as_deref()
+    }
+
+    /// The size of the `result` text in bytes (0 when there is none).
+    pub fn result_len(&self) -> usize {
+        self.result.as_ref().map_or(0, |r| r.get().len())
     }
 
     /// The raw `result` text, if any.

@@ -27,12 +27,14 @@ pub mod error;
 pub mod gate;
 pub mod jsonrpc;
 pub mod ledger;
+pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod session;
 pub mod sse;
 pub mod telemetry;
 pub mod upstream;
+pub mod window;
 
 use tokio::net::TcpListener;
 

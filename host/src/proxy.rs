@@ -21,7 +21,8 @@ use crate::deadline::{self, Deadline, Deadlines};
 use crate::error::Error;
 use crate::gate::{self, CallRecord, Gate, GateError, Outcome};
 use crate::jsonrpc::{self, Kind, Message, code};
-use crate::ledger::{KeySettings, Reservation};
+use crate::ledger::{Key, Reservation};
+use crate::policy::pricing::{CallInput, Price};
 use crate::session::{Session, Sessions};
 use crate::sse;
 use crate::upstream::{self, Replies, Reply, Upstream};
@@ -341,33 +342,42 @@ async fn post_inner(
             let view = match state.gate() {
                 Some(gate) if method == "tools/list" => Some(ToolsView {
                     gate: gate.clone(),
-                    settings: gate.key_of(headers).ok().map(|k| k.settings()),
+                    key: gate.key_of(headers).ok(),
                 }),
                 _ => None,
             };
             let charge = match state.gate() {
                 Some(gate) if !gate.is_free(method) => {
                     let request_id = format!("req_{:016x}", rand::random::<u64>());
-                    let tool = if method == "tools/call" {
-                        gate::tool_name(&msg)
-                    } else {
-                        None
-                    };
                     // Parsed once: the tool lists, the rate limits and the price all use it.
+                    let (tool, arguments) = if method == "tools/call" {
+                        gate::tool_call(&msg)
+                    } else {
+                        (None, msg.raw_params().map(|p| p.get()))
+                    };
                     let gate_tool = (method == "tools/call").then(|| tool.as_deref().unwrap_or(""));
                     let mut key_id = None;
+                    let mut price = None;
                     let shadow = gate.is_shadow();
-                    let price = gate.price(method, gate_tool);
                     let admitted = (|| {
                         let key = gate.key_of(headers)?;
                         key_id = Some(key.id.clone());
                         gate.check_ip(&key, client_ip_of(state, headers, peer))?;
                         gate.check_call(&key, gate_tool)?;
+                        let input = CallInput {
+                            method,
+                            tool: gate_tool,
+                            arguments,
+                            request_id: &request_id,
+                            now_ms: crate::ledger::now_ms(),
+                        };
+                        let p = gate.price(&key, &input)?;
+                        price = Some(p);
                         if shadow {
-                            gate.would_reserve(&key, price)?;
+                            gate.would_reserve(&key, p.reserved())?;
                             return Ok(None);
                         }
-                        gate.reserve(&key, price, &request_id).map(Some)
+                        gate.reserve(&key, p.reserved(), &request_id).map(Some)
                     })();
                     let record = CallRecord {
                         request_id: &request_id,
@@ -380,12 +390,13 @@ async fn post_inner(
                         Ok(Some(reservation)) => Some(Charge {
                             gate: gate.clone(),
                             reservation,
+                            price: price.unwrap_or(Price::flat(0)),
                             method: method.to_string(),
                             tool,
                             started,
                         }),
                         Ok(None) => {
-                            gate.log_shadow_allowed(&record, price);
+                            gate.log_shadow_allowed(&record, price.map_or(0, |p| p.reserved()));
                             None
                         }
                         Err(refusal) if shadow => {
@@ -406,7 +417,7 @@ async fn post_inner(
                 Ok(reply) => respond_charged(reply, accept, deadline, call_timeout, id_out.clone(), charge, view).await,
                 Err(e) => {
                     if let Some(c) = charge {
-                        c.settle(outcome_of_error(&e)).await?;
+                        c.settle(outcome_of_error(&e), 0).await?;
                     }
                     Err(e)
                 }
@@ -462,13 +473,13 @@ pub fn client_ip_of(state: &AppState, headers: &HeaderMap, peer: IpAddr) -> IpAd
 /// How a `tools/list` answer is shown to one caller.
 struct ToolsView {
     gate: Gate,
-    settings: Option<Arc<KeySettings>>,
+    key: Option<Arc<Key>>,
 }
 
 impl ToolsView {
     fn apply(view: &Option<ToolsView>, m: Message) -> Message {
         match view {
-            Some(v) => v.gate.view_tools(m, v.settings.as_deref()),
+            Some(v) => v.gate.view_tools(m, v.key.as_deref()),
             None => m,
         }
     }
@@ -478,14 +489,16 @@ impl ToolsView {
 struct Charge {
     gate: Gate,
     reservation: Reservation,
+    price: Price,
     method: String,
     tool: Option<String>,
     started: std::time::Instant,
 }
 
 impl Charge {
-    /// Keeps or refunds per the outcome, logs the call; durable before it returns.
-    async fn settle(self, outcome: Outcome) -> Result<Settled, Error> {
+    /// Keeps or refunds per the outcome (and the answer's size, for a surcharge), logs the call;
+    /// durable before it returns.
+    async fn settle(self, outcome: Outcome, answer_bytes: usize) -> Result<Settled, Error> {
         let request_id = self.reservation.request_id.clone();
         let key_id = self.reservation.key.id.clone();
         let record = CallRecord {
@@ -495,7 +508,10 @@ impl Charge {
             tool: self.tool.as_deref(),
             started: self.started,
         };
-        let credits = self.gate.settle(self.reservation, outcome, &record).await?;
+        let credits = self
+            .gate
+            .settle(self.reservation, self.price, answer_bytes, outcome, &record)
+            .await?;
         Ok(Settled { credits, request_id })
     }
 }
@@ -550,24 +566,24 @@ async fn respond_charged(
     charge: Option<Charge>,
     view: Option<ToolsView>,
 ) -> Result<Response<Body>, Error> {
-    let settle = |charge: Option<Charge>, outcome: Outcome| async move {
+    let settle = |charge: Option<Charge>, outcome: Outcome, answer_bytes: usize| async move {
         match charge {
-            Some(c) => c.settle(outcome).await.map(Some),
+            Some(c) => c.settle(outcome, answer_bytes).await.map(Some),
             None => Ok(None),
         }
     };
     match reply {
         Reply::Done(m) => {
-            let credits = settle(charge, gate::outcome_of_message(&m)).await?;
+            let credits = settle(charge, gate::outcome_of_message(&m), m.result_len()).await?;
             Ok(with_credits(one(&ToolsView::apply(&view, m), accept), credits))
         }
         Reply::Raw(bytes) if view.is_some() => {
             let m = Message::parse(&bytes).map_err(|e| upstream::Error::Protocol(e.to_string()))?;
-            let credits = settle(charge, gate::outcome_of_message(&m)).await?;
+            let credits = settle(charge, gate::outcome_of_message(&m), m.result_len()).await?;
             Ok(with_credits(one(&ToolsView::apply(&view, m), accept), credits))
         }
         Reply::Raw(bytes) => {
-            let credits = settle(charge, gate::outcome_of(&bytes)).await?;
+            let credits = settle(charge, gate::outcome_of(&bytes), bytes.len()).await?;
             Ok(with_credits(raw(bytes, accept), credits))
         }
         Reply::Stream(replies) if replies.streamable && accept.sse => {
@@ -576,15 +592,15 @@ async fn respond_charged(
         Reply::Stream(mut replies) => loop {
             match deadline::race(deadline.alarm(), replies.recv()).await {
                 Err(_) => {
-                    settle(charge, Outcome::Timeout).await?;
+                    settle(charge, Outcome::Timeout, 0).await?;
                     return Err(upstream::Error::Timeout(timeout).into());
                 }
                 Ok(None) => {
-                    settle(charge, Outcome::Timeout).await?;
+                    settle(charge, Outcome::Timeout, 0).await?;
                     return Err(upstream::Error::Closed.into());
                 }
                 Ok(Some(m)) if m.is_response() => {
-                    let credits = settle(charge, gate::outcome_of_message(&m)).await?;
+                    let credits = settle(charge, gate::outcome_of_message(&m), m.result_len()).await?;
                     return Ok(with_credits(one(&ToolsView::apply(&view, m), accept), credits));
                 }
                 Ok(Some(_)) => continue,
@@ -631,7 +647,7 @@ fn stream(
             }
             if last
                 && let Some(c) = charge.take()
-                && let Err(e) = c.settle(outcome).await
+                && let Err(e) = c.settle(outcome, m.result_len()).await
             {
                 let (_, code, message, _) = e.classify();
                 m = Message::error(id.clone(), code, &message);

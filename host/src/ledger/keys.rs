@@ -418,6 +418,22 @@ impl Key {
         self.spent.fetch_sub(amount, Ordering::AcqRel);
         self.credit(amount)
     }
+
+    /// Gives back part of a charge (the call still counts). Returns the new balance.
+    pub fn refund_part(&self, amount: i64, charged_at_ms: i64, now_ms: i64) -> i64 {
+        {
+            let mut u = self.usage.lock().unwrap();
+            u.roll(now_ms);
+            if u.day == day_of(charged_at_ms) {
+                u.day_credits -= amount;
+            }
+            if u.month == month_of(charged_at_ms) {
+                u.month_credits -= amount;
+            }
+        }
+        self.spent.fetch_sub(amount, Ordering::AcqRel);
+        self.credit(amount)
+    }
 }
 
 #[cfg(test)]

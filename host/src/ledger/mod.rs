@@ -174,6 +174,23 @@ impl Ledger {
             .collect()
     }
 
+    /// Calls `f` on every key, in id order. The map is read in chunks, so a long walk never
+    /// holds the lock for long.
+    pub fn for_each(&self, mut f: impl FnMut(&Key)) {
+        const CHUNK: usize = 4096;
+        let mut cursor: Option<String> = None;
+        loop {
+            let chunk = self.page(cursor.as_deref(), CHUNK, |_| true);
+            for k in &chunk {
+                f(k);
+            }
+            match chunk.last() {
+                Some(k) if chunk.len() == CHUNK => cursor = Some(k.id.clone()),
+                _ => return,
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.inner.by_id.read().unwrap().len()
     }
@@ -209,19 +226,28 @@ impl Ledger {
         }
     }
 
-    /// Settles a reservation: keeps the charge, or refunds it (a refund row). Returns the sequence
-    /// number to wait for before answering the client.
-    pub fn settle(&self, r: Reservation, keep: bool) -> Result<u64, LedgerError> {
-        if keep || r.amount == 0 {
+    /// Settles a reservation: keeps `kept` of it and refunds the rest (a refund row; keeping
+    /// nothing cancels the call in the quotas too). Returns the sequence number to wait for
+    /// before answering the client.
+    pub fn settle(&self, r: Reservation, kept: i64) -> Result<u64, LedgerError> {
+        let refund = r.amount - kept.clamp(0, r.amount);
+        if refund == 0 {
             return Ok(r.seq);
         }
-        r.key.refund(r.amount, r.at, now_ms());
+        let now = now_ms();
+        let entry = if refund == r.amount {
+            r.key.refund(refund, r.at, now);
+            Entry::Refund
+        } else {
+            r.key.refund_part(refund, r.at, now);
+            Entry::PartialRefund
+        };
         let seq = self.inner.store.submit(Op::Ledger {
             request_id: r.request_id,
             key_id: r.key.id.clone(),
-            entry: Entry::Refund,
-            amount: r.amount,
-            at: now_ms(),
+            entry,
+            amount: refund,
+            at: now,
         })?;
         Ok(seq)
     }
@@ -358,7 +384,7 @@ mod tests {
                     tokio::spawn(async move {
                         match ledger.reserve(&key, 1, &format!("req-{i}")) {
                             Ok(r) => {
-                                let seq = ledger.settle(r, true).unwrap();
+                                let seq = ledger.settle(r, 1).unwrap();
                                 ledger.durable(seq).await.unwrap();
                                 true
                             }
@@ -388,9 +414,9 @@ mod tests {
             let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
             let (key, secret) = ledger.create_key("bob", 100, KeySettings::default()).await.unwrap();
             let kept = ledger.reserve(&key, 7, "r1").unwrap();
-            let s1 = ledger.settle(kept, true).unwrap();
+            let s1 = ledger.settle(kept, 3).unwrap();
             let refunded = ledger.reserve(&key, 5, "r2").unwrap();
-            let s2 = ledger.settle(refunded, false).unwrap();
+            let s2 = ledger.settle(refunded, 0).unwrap();
             ledger.durable(s1.max(s2)).await.unwrap();
             ledger.topup(&key.id, 20, "t1").await.unwrap();
             ledger.set_status(&key.id, Status::Suspended).await.unwrap();
@@ -399,9 +425,16 @@ mod tests {
         let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
         let key = ledger.authenticate(&secret).unwrap();
         assert_eq!(key.id, id);
-        assert_eq!(key.credits(), 100 - 7 + 20);
-        assert_eq!(key.spent(), 7);
+        // r1 kept 3 of its 7 (a partial refund of 4), r2 was refunded whole.
+        assert_eq!(key.credits(), 100 - 3 + 20);
+        assert_eq!(key.spent(), 3);
         assert_eq!(key.status(), Status::Suspended);
+        let usage = key.usage(now_ms());
+        assert_eq!(
+            (usage.day_calls, usage.day_credits),
+            (1, 3),
+            "a partial refund keeps the call"
+        );
         let rows = ledger.store().ledger(Some(&id)).unwrap();
         let sum: i64 = rows
             .iter()

@@ -53,6 +53,21 @@ const MIGRATIONS: &[&str] = &[
         duration_us INTEGER NOT NULL,
         created_at INTEGER NOT NULL
      );",
+    // 4: partial refunds (the unused part of an output surcharge). SQLite cannot change a CHECK in
+    // place, so the ledger is copied into a table with the new one.
+    "CREATE TABLE ledger_v4 (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id TEXT NOT NULL,
+        key_id TEXT NOT NULL REFERENCES keys(id),
+        kind TEXT NOT NULL CHECK (kind IN ('grant', 'topup', 'charge', 'refund', 'partial_refund')),
+        amount INTEGER NOT NULL CHECK (amount >= 0),
+        created_at INTEGER NOT NULL,
+        UNIQUE (request_id, kind)
+     );
+     INSERT INTO ledger_v4 (seq, request_id, key_id, kind, amount, created_at)
+        SELECT seq, request_id, key_id, kind, amount, created_at FROM ledger;
+     DROP TABLE ledger;
+     ALTER TABLE ledger_v4 RENAME TO ledger;",
 ];
 
 /// How long and how many request-log rows are kept.
@@ -85,6 +100,8 @@ pub enum Entry {
     Topup,
     Charge,
     Refund,
+    /// Part of a charge given back (an output surcharge the answer did not use); the call counts.
+    PartialRefund,
 }
 
 impl Entry {
@@ -94,6 +111,7 @@ impl Entry {
             Entry::Topup => "topup",
             Entry::Charge => "charge",
             Entry::Refund => "refund",
+            Entry::PartialRefund => "partial_refund",
         }
     }
 }
@@ -365,17 +383,41 @@ impl Store {
         let conn = self.reader()?;
         let mut stmt = conn.prepare(
             "SELECT key_id,
-                    SUM(CASE WHEN created_at >= ?1 THEN (CASE kind WHEN 'charge' THEN 1 ELSE -1 END) ELSE 0 END),
+                    SUM(CASE WHEN created_at >= ?1 THEN (CASE kind WHEN 'charge' THEN 1 WHEN 'refund' THEN -1 ELSE 0 END) ELSE 0 END),
                     SUM(CASE WHEN created_at >= ?1 THEN (CASE kind WHEN 'charge' THEN amount ELSE -amount END) ELSE 0 END),
-                    SUM(CASE kind WHEN 'charge' THEN 1 ELSE -1 END),
+                    SUM(CASE kind WHEN 'charge' THEN 1 WHEN 'refund' THEN -1 ELSE 0 END),
                     SUM(CASE kind WHEN 'charge' THEN amount ELSE -amount END)
-             FROM ledger WHERE kind IN ('charge', 'refund') AND created_at >= ?2 GROUP BY key_id",
+             FROM ledger WHERE kind IN ('charge', 'refund', 'partial_refund') AND created_at >= ?2 GROUP BY key_id",
         )?;
         let rows = stmt
             .query_map(params![day_start, month_start.min(day_start)], |r| {
                 Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
             })?
             .collect::<Result<std::collections::HashMap<_, _>, _>>()?;
+        Ok(rows)
+    }
+
+    /// The request log since `since_ms`, totalled per minute and outcome: (minute, outcome, count,
+    /// credits, total and longest duration in µs).
+    #[allow(clippy::type_complexity)]
+    pub fn request_minutes(&self, since_ms: i64) -> Result<Vec<(i64, String, u64, i64, u64, u64)>, StoreError> {
+        let conn = self.reader()?;
+        let mut stmt = conn.prepare(
+            "SELECT created_at / 60000, outcome, COUNT(*), SUM(credits), SUM(duration_us), MAX(duration_us)
+             FROM requests WHERE created_at >= ?1 GROUP BY 1, 2 ORDER BY 1",
+        )?;
+        let rows = stmt
+            .query_map(params![since_ms], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get::<_, i64>(2)? as u64,
+                    r.get(3)?,
+                    r.get::<_, i64>(4)? as u64,
+                    r.get::<_, i64>(5)? as u64,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
@@ -545,7 +587,9 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
             "INSERT INTO keys (id, name, hash, prefix, status, credits, created_at, settings) VALUES (?1, ?2, ?3, ?4, 'active', 0, ?5, ?6)",
         )?;
         let mut insert_row = tx.prepare_cached(
-            "INSERT OR IGNORE INTO ledger (request_id, key_id, kind, amount, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            // Only a repeated (request, kind) is skipped; any other constraint failing is an error.
+            "INSERT INTO ledger (request_id, key_id, kind, amount, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (request_id, kind) DO NOTHING",
         )?;
         let mut set_status = tx.prepare_cached("UPDATE keys SET status = ?2 WHERE id = ?1")?;
         let mut insert_request = tx.prepare_cached(
@@ -586,7 +630,7 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
                                 m.1 += amount;
                                 m.2 += 1;
                             }
-                            Entry::Refund => {
+                            Entry::Refund | Entry::PartialRefund => {
                                 m.0 += amount;
                                 m.1 -= amount;
                             }

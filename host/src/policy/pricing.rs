@@ -1,0 +1,188 @@
+//! The pricing role: the `pricing-plugin` world's bindings, and one call priced by a plugin with
+//! the host's checks on what it returns.
+
+use wasmtime::Store;
+use wasmtime::component::InstancePre;
+
+use super::sandbox::{Failure, Host, World};
+use super::{Limits, Loaded, Role};
+use crate::ledger::{Key, Status};
+
+mod bindings {
+    wasmtime::component::bindgen!({ world: "pricing-plugin", path: "../wit" });
+}
+
+use bindings::exports::tollgate::policy::pricing;
+use bindings::tollgate::policy::types::{Call, KeySnapshot, KeyStatus};
+
+/// The `pricing-plugin` world.
+pub struct PricingWorld;
+
+impl World for PricingWorld {
+    type Pre = bindings::PricingPluginPre<Host>;
+    type Bindings = bindings::PricingPlugin;
+    const ROLE: Role = Role::Pricing;
+
+    fn pre(instance_pre: InstancePre<Host>) -> wasmtime::Result<Self::Pre> {
+        bindings::PricingPluginPre::new(instance_pre)
+    }
+
+    fn instantiate(pre: &Self::Pre, store: &mut Store<Host>) -> wasmtime::Result<Self::Bindings> {
+        pre.instantiate(store)
+    }
+
+    fn configure(b: &Self::Bindings, store: &mut Store<Host>, config: &str) -> wasmtime::Result<Result<(), String>> {
+        b.tollgate_policy_lifecycle().call_configure(store, config)
+    }
+}
+
+/// What a call costs, as the plugin decided and the host accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price {
+    pub credits: i64,
+    /// Credits per started KiB of the answer, and the most that may add.
+    pub surcharge: Option<(i64, i64)>,
+}
+
+impl Price {
+    pub const fn flat(credits: i64) -> Price {
+        Price {
+            credits,
+            surcharge: None,
+        }
+    }
+
+    /// What is reserved before the call: the price plus the largest surcharge.
+    pub fn reserved(&self) -> i64 {
+        self.credits + self.surcharge.map_or(0, |(_, max)| max)
+    }
+
+    /// What is kept once the answer, `answer_bytes` long, is known.
+    pub fn kept(&self, answer_bytes: usize) -> i64 {
+        let extra = self.surcharge.map_or(0, |(per_kib, max)| {
+            let kib = (answer_bytes as i64 + 1023) / 1024;
+            per_kib.saturating_mul(kib).min(max)
+        });
+        self.credits + extra
+    }
+}
+
+/// The plugin's decision.
+#[derive(Debug, Clone)]
+pub enum Priced {
+    Charge(Price),
+    /// Refused by policy, with the reason shown to the client.
+    Denied(String),
+    /// The plugin failed; the call is refused and nothing is charged.
+    Failed(Failure),
+}
+
+/// The call as the pricing plugin sees it.
+pub struct CallInput<'a> {
+    pub method: &'a str,
+    pub tool: Option<&'a str>,
+    /// The arguments as JSON text (`params.arguments` of a `tools/call`, else `params`).
+    pub arguments: Option<&'a str>,
+    pub request_id: &'a str,
+    pub now_ms: i64,
+}
+
+/// A denial reason is cut to this many bytes.
+pub const MAX_REASON_BYTES: usize = 512;
+
+impl Loaded<PricingWorld> {
+    /// Prices `input` for `key` (None: no key, as when `tools/list` is called without one).
+    pub fn price(&self, limits: &Limits, input: &CallInput<'_>, key: Option<&Key>) -> Priced {
+        let argument_bytes = input.arguments.map_or(0, str::len);
+        let call = Call {
+            method: input.method.to_string(),
+            tool: input.tool.map(str::to_string),
+            argument_bytes: argument_bytes as u64,
+            arguments: input
+                .arguments
+                .filter(|a| a.len() <= limits.max_argument_bytes)
+                .map(str::to_string),
+            now_ms: input.now_ms,
+            request_id: input.request_id.to_string(),
+        };
+        let snapshot = snapshot(key, input.now_ms);
+        let answer = self
+            .pool
+            .call(limits.pricing_deadline, limits.pricing_fuel, |b, store| {
+                b.tollgate_policy_pricing().call_price(store, &call, &snapshot)
+            });
+        match answer {
+            Err(f) => Priced::Failed(f),
+            Ok(Err(pricing::Denial { mut reason })) => {
+                if reason.len() > MAX_REASON_BYTES {
+                    let mut cut = MAX_REASON_BYTES;
+                    while !reason.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    reason.truncate(cut);
+                }
+                Priced::Denied(reason)
+            }
+            Ok(Ok(charge)) => match accept(&charge, limits.max_price) {
+                Ok(p) => Priced::Charge(p),
+                Err(why) => {
+                    self.pool.stats.count_failure();
+                    Priced::Failed(Failure::Invalid(why))
+                }
+            },
+        }
+    }
+}
+
+/// The host's checks on a charge: within the cap, surcharge included.
+fn accept(c: &pricing::Charge, cap: u64) -> Result<Price, String> {
+    let max = c.output_surcharge.as_ref().map_or(0, |s| s.max);
+    let total = c.credits.checked_add(max);
+    match total {
+        Some(t) if t <= cap => Ok(Price {
+            credits: c.credits as i64,
+            surcharge: c
+                .output_surcharge
+                .as_ref()
+                .map(|s| (s.per_kib.min(cap) as i64, s.max as i64)),
+        }),
+        _ => Err(format!(
+            "a price of {} credits (surcharge up to {max}) is above the cap of {cap}",
+            c.credits
+        )),
+    }
+}
+
+fn snapshot(key: Option<&Key>, now_ms: i64) -> KeySnapshot {
+    let Some(key) = key else {
+        return KeySnapshot {
+            id: String::new(),
+            name: String::new(),
+            tags: Vec::new(),
+            namespace: None,
+            credits: 0,
+            spent: 0,
+            calls: 0,
+            status: KeyStatus::Active,
+            created_ms: now_ms,
+            expires_ms: None,
+        };
+    };
+    let settings = key.settings();
+    KeySnapshot {
+        id: key.id.clone(),
+        name: key.name.clone(),
+        tags: settings.tags.clone(),
+        namespace: settings.namespace.clone(),
+        credits: key.credits(),
+        spent: key.spent(),
+        calls: key.calls(),
+        status: match key.status() {
+            Status::Active => KeyStatus::Active,
+            Status::Suspended => KeyStatus::Suspended,
+            Status::Revoked => KeyStatus::Revoked,
+        },
+        created_ms: key.created_at,
+        expires_ms: settings.expires_at,
+    }
+}

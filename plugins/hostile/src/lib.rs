@@ -1,0 +1,118 @@
+//! `hostile`: a test-only plugin that misbehaves on purpose, to prove the host survives it. Never
+//! loaded by default. Its configuration picks the misbehaviour: `{"mode": "..."}` with `loop`
+//! (never returns), `memory` (allocates until it is stopped), `trap` (panics), `absurd` (prices a
+//! call at u64::MAX), `huge` (a denial reason and a health report of many megabytes), `nan` (a
+//! health score that is not a number), or `ok` (behaves: price 1, score 100).
+
+use std::cell::Cell;
+
+wit_bindgen::generate!({ world: "policy-plugin", path: "../../wit" });
+
+use exports::tollgate::policy::health::{Component, Report, Snapshot};
+use exports::tollgate::policy::pricing::{Charge, Denial};
+use tollgate::policy::types::{Call, KeySnapshot};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Ok,
+    Loop,
+    Memory,
+    Trap,
+    Absurd,
+    Huge,
+    Nan,
+}
+
+thread_local! {
+    static MODE: Cell<Mode> = const { Cell::new(Mode::Ok) };
+}
+
+fn misbehave() -> Mode {
+    let mode = MODE.with(Cell::get);
+    match mode {
+        Mode::Loop => {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        Mode::Memory => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        Mode::Trap => panic!("hostile plugin: trap"),
+        other => other,
+    }
+}
+
+struct Plugin;
+
+impl exports::tollgate::policy::lifecycle::Guest for Plugin {
+    fn configure(config: String) -> Result<(), String> {
+        let v: serde_json::Value = serde_json::from_str(&config).map_err(|e| e.to_string())?;
+        let mode = match v.get("mode").and_then(|m| m.as_str()).unwrap_or("ok") {
+            "ok" => Mode::Ok,
+            "loop" => Mode::Loop,
+            "memory" => Mode::Memory,
+            "trap" => Mode::Trap,
+            "absurd" => Mode::Absurd,
+            "huge" => Mode::Huge,
+            "nan" => Mode::Nan,
+            other => return Err(format!("hostile: unknown mode {other:?}")),
+        };
+        MODE.with(|m| m.set(mode));
+        Ok(())
+    }
+}
+
+impl exports::tollgate::policy::pricing::Guest for Plugin {
+    fn price(_call: Call, _key: KeySnapshot) -> Result<Charge, Denial> {
+        match misbehave() {
+            Mode::Absurd => Ok(Charge {
+                credits: u64::MAX,
+                output_surcharge: None,
+            }),
+            Mode::Huge => Err(Denial {
+                reason: "x".repeat(8 << 20),
+            }),
+            _ => Ok(Charge {
+                credits: 1,
+                output_surcharge: None,
+            }),
+        }
+    }
+}
+
+impl exports::tollgate::policy::health::Guest for Plugin {
+    fn score(_s: Snapshot) -> Report {
+        match misbehave() {
+            Mode::Huge => Report {
+                score: 50.0,
+                level: "huge".into(),
+                components: (0..100_000)
+                    .map(|i| Component {
+                        name: format!("c{i}"),
+                        score: 50.0,
+                        weight: 0.0,
+                        detail: "y".repeat(64),
+                    })
+                    .collect(),
+            },
+            Mode::Nan => Report {
+                score: f64::NAN,
+                level: "nan".into(),
+                components: Vec::new(),
+            },
+            _ => Report {
+                score: 100.0,
+                level: "healthy".into(),
+                components: Vec::new(),
+            },
+        }
+    }
+}
+
+export!(Plugin);
