@@ -81,6 +81,21 @@ pub struct WrapArgs {
     /// Where the database lives (created on first start). Default ./tollgate-data.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// A pricing plugin (a WebAssembly component of the `pricing-plugin` world) instead of the
+    /// built-in pricing-table. Prices then come from `--pricing-config`, not `--price`.
+    #[arg(long, value_name = "FILE.wasm", conflicts_with_all = ["price", "tool_price", "free"])]
+    pub pricing_plugin: Option<PathBuf>,
+    /// The pricing plugin's configuration, as JSON (e.g. `{"default_price": 2}` for the built-in
+    /// pricing-table).
+    #[arg(long, value_name = "JSON", conflicts_with_all = ["price", "tool_price", "free"])]
+    pub pricing_config: Option<String>,
+    /// A health-scoring plugin (a component of the `health-plugin` world) instead of the built-in
+    /// health-weighted.
+    #[arg(long, value_name = "FILE.wasm", conflicts_with = "free")]
+    pub health_plugin: Option<PathBuf>,
+    /// The health plugin's configuration, as JSON.
+    #[arg(long, value_name = "JSON", conflicts_with = "free")]
+    pub health_config: Option<String>,
     /// The stdio MCP server to run: program and arguments, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -122,6 +137,25 @@ impl WrapArgs {
                 }
             }
             raw.billing.tool_prices = Some(prices);
+        }
+        let table = |flag: &str, json: Option<String>| -> Result<Option<toml::Table>, crate::config::ConfigError> {
+            json.map(|j| {
+                serde_json::from_str::<toml::Table>(&j)
+                    .map_err(|e| crate::config::ConfigError::Invalid(flag.into(), format!("not a JSON object: {e}")))
+            })
+            .transpose()
+        };
+        if self.pricing_plugin.is_some() || self.pricing_config.is_some() {
+            raw.plugins.pricing = Some(crate::config::RawPlugin {
+                file: self.pricing_plugin,
+                config: table("--pricing-config", self.pricing_config)?,
+            });
+        }
+        if self.health_plugin.is_some() || self.health_config.is_some() {
+            raw.plugins.health = Some(crate::config::RawPlugin {
+                file: self.health_plugin,
+                config: table("--health-config", self.health_config)?,
+            });
         }
         raw.validate()
     }

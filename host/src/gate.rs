@@ -599,21 +599,22 @@ pub fn outcome_of_message(m: &Message) -> Outcome {
     }
 }
 
-/// The outcome an answer (JSON-RPC response text) stands for.
-pub fn outcome_of(answer: &[u8]) -> Outcome {
+/// The outcome an answer (JSON-RPC response text) stands for, and the size of its `result` text.
+pub fn outcome_of(answer: &[u8]) -> (Outcome, usize) {
     #[derive(Deserialize)]
-    struct Answer {
+    struct Answer<'a> {
         error: Option<IgnoredAny>,
-        result: Option<ResultPeek>,
+        #[serde(borrow)]
+        result: Option<&'a serde_json::value::RawValue>,
     }
     match serde_json::from_slice::<Answer>(answer) {
-        Ok(Answer { error: Some(_), .. }) => Outcome::RpcError,
-        Ok(Answer {
-            result: Some(ResultPeek { is_error: Some(true) }),
-            ..
-        }) => Outcome::ToolError,
-        Ok(_) => Outcome::Ok,
-        Err(_) => Outcome::RpcError,
+        Ok(Answer { error: Some(_), .. }) => (Outcome::RpcError, 0),
+        Ok(Answer { result: Some(r), .. }) => match serde_json::from_str::<ResultPeek>(r.get()) {
+            Ok(ResultPeek { is_error: Some(true) }) => (Outcome::ToolError, r.get().len()),
+            _ => (Outcome::Ok, r.get().len()),
+        },
+        Ok(_) => (Outcome::Ok, 0),
+        Err(_) => (Outcome::RpcError, 0),
     }
 }
 
@@ -682,15 +683,15 @@ mod tests {
     fn answers_are_read_for_settlement() {
         assert_eq!(
             outcome_of(br#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}}"#),
-            Outcome::Ok
+            (Outcome::Ok, r#"{"content":[]}"#.len())
         );
         assert_eq!(
-            outcome_of(br#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":true}}"#),
+            outcome_of(br#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":true}}"#).0,
             Outcome::ToolError
         );
         assert_eq!(
             outcome_of(br#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x"}}"#),
-            Outcome::RpcError
+            (Outcome::RpcError, 0)
         );
     }
 

@@ -583,7 +583,8 @@ async fn respond_charged(
             Ok(with_credits(one(&ToolsView::apply(&view, m), accept), credits))
         }
         Reply::Raw(bytes) => {
-            let credits = settle(charge, gate::outcome_of(&bytes), bytes.len()).await?;
+            let (outcome, result_len) = gate::outcome_of(&bytes);
+            let credits = settle(charge, outcome, result_len).await?;
             Ok(with_credits(raw(bytes, accept), credits))
         }
         Reply::Stream(replies) if replies.streamable && accept.sse => {

@@ -98,7 +98,8 @@ pub type Part = (&'static str, f64, f64, String);
 
 impl Formula {
     pub fn parse(config: &str) -> Result<Formula, String> {
-        let f: Formula = serde_json::from_str(config).map_err(|e| format!("health-weighted config: {e}"))?;
+        let f: Formula = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(config))
+            .map_err(|e| format!("health-weighted config: {e}"))?;
         if !THRESHOLDS.contains(&f.low_credit_threshold) {
             return Err(format!(
                 "health-weighted config: low_credit_threshold must be one of {THRESHOLDS:?}, not {}",

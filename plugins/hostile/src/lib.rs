@@ -2,7 +2,9 @@
 //! loaded by default. Its configuration picks the misbehaviour: `{"mode": "..."}` with `loop`
 //! (never returns), `memory` (allocates until it is stopped), `trap` (panics), `absurd` (prices a
 //! call at u64::MAX), `huge` (a denial reason and a health report of many megabytes), `nan` (a
-//! health score that is not a number), or `ok` (behaves: price 1, score 100).
+//! health score that is not a number), or `ok` (behaves: price 1, score 100). With
+//! `"only_tag": "t"`, it misbehaves only when pricing calls of keys tagged `t` and prices every
+//! other call at 1 credit, so a test can show that one bad decision leaves other keys unharmed.
 
 use std::cell::Cell;
 
@@ -25,6 +27,7 @@ enum Mode {
 
 thread_local! {
     static MODE: Cell<Mode> = const { Cell::new(Mode::Ok) };
+    static ONLY_TAG: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
 fn misbehave() -> Mode {
@@ -64,12 +67,21 @@ impl exports::tollgate::policy::lifecycle::Guest for Plugin {
             other => return Err(format!("hostile: unknown mode {other:?}")),
         };
         MODE.with(|m| m.set(mode));
+        let only = v.get("only_tag").and_then(|t| t.as_str()).map(str::to_string);
+        ONLY_TAG.with(|t| *t.borrow_mut() = only);
         Ok(())
     }
 }
 
 impl exports::tollgate::policy::pricing::Guest for Plugin {
-    fn price(_call: Call, _key: KeySnapshot) -> Result<Charge, Denial> {
+    fn price(_call: Call, key: KeySnapshot) -> Result<Charge, Denial> {
+        let spared = ONLY_TAG.with(|t| t.borrow().as_ref().is_some_and(|t| !key.tags.contains(t)));
+        if spared {
+            return Ok(Charge {
+                credits: 1,
+                output_surcharge: None,
+            });
+        }
         match misbehave() {
             Mode::Absurd => Ok(Charge {
                 credits: u64::MAX,

@@ -44,7 +44,8 @@ impl Default for Surge {
 
 impl Surge {
     pub fn parse(config: &str) -> Result<Surge, String> {
-        let s: Surge = serde_json::from_str(config).map_err(|e| format!("pricing-surge config: {e}"))?;
+        let s: Surge = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(config))
+            .map_err(|e| format!("pricing-surge config: {e}"))?;
         if let Some(h) = s.peak_hours.iter().find(|h| **h > 23) {
             return Err(format!("pricing-surge config: peak_hours has {h}, not an hour (0-23)"));
         }

@@ -50,7 +50,8 @@ fn one() -> u64 {
 
 impl Table {
     pub fn parse(config: &str) -> Result<Table, String> {
-        let table: Table = serde_json::from_str(config).map_err(|e| format!("pricing-table config: {e}"))?;
+        let table: Table = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(config))
+            .map_err(|e| format!("pricing-table config: {e}"))?;
         if let Some((tag, _)) = table.tag_percent.iter().find(|(_, p)| **p > 10_000) {
             return Err(format!("pricing-table config: tag_percent.{tag} is above 10000"));
         }
