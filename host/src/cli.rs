@@ -36,7 +36,7 @@ pub enum Command {
     /// (`--remote-url`), with defaults for everything else.
     ///
     /// Example: tollgate wrap -- npx -y @modelcontextprotocol/server-everything
-    Wrap(WrapArgs),
+    Wrap(Box<WrapArgs>),
     /// Start a gateway from a config file.
     Serve {
         /// The TOML config file.

@@ -174,11 +174,20 @@ async fn a_broken_or_wrong_component_is_refused_and_the_old_plugin_keeps_serving
     std::fs::write(&junk, b"\0asm this is not a component").unwrap();
     let (status, v) = reload(&admin, json!({"pricing": {"file": junk}})).await;
     assert_eq!(status, 422, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("not a usable component"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a usable component"),
+        "{v}"
+    );
 
     let (status, v) = reload(&admin, json!({"pricing": {"file": plugin("health-weighted")}})).await;
     assert_eq!(status, 422, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("pricing-plugin"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("pricing-plugin"),
+        "{v}"
+    );
 
     let (status, v) = reload(&admin, json!({"pricing": {"config": {"default_prise": 1}}})).await;
     assert_eq!(status, 422, "{v}");
@@ -188,7 +197,11 @@ async fn a_broken_or_wrong_component_is_refused_and_the_old_plugin_keeps_serving
     assert_eq!(status, 422, "{v}");
 
     c.call_text("echo", json!({"text": "still"})).await;
-    assert_eq!(credits(&admin, &id).await, 97, "the old plugin (3 per call) still prices");
+    assert_eq!(
+        credits(&admin, &id).await,
+        97,
+        "the old plugin (3 per call) still prices"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -277,13 +290,19 @@ async fn a_config_file_reload_changes_prices_and_an_invalid_file_changes_nothing
 
     let path = g.dir.path().join("tollgate.toml");
     std::fs::write(&path, config("4")).unwrap();
-    let r = admin.http.post(format!("{}/admin/plugins/reload", g.base)).header("x-admin-key", ADMIN_KEY);
+    let r = admin
+        .http
+        .post(format!("{}/admin/plugins/reload", g.base))
+        .header("x-admin-key", ADMIN_KEY);
     assert_eq!(r.send().await.unwrap().status(), 200);
     c.call_text("echo", json!({"text": "b"})).await;
     assert_eq!(credits(&admin, &id).await, 93);
 
     std::fs::write(&path, config("\"four\"")).unwrap();
-    let r = admin.http.post(format!("{}/admin/plugins/reload", g.base)).header("x-admin-key", ADMIN_KEY);
+    let r = admin
+        .http
+        .post(format!("{}/admin/plugins/reload", g.base))
+        .header("x-admin-key", ADMIN_KEY);
     let r = r.send().await.unwrap();
     assert_eq!(r.status(), 422);
     let v: Value = r.json().await.unwrap();
@@ -323,7 +342,14 @@ async fn system_health_is_the_reference_formula_and_weights_change_it() {
     // creditUtilization: 10 spent of 715 (revoked keys left out) → 100.
     // score = 0.4 × 60 + 0.35 × 33.33 + 0.25 × 100 = 60.67 → 61, "good".
     let health = eventually(Duration::from_secs(5), "the request log to hold 15 calls", || async {
-        let v: Value = admin.get("/admin/system-health").send().await.unwrap().json().await.unwrap();
+        let v: Value = admin
+            .get("/admin/system-health")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         (v["components"]["errorRate"]["score"] == 33.33).then_some(v)
     })
     .await;
@@ -341,8 +367,18 @@ async fn system_health_is_the_reference_formula_and_weights_change_it() {
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    let v: Value = admin.get("/admin/system-health").send().await.unwrap().json().await.unwrap();
-    assert_eq!((v["score"].clone(), v["level"].clone()), (json!(89.0), json!("healthy")));
+    let v: Value = admin
+        .get("/admin/system-health")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (v["score"].clone(), v["level"].clone()),
+        (json!(89.0), json!("healthy"))
+    );
 }
 
 /// The gateway's resident memory, in KiB.
@@ -360,7 +396,13 @@ async fn hostile_pricing_plugins_deny_only_their_calls_charge_nothing_and_stay_b
     let hostile = plugin("hostile");
     for mode in ["loop", "memory", "trap", "absurd", "huge"] {
         let config = json!({"mode": mode, "only_tag": "evil"}).to_string();
-        let p = Priced::start(&["--pricing-plugin", hostile.to_str().unwrap(), "--pricing-config", &config]).await;
+        let p = Priced::start(&[
+            "--pricing-plugin",
+            hostile.to_str().unwrap(),
+            "--pricing-config",
+            &config,
+        ])
+        .await;
         let admin = p.gateway.admin();
         let (eid, esecret, _) = admin
             .create_key_with(json!({"name": "evil", "credits": 100, "tags": ["evil"]}))
@@ -387,7 +429,11 @@ async fn hostile_pricing_plugins_deny_only_their_calls_charge_nothing_and_stay_b
                 // it within its fuel, a plugin failure if not.
                 match status {
                     403 => assert_eq!(v["error"]["code"], -32014, "{mode}: {v}"),
-                    _ => assert_eq!((status, v["error"]["code"].clone()), (500, json!(-32603)), "{mode}: {v}"),
+                    _ => assert_eq!(
+                        (status, v["error"]["code"].clone()),
+                        (500, json!(-32603)),
+                        "{mode}: {v}"
+                    ),
                 }
                 assert!(v.to_string().len() < 2048, "{mode}: the reason was not cut");
             } else {
