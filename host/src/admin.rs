@@ -183,12 +183,19 @@ async fn route(
             let key = gate.ledger().set_status(id, status).await?;
             Ok(ok(StatusCode::OK, key_view(&key)))
         }
-        (Method::GET, ["requests"]) => list_requests(gate, req.uri().query().unwrap_or("")).await,
-        (Method::GET, ["consumer-insights"]) => consumer_insights(gate).await,
+        (Method::GET, ["requests"]) => {
+            caught_up(gate).await?;
+            list_requests(gate, req.uri().query().unwrap_or("")).await
+        }
+        (Method::GET, ["consumer-insights"]) => {
+            caught_up(gate).await?;
+            consumer_insights(gate).await
+        }
         (Method::GET, ["plugins"]) => Ok(ok(StatusCode::OK, plugins_view(gate))),
         (Method::POST, ["plugins", "reload"]) => reload_plugins(state, gate, req).await,
         (Method::GET, ["system-health"]) => system_health(gate).await,
         (Method::GET, ["ledger"]) => {
+            caught_up(gate).await?;
             let key_id = req
                 .uri()
                 .query()
@@ -351,37 +358,58 @@ async fn list_requests(gate: &Gate, query: &str) -> Result<Response<Body>, Admin
 }
 
 /// `GET /admin/consumer-insights`: who spends and who calls most. Spend and calls come from the
-/// ledger-backed balances; `uniqueTools` from the successful calls in the request log.
+/// ledger-backed balances, in one pass over the keys off the async workers (a bounded heap keeps
+/// the top ten); `uniqueTools` from the successful calls of those keys in the request log.
 async fn consumer_insights(gate: &Gate) -> Result<Response<Body>, AdminError> {
-    let now = now_ms();
-    let keys = gate.ledger().page(None, usize::MAX, |_| true);
-    let total = keys.len();
-    let active = keys
-        .iter()
-        .filter(|k| k.status() == Status::Active && !k.settings().is_expired(now))
-        .count();
-    let total_spent: i64 = keys.iter().map(|k| k.spent()).sum();
-    let total_calls: u64 = keys.iter().map(|k| k.calls()).sum();
-    let top = |by: &dyn Fn(&Key) -> i64| {
-        let mut v: Vec<_> = keys.iter().filter(|k| by(k) > 0).cloned().collect();
-        v.sort_by_key(|k| std::cmp::Reverse(by(k)));
-        v.truncate(10);
-        v
-    };
-    let spenders = top(&|k: &Key| k.spent());
-    let active_keys = top(&|k: &Key| k.calls() as i64);
-    let mut ids: Vec<String> = spenders
-        .iter()
-        .chain(active_keys.iter())
-        .map(|k| k.id.clone())
-        .collect();
-    ids.sort();
-    ids.dedup();
-    let store = gate.ledger().store().clone();
-    let unique = tokio::task::spawn_blocking(move || store.unique_tools(&ids))
-        .await
-        .map_err(|_| AdminError::Unavailable)?
-        .map_err(|e| AdminError::from(LedgerError::from(e)))?;
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let g = gate.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        let now = now_ms();
+        let (mut total, mut active, mut total_spent, mut total_calls) = (0usize, 0usize, 0i64, 0u64);
+        // Min-heaps of (figure, Reverse(id)): the smallest of the ten best is popped first.
+        let mut spenders: BinaryHeap<Reverse<(i64, Reverse<String>)>> = BinaryHeap::new();
+        let mut callers: BinaryHeap<Reverse<(i64, Reverse<String>)>> = BinaryHeap::new();
+        let keep = |heap: &mut BinaryHeap<Reverse<(i64, Reverse<String>)>>, figure: i64, id: &str| {
+            if figure <= 0 {
+                return;
+            }
+            if heap.len() < 10 {
+                heap.push(Reverse((figure, Reverse(id.to_string()))));
+            } else if heap.peek().is_some_and(|Reverse((min, _))| figure > *min) {
+                heap.pop();
+                heap.push(Reverse((figure, Reverse(id.to_string()))));
+            }
+        };
+        g.ledger().for_each(|k| {
+            total += 1;
+            if k.status() == Status::Active && !k.settings().is_expired(now) {
+                active += 1;
+            }
+            let (spent, calls) = (k.spent(), k.calls());
+            total_spent += spent;
+            total_calls += calls;
+            keep(&mut spenders, spent, &k.id);
+            keep(&mut callers, calls as i64, &k.id);
+        });
+        let ranked = |heap: BinaryHeap<Reverse<(i64, Reverse<String>)>>| -> Vec<Arc<Key>> {
+            let mut v: Vec<_> = heap.into_iter().map(|Reverse(x)| x).collect();
+            v.sort_by(|a, b| b.cmp(a));
+            v.into_iter()
+                .filter_map(|(_, Reverse(id))| g.ledger().get(&id))
+                .collect()
+        };
+        let (spenders, callers) = (ranked(spenders), ranked(callers));
+        let mut ids: Vec<String> = spenders.iter().chain(callers.iter()).map(|k| k.id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        let unique = g.ledger().store().unique_tools(&ids)?;
+        Ok::<_, crate::ledger::StoreError>((total, active, total_spent, total_calls, spenders, callers, unique, now))
+    })
+    .await
+    .map_err(|_| AdminError::Unavailable)?
+    .map_err(|e| AdminError::from(LedgerError::from(e)))?;
+    let (total, active, total_spent, total_calls, spenders, callers, unique, now) = report;
     let entry = |k: &Key| {
         json!({"id": k.id, "name": k.name, "totalSpent": k.spent(), "totalCalls": k.calls(),
                "uniqueTools": unique.get(&k.id).copied().unwrap_or(0)})
@@ -392,10 +420,20 @@ async fn consumer_insights(gate: &Gate) -> Result<Response<Body>, AdminError> {
             "summary": {"totalConsumers": total, "activeConsumers": active,
                         "totalCreditsSpent": total_spent, "totalCalls": total_calls},
             "topSpenders": spenders.iter().map(|k| entry(k)).collect::<Vec<_>>(),
-            "mostActive": active_keys.iter().map(|k| entry(k)).collect::<Vec<_>>(),
+            "mostActive": callers.iter().map(|k| entry(k)).collect::<Vec<_>>(),
             "generatedAt": rfc3339(now),
         }),
     ))
+}
+
+/// Waits until the database holds every change made so far (charges reach it a moment after
+/// they are journaled), so an admin read sees the calls that were answered before it.
+async fn caught_up(gate: &Gate) -> Result<(), AdminError> {
+    gate.ledger()
+        .store()
+        .sync()
+        .await
+        .map_err(|e| AdminError::from(LedgerError::from(e)))
 }
 
 /// `GET /admin/plugins`: each loaded plugin, where it came from, and how its calls go.

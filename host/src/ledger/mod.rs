@@ -5,6 +5,7 @@
 //! The narrow interface the gate uses — authenticate, reserve, settle, top up, key lifecycle — is
 //! all here, so another backend (a shared database for several gateways) slots in behind it.
 
+pub mod journal;
 pub mod keys;
 pub mod sqlite;
 
@@ -199,12 +200,14 @@ impl Ledger {
         self.len() == 0
     }
 
-    /// Takes `amount` credits for the call `request_id`, atomically, and queues its charge row. The
-    /// caller forwards the call meanwhile and waits for [`Ledger::durable`] before answering.
+    /// Takes `amount` credits for the call `request_id`, atomically, and makes its charge row
+    /// durable (journaled; the database commits it shortly). The caller waits for
+    /// [`Ledger::durable`] of the reservation's `seq` before answering: at once with the journal,
+    /// after the fsynced commit without it (`durability = "power"`).
     pub fn reserve(&self, key: &Arc<Key>, amount: i64, request_id: &str) -> Result<Reservation, LedgerError> {
         let at = now_ms();
         key.charge(amount, at)?;
-        let seq = self.inner.store.submit(Op::Ledger {
+        let seq = self.inner.store.submit_money(Op::Ledger {
             request_id: request_id.to_string(),
             key_id: key.id.clone(),
             entry: Entry::Charge,
@@ -242,7 +245,7 @@ impl Ledger {
             r.key.refund_part(refund, r.at, now);
             Entry::PartialRefund
         };
-        let seq = self.inner.store.submit(Op::Ledger {
+        let seq = self.inner.store.submit_money(Op::Ledger {
             request_id: r.request_id,
             key_id: r.key.id.clone(),
             entry,
@@ -399,6 +402,7 @@ mod tests {
             }
             assert_eq!(ok, 10);
             assert_eq!(key.credits(), 0);
+            ledger.store().sync().await.unwrap();
             let stored = ledger.store().stored_key(&key.id).unwrap().unwrap();
             assert_eq!(stored.credits, 0);
             assert_eq!(stored.spent, 10);

@@ -68,6 +68,8 @@ const MIGRATIONS: &[&str] = &[
         SELECT seq, request_id, key_id, kind, amount, created_at FROM ledger;
      DROP TABLE ledger;
      ALTER TABLE ledger_v4 RENAME TO ledger;",
+    // 5: consumer insights count each top key's distinct tools from its own rows, not the whole log.
+    "CREATE INDEX requests_by_key ON requests (key_id, outcome, tool);",
 ];
 
 /// How long and how many request-log rows are kept.
@@ -90,6 +92,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("the database writer has failed; no change can be made durable")]
     WriterFailed,
+    #[error("the charge journal {path}: {source}")]
+    Journal { path: PathBuf, source: std::io::Error },
 }
 
 /// What a ledger row records.
@@ -223,12 +227,19 @@ pub struct Store {
 
 struct Inner {
     path: PathBuf,
-    /// The sender and the last sequence number given out, under one lock so that numbers reach
-    /// the writer in order.
-    submit: Mutex<(u64, mpsc::Sender<(u64, Op)>)>,
+    /// The last sequence number given out, the sender and the journal, under one lock so that
+    /// numbers reach the writer (and the journal) in order.
+    submit: Mutex<Submit>,
     committed: AtomicU64,
     failed: AtomicBool,
     commit_signal: Notify,
+}
+
+struct Submit {
+    seq: u64,
+    tx: mpsc::Sender<(u64, Op)>,
+    /// `None` with `durability = "power"`: every change then waits for its fsynced commit.
+    journal: Option<super::journal::Journal>,
 }
 
 impl Store {
@@ -275,12 +286,34 @@ impl Store {
             tx.commit()?;
             tracing::info!(version = i + 1, path = %path.display(), "database migrated");
         }
+        // Charges the database had not committed when the gateway stopped are in the journal.
+        let journal_dir = dir.join("journal");
+        let journal_err = |source| StoreError::Journal {
+            path: journal_dir.clone(),
+            source,
+        };
+        for (_, segment) in super::journal::segments(&journal_dir).map_err(journal_err)? {
+            let ops = super::journal::read(&segment).map_err(|source| StoreError::Journal {
+                path: segment.clone(),
+                source,
+            })?;
+            let batch: Vec<(u64, Op)> = ops.into_iter().map(|op| (0, op)).collect();
+            apply(&mut conn, &batch)?;
+            tracing::info!(segment = %segment.display(), records = batch.len(), "journal replayed");
+            std::fs::remove_file(&segment).map_err(journal_err)?;
+        }
+        let journal = if power_safe {
+            None
+        } else {
+            Some(super::journal::Journal::open(&journal_dir).map_err(journal_err)?)
+        };
         let keys = load_keys(&conn)?;
 
         let (tx, rx) = mpsc::channel();
+        let journaled = journal.is_some();
         let inner = Arc::new(Inner {
             path: path.clone(),
-            submit: Mutex::new((0, tx)),
+            submit: Mutex::new(Submit { seq: 0, tx, journal }),
             committed: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             commit_signal: Notify::new(),
@@ -288,7 +321,7 @@ impl Store {
         let writer_inner = inner.clone();
         std::thread::Builder::new()
             .name("tollgate-db-writer".into())
-            .spawn(move || writer(conn, rx, writer_inner))
+            .spawn(move || writer(conn, rx, writer_inner, journaled))
             .expect("spawning the database writer");
         let checkpoint_conn = Connection::open(&path).map_err(open_err)?;
         let weak = Arc::downgrade(&inner);
@@ -305,10 +338,44 @@ impl Store {
             return Err(StoreError::WriterFailed);
         }
         let mut guard = self.inner.submit.lock().unwrap();
-        guard.0 += 1;
-        let seq = guard.0;
-        guard.1.send((seq, op)).map_err(|_| StoreError::WriterFailed)?;
+        guard.seq += 1;
+        let seq = guard.seq;
+        guard.tx.send((seq, op)).map_err(|_| StoreError::WriterFailed)?;
         Ok(seq)
+    }
+
+    /// Hands a charge or refund to the writer and makes it durable now: written to the journal
+    /// (one `write`), it survives the process being killed before the database commits it. Returns
+    /// the sequence number to wait for with [`Store::durable`]: 0 (nothing to wait for) once
+    /// journaled; without a journal (`durability = "power"`), its commit's.
+    pub fn submit_money(&self, op: Op) -> Result<u64, StoreError> {
+        if self.inner.failed.load(Ordering::Acquire) {
+            return Err(StoreError::WriterFailed);
+        }
+        let mut guard = self.inner.submit.lock().unwrap();
+        let line = guard.journal.as_ref().and_then(|_| super::journal::line(&op));
+        let journaled = match (guard.journal.as_mut(), line) {
+            (Some(j), Some(line)) => {
+                if let Err(e) = j.append(&line) {
+                    tracing::error!(error = %e, "the charge journal cannot be written; the ledger stops accepting changes");
+                    self.inner.failed.store(true, Ordering::Release);
+                    return Err(StoreError::WriterFailed);
+                }
+                true
+            }
+            _ => false,
+        };
+        guard.seq += 1;
+        let seq = guard.seq;
+        guard.tx.send((seq, op)).map_err(|_| StoreError::WriterFailed)?;
+        Ok(if journaled { 0 } else { seq })
+    }
+
+    /// Waits until everything submitted so far is in the database (for reads that must see the
+    /// latest charges, such as the admin ledger).
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let seq = self.inner.submit.lock().unwrap().seq;
+        self.durable(seq).await
     }
 
     /// Waits until operation `seq` (and every one before it) is committed.
@@ -541,10 +608,31 @@ fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Rete
 }
 
 /// The writer thread: takes everything queued, applies it in one transaction, commits, publishes.
-fn writer(mut conn: Connection, rx: mpsc::Receiver<(u64, Op)>, inner: Arc<Inner>) {
+///
+/// With the journal, nothing on the hot path waits for a commit, so the writer polls: callers
+/// never pay for waking it, and a busy millisecond's charges share one commit. Without it, every
+/// charge waits for its commit, so the writer wakes at once.
+fn writer(mut conn: Connection, rx: mpsc::Receiver<(u64, Op)>, inner: Arc<Inner>, journaled: bool) {
     const MAX_BATCH: usize = 4096;
+    const POLL: std::time::Duration = std::time::Duration::from_millis(1);
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Ok(first) = rx.recv() {
+    let mut retired: Vec<super::journal::Retired> = Vec::new();
+    loop {
+        let first = if journaled {
+            match rx.try_recv() {
+                Ok(op) => op,
+                Err(mpsc::TryRecvError::Empty) => {
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(op) => op,
+                Err(_) => return,
+            }
+        };
         batch.push(first);
         // Everything already queued goes into this commit: under load, many calls share one.
         while batch.len() < MAX_BATCH {
@@ -574,6 +662,30 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<(u64, Op)>, inner: Arc<Inner>
         batch.clear();
         if inner.failed.load(Ordering::Acquire) {
             return;
+        }
+        if journaled {
+            // Close a full segment; delete closed ones whose records are all committed.
+            {
+                let mut guard = inner.submit.lock().unwrap();
+                let last_seq = guard.seq;
+                if let Some(j) = guard.journal.as_mut() {
+                    match j.rotate_if_full(last_seq) {
+                        Ok(Some(r)) => retired.push(r),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, "could not start a new journal segment"),
+                    }
+                }
+            }
+            let committed = inner.committed.load(Ordering::Acquire);
+            retired.retain(|r| {
+                if r.last_seq > committed {
+                    return true;
+                }
+                if let Err(e) = std::fs::remove_file(&r.path) {
+                    tracing::warn!(path = %r.path.display(), error = %e, "could not delete a committed journal segment");
+                }
+                false
+            });
         }
     }
 }

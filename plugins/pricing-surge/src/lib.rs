@@ -112,7 +112,7 @@ mod tests {
 
     // 2026-11-26 (a Thursday) and 2026-11-28 (a Saturday), at the given UTC hour.
     fn thursday(hour: i64) -> i64 {
-        (20_418 * 86_400 + hour * 3600) * 1000
+        (20_783 * 86_400 + hour * 3600) * 1000
     }
     fn saturday(hour: i64) -> i64 {
         thursday(hour) + 2 * 86_400_000

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The scale benchmark: the full billing chain with 10 keys and with 1,000,000 keys (and a
+# 1,000,000-row request log), each seeded straight into a fresh database by bench/src/bin/seed.rs.
+# For each: start-up time and resident memory, throughput and latency at c=32 (one key). With a
+# million keys: GET /admin/consumer-insights and GET /admin/system-health latency, and the proxy's
+# p50/p99 at c=8 with and without those reports running back to back beside it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${SECS:-5}
+KEYS=${KEYS:-1000000}
+ROWS=${ROWS:-1000000}
+
+cargo build --release --locked -p tollgate -p tollgate-bench >&2
+bin=target/release
+work=$(mktemp -d)
+cleanup() { for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; rm -rf "$work"; true; }
+trap cleanup EXIT
+
+start() {
+  local name=$1; shift
+  "$@" >"$work/$name.out" 2>"$work/$name.err" &
+  echo $! >"$work/$name.pid"
+  for _ in $(seq 1 1200); do
+    if grep -q "listening on " "$work/$name.out"; then
+      grep -o "http://[^ ]*" "$work/$name.out" | head -1
+      return
+    fi
+    sleep 0.1
+  done
+  echo "$name did not start:" >&2; cat "$work/$name.err" >&2; exit 1
+}
+
+rss_mib() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$(cat "$work/$1.pid")/status"; }
+
+fixture=$(start fixture "$bin/tollgate-fixture" --http 127.0.0.1:0)
+admin_key="bench-admin-key-$RANDOM$RANDOM"
+results="$work/results.jsonl"
+
+for n in 10 "$KEYS"; do
+  rows=0; [ "$n" = "$KEYS" ] && rows=$ROWS
+  "$bin/seed" --data-dir "$work/d$n" --keys "$n" --requests "$rows" --known 16 >&2
+  t0=$(date +%s%N)
+  url=$(TOLLGATE_ADMIN_KEY=$admin_key start "g$n" "$bin/tollgate" --log-level warn wrap --listen 127.0.0.1:0 \
+    --data-dir "$work/d$n" --remote-url "$fixture")
+  startup_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  base=${url%/mcp}
+  sleep 1
+  "$bin/loadgen" --url "$url" --concurrency 32 --seconds "$SECS" --label "keys=$n" --header "x-api-key: tg_bench_0" >>"$results"
+  echo "{\"label\":\"memory\",\"keys\":$n,\"rows\":$rows,\"rss_mib\":$(rss_mib "g$n"),\"startup_ms\":$startup_ms}" >>"$results"
+  tail -2 "$results" >&2
+  if [ "$n" = "$KEYS" ]; then
+    # Reports alone, three times each (the first warms nothing: both read memory, not the log).
+    for report in consumer-insights system-health; do
+      for i in 1 2 3; do
+        t=$(curl -sf -o /dev/null -w '%{time_total}' -H "x-admin-key: $admin_key" "$base/admin/$report")
+        echo "{\"label\":\"report\",\"report\":\"$report\",\"ms\":$(python3 -c "print($t*1000)")}" >>"$results"
+      done
+    done
+    "$bin/loadgen" --url "$url" --concurrency 8 --seconds "$SECS" --label "c8 quiet" --header "x-api-key: tg_bench_0" >>"$results"
+    "$bin/loadgen" --url "$url" --concurrency 8 --seconds "$SECS" --label "c8 with reports" --header "x-api-key: tg_bench_0" >>"$results" &
+    lg=$!
+    sleep 1.2
+    end=$(( $(date +%s) + SECS - 1 ))
+    while [ "$(date +%s)" -lt "$end" ]; do
+      for report in consumer-insights system-health; do
+        t=$(curl -sf -o /dev/null -w '%{time_total}' -H "x-admin-key: $admin_key" "$base/admin/$report")
+        echo "{\"label\":\"report under load\",\"report\":\"$report\",\"ms\":$(python3 -c "print($t*1000)")}" >>"$results"
+      done
+    done
+    wait $lg
+  fi
+  kill "$(cat "$work/g$n.pid")"; rm -f "$work/g$n.pid"
+done
+
+python3 - "$results" "$KEYS" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+keys = sys.argv[2]
+by = lambda label: [r for r in rows if r["label"] == label]
+print("| keys | request-log rows | start-up | RSS | calls/s (c=32) | p50 µs | p99 µs |")
+print("|---|---|---|---|---|---|---|")
+for m in by("memory"):
+    l = by(f"keys={m['keys']}")[0]
+    print(f"| {m['keys']:,} | {m['rows']:,} | {m['startup_ms']} ms | {m['rss_mib']} MiB | {l['rps']:.0f} | {l['p50_us']:.0f} | {l['p99_us']:.0f} |")
+small, big = by("keys=10")[0], by(f"keys={keys}")[0]
+print(f"\nThroughput at {int(keys):,} keys: {100 * big['rps'] / small['rps']:.0f} % of that at 10 keys.\n")
+print("| report | alone (median of 3) | beside c=8 load (median, max) |")
+print("|---|---|---|")
+for rep in ("consumer-insights", "system-health"):
+    alone = [r["ms"] for r in by("report") if r["report"] == rep]
+    loaded = [r["ms"] for r in by("report under load") if r["report"] == rep]
+    print(f"| {rep} | {statistics.median(alone):.1f} ms | {statistics.median(loaded):.1f} ms, {max(loaded):.1f} ms |")
+q, w = by("c8 quiet")[0], by("c8 with reports")[0]
+print(f"\n| proxy at c=8 | calls/s | p50 µs | p99 µs |\n|---|---|---|---|")
+print(f"| quiet | {q['rps']:.0f} | {q['p50_us']:.0f} | {q['p99_us']:.0f} |")
+print(f"| reports running back to back | {w['rps']:.0f} | {w['p50_us']:.0f} | {w['p99_us']:.0f} |")
+PY
