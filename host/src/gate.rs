@@ -534,6 +534,22 @@ impl Gate {
     }
 }
 
+/// A new gateway request id: `req_` and 16 hex digits, increasing. The count starts at the process's
+/// start time in microseconds, so ids stay unique across restarts (a process would need a million
+/// calls a second to reach the next one's start), and the ledger's and request log's indexes on
+/// them grow at one end instead of being written all over.
+pub fn next_request_id() -> String {
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU64> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        std::sync::atomic::AtomicU64::new(start)
+    });
+    format!("req_{:016x}", next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
 /// The client's address: the peer's, unless the peer is a trusted proxy, in which case the last
 /// `X-Forwarded-For` entry that a trusted proxy did not add.
 pub fn client_ip(peer: std::net::IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> std::net::IpAddr {

@@ -348,7 +348,7 @@ async fn post_inner(
             };
             let charge = match state.gate() {
                 Some(gate) if !gate.is_free(method) => {
-                    let request_id = format!("req_{:016x}", rand::random::<u64>());
+                    let request_id = gate::next_request_id();
                     // Parsed once: the tool lists, the rate limits and the price all use it.
                     let (tool, arguments) = if method == "tools/call" {
                         gate::tool_call(&msg)

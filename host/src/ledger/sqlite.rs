@@ -614,7 +614,9 @@ fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Rete
 /// charge waits for its commit, so the writer wakes at once.
 fn writer(mut conn: Connection, rx: mpsc::Receiver<(u64, Op)>, inner: Arc<Inner>, journaled: bool) {
     const MAX_BATCH: usize = 4096;
-    const POLL: std::time::Duration = std::time::Duration::from_millis(1);
+    // Each commit writes every page it dirtied to the WAL once: fewer, larger commits write far
+    // fewer pages per call. Only admin changes wait for these commits.
+    const POLL: std::time::Duration = std::time::Duration::from_millis(5);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut retired: Vec<super::journal::Retired> = Vec::new();
     loop {
