@@ -383,7 +383,7 @@ async fn consumer_insights(gate: &Gate) -> Result<Response<Body>, AdminError> {
         };
         g.ledger().for_each(|k| {
             total += 1;
-            if k.status() == Status::Active && !k.settings().is_expired(now) {
+            if k.status() == Status::Active && !k.is_expired(now) {
                 active += 1;
             }
             let (spent, calls) = (k.spent(), k.calls());

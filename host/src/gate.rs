@@ -307,7 +307,7 @@ impl Gate {
             .ok_or(Refusal::MissingKey)?;
         let key = self.inner.ledger.authenticate(secret).ok_or(Refusal::UnknownKey)?;
         match key.status() {
-            Status::Active if key.settings().is_expired(crate::ledger::now_ms()) => Err(Refusal::Expired),
+            Status::Active if key.is_expired(crate::ledger::now_ms()) => Err(Refusal::Expired),
             Status::Active => Ok(key),
             Status::Suspended => Err(Refusal::Suspended),
             Status::Revoked => Err(Refusal::Revoked),

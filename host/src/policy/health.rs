@@ -61,7 +61,7 @@ impl KeyFigures {
     pub fn add(&mut self, key: &Key, now_ms: i64) {
         self.total += 1;
         let status = key.status();
-        let expired = status != Status::Revoked && key.settings().is_expired(now_ms);
+        let expired = status != Status::Revoked && key.is_expired(now_ms);
         let credits = key.credits();
         if status != Status::Revoked {
             self.remaining += credits;
