@@ -217,24 +217,11 @@ async fn an_upstream_error_is_refunded_and_a_tool_error_is_kept_by_default() {
         9,
         "an isError result is charged by default"
     );
-    let ledger: Value = admin
-        .get(&format!("/admin/ledger?keyId={id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let kinds: Vec<&str> = ledger["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap())
-        .collect();
+    let ledger = admin.ledger(&id).await;
+    let kinds: Vec<&str> = ledger.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["grant", "charge", "refund", "charge"]);
-    let entries = ledger["entries"].as_array().unwrap();
     assert_eq!(
-        entries[1]["requestId"], entries[2]["requestId"],
+        ledger[1]["requestId"], ledger[2]["requestId"],
         "the refund names the charged request"
     );
 }
@@ -428,16 +415,7 @@ async fn every_charge_a_client_saw_survives_a_sigkill_at_a_random_moment() {
         }
 
         g = start().ready().await;
-        let ledger: Value = g
-            .admin()
-            .get(&format!("/admin/ledger?keyId={id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let rows = ledger["entries"].as_array().unwrap();
+        let rows = g.admin().ledger(&id).await;
         let mut kinds_by_request: HashMap<String, Vec<String>> = HashMap::new();
         let mut sum = 0;
         for r in rows {
@@ -945,18 +923,10 @@ async fn the_request_log_and_consumer_insights_report_what_was_actually_charged(
     let alices: Vec<Value> = all.iter().filter(|r| r["keyId"] == a_id.as_str()).cloned().collect();
     assert_eq!(alices.len(), 4);
     assert!(alices.iter().any(|r| r["requestId"] == first_request_id.as_str()));
-    let ledger: Value = admin
-        .get(&format!("/admin/ledger?keyId={a_id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     assert!(
-        ledger["entries"]
-            .as_array()
-            .unwrap()
+        admin
+            .ledger(&a_id)
+            .await
             .iter()
             .any(|e| e["requestId"] == first_request_id.as_str()),
         "log and ledger share the request id"

@@ -96,17 +96,9 @@ async fn prices_from_the_pricing_table_config_are_charged_exactly() {
     let text = "x".repeat(5000);
     assert_eq!(c.call_text("echo", json!({"text": text})).await.len(), 5000);
     assert_eq!(credits(&admin, &id).await, 1000 - 7 - 12);
-    let ledger: Value = admin
-        .get(&format!("/admin/ledger?keyId={id}"))
-        .send()
+    let kinds: Vec<(String, i64)> = admin
+        .ledger(&id)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let kinds: Vec<(String, i64)> = ledger["entries"]
-        .as_array()
-        .unwrap()
         .iter()
         .map(|e| (e["kind"].as_str().unwrap().to_string(), e["amount"].as_i64().unwrap()))
         .collect();
@@ -250,17 +242,9 @@ async fn a_reload_under_concurrent_load_fails_zero_requests() {
     assert!(total > 50, "the load ran ({total} calls)");
     // Every call was charged 1 or 2 by whichever plugin was serving, and the ledger agrees with
     // the balance to the credit.
-    let ledger: Value = admin
-        .get(&format!("/admin/ledger?keyId={id}"))
-        .send()
+    let charges: Vec<i64> = admin
+        .ledger(&id)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let charges: Vec<i64> = ledger["entries"]
-        .as_array()
-        .unwrap()
         .iter()
         .filter(|e| e["kind"] == "charge")
         .map(|e| e["amount"].as_i64().unwrap())
@@ -476,41 +460,33 @@ async fn a_hostile_health_plugin_fails_the_report_not_the_gateway() {
     }
 }
 
-#[test]
-fn check_compiles_the_plugins_a_config_names() {
-    let dir = tempfile::tempdir().unwrap();
-    let good = dir.path().join("good.toml");
+/// `tollgate check` on a config naming pricing-surge with these peak hours.
+fn check_surge(dir: &Path, peak_hours: &str) -> std::process::Output {
+    let path = dir.join("tollgate.toml");
     std::fs::write(
-        &good,
+        &path,
         format!(
-            "[upstream]\ncommand = [{FIXTURE:?}]\n[plugins.pricing]\nfile = {:?}\n[plugins.pricing.config]\npeak_hours = [9]\n",
+            "[upstream]\ncommand = [{FIXTURE:?}]\n[plugins.pricing]\nfile = {:?}\n[plugins.pricing.config]\npeak_hours = {peak_hours}\n",
             plugin("pricing-surge")
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(TOLLGATE)
+    std::process::Command::new(TOLLGATE)
         .args(["check", "--config"])
-        .arg(&good)
+        .arg(&path)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn check_compiles_the_plugins_a_config_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = check_surge(dir.path(), "[9]");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("pricing-surge.wasm ok"), "{stdout}");
 
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
-        format!(
-            "[upstream]\ncommand = [{FIXTURE:?}]\n[plugins.pricing]\nfile = {:?}\n[plugins.pricing.config]\npeak_hours = [25]\n",
-            plugin("pricing-surge")
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(TOLLGATE)
-        .args(["check", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = check_surge(dir.path(), "[25]");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr.contains("peak_hours has 25"), "{stderr}");

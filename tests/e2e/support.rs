@@ -530,6 +530,14 @@ impl Admin {
             .unwrap()
     }
 
+    /// The ledger rows of a key, oldest first.
+    pub async fn ledger(&self, id: &str) -> Vec<Value> {
+        let r = self.get(&format!("/admin/ledger?keyId={id}")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        v["entries"].as_array().cloned().unwrap_or_default()
+    }
+
     /// Tops a key up; returns the new balance.
     pub async fn topup(&self, id: &str, credits: i64) -> i64 {
         let r = self

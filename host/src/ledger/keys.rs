@@ -415,31 +415,27 @@ impl Key {
 
     /// Gives back a charge made at `charged_at_ms`; returns the new balance.
     pub fn refund(&self, amount: i64, charged_at_ms: i64, now_ms: i64) -> i64 {
-        {
-            let mut u = self.usage.lock().unwrap();
-            u.roll(now_ms);
-            if u.day == day_of(charged_at_ms) {
-                u.day_calls -= 1;
-                u.day_credits -= amount;
-            }
-            if u.month == month_of(charged_at_ms) {
-                u.month_calls -= 1;
-                u.month_credits -= amount;
-            }
-        }
-        self.spent.fetch_sub(amount, Ordering::AcqRel);
-        self.credit(amount)
+        self.give_back(amount, charged_at_ms, now_ms, true)
     }
 
     /// Gives back part of a charge (the call still counts). Returns the new balance.
     pub fn refund_part(&self, amount: i64, charged_at_ms: i64, now_ms: i64) -> i64 {
+        self.give_back(amount, charged_at_ms, now_ms, false)
+    }
+
+    /// Returns `amount` of a charge made at `charged_at_ms` to the balance and to that day's and
+    /// month's usage; `cancel_call`: the call no longer counts either.
+    fn give_back(&self, amount: i64, charged_at_ms: i64, now_ms: i64, cancel_call: bool) -> i64 {
+        let calls = i64::from(cancel_call);
         {
             let mut u = self.usage.lock().unwrap();
             u.roll(now_ms);
             if u.day == day_of(charged_at_ms) {
+                u.day_calls -= calls;
                 u.day_credits -= amount;
             }
             if u.month == month_of(charged_at_ms) {
+                u.month_calls -= calls;
                 u.month_credits -= amount;
             }
         }
