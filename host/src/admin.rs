@@ -313,9 +313,9 @@ async fn list_requests(gate: &Gate, query: &str) -> Result<Response<Body>, Admin
             "keyId" => f.key_id = Some(v),
             "tool" => f.tool = Some(v),
             "outcome" => {
-                if !["allowed", "refunded", "denied"].contains(&v.as_str()) {
+                if !["allowed", "refunded", "denied", "error"].contains(&v.as_str()) {
                     return Err(AdminError::BadRequest(format!(
-                        "outcome: {v:?} is not one of allowed, refunded, denied"
+                        "outcome: {v:?} is not one of allowed, refunded, denied, error"
                     )));
                 }
                 f.outcome = Some(v);
