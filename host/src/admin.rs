@@ -53,6 +53,10 @@ pub enum AdminError {
     /// The health plugin failed (details in the log).
     #[error("health policy failed")]
     HealthFailed,
+    #[error(transparent)]
+    Reload(#[from] crate::reload::ReloadError),
+    #[error("no webhook destination named {0:?}")]
+    NoDestination(String),
 }
 
 impl AdminError {
@@ -84,6 +88,9 @@ impl AdminError {
             AdminError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::ReloadRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AdminError::HealthFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            AdminError::Reload(crate::reload::ReloadError::NoFile) => StatusCode::CONFLICT,
+            AdminError::Reload(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AdminError::NoDestination(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -91,6 +98,15 @@ impl AdminError {
         let status = self.status();
         let body = json!({"error": {"status": status.as_u16(), "message": self.to_string()}});
         body::json(status, serde_json::to_vec(&body).expect("JSON serializes"))
+    }
+}
+
+impl From<crate::webhooks::WebhookError> for AdminError {
+    fn from(e: crate::webhooks::WebhookError) -> AdminError {
+        match e {
+            crate::webhooks::WebhookError::UnknownDestination(d) => AdminError::NoDestination(d),
+            crate::webhooks::WebhookError::Store(e) => AdminError::from(LedgerError::from(e)),
+        }
     }
 }
 
@@ -132,16 +148,7 @@ async fn route(
             .map_err(AdminError::Client)?;
         return Ok(ok(StatusCode::OK, balance_view(&key)));
     }
-    let peer = crate::ledger::keys::canonical(peer);
-    if let Some(wait) = gate.admin_blocked(peer) {
-        return Err(AdminError::TooManyFailures(wait.as_secs().max(1)));
-    }
-    let admin_key = req.headers().get("x-admin-key").and_then(|v| v.to_str().ok());
-    if !admin_key.is_some_and(|k| gate.is_admin(k)) {
-        tracing::warn!(%peer, "admin request without a valid admin key");
-        gate.admin_failed(peer);
-        return Err(AdminError::Unauthorized);
-    }
+    authorize(gate, req.headers(), peer)?;
     let parts: Vec<&str> = path.trim_start_matches("/admin/").split('/').collect();
     match (req.method().clone(), parts.as_slice()) {
         (Method::POST, ["keys"]) => create_key(gate, req).await,
@@ -169,6 +176,7 @@ async fn route(
         }
         (Method::POST, ["keys", id, "rotate"]) => {
             let (key, secret) = gate.ledger().rotate(id).await?;
+            event(gate, "key.rotated", &key, json!({})).await;
             let mut view = key_view(&key);
             view["key"] = Value::String(secret);
             tracing::info!(key_id = %key.id, "key rotated");
@@ -181,6 +189,12 @@ async fn route(
                 _ => Status::Active,
             };
             let key = gate.ledger().set_status(id, status).await?;
+            let kind = match status {
+                Status::Revoked => "key.revoked",
+                Status::Suspended => "key.suspended",
+                Status::Active => "key.resumed",
+            };
+            event(gate, kind, &key, json!({})).await;
             Ok(ok(StatusCode::OK, key_view(&key)))
         }
         (Method::GET, ["requests"]) => {
@@ -194,6 +208,15 @@ async fn route(
         (Method::GET, ["plugins"]) => Ok(ok(StatusCode::OK, plugins_view(gate))),
         (Method::POST, ["plugins", "reload"]) => reload_plugins(state, gate, req).await,
         (Method::GET, ["system-health"]) => system_health(gate).await,
+        (Method::POST, ["config", "reload"]) => Ok(ok(StatusCode::OK, crate::reload::reload(state).await?)),
+        (Method::GET, ["webhooks"]) => match state.webhooks() {
+            Some(w) => Ok(ok(StatusCode::OK, w.status().await?)),
+            None => Ok(ok(StatusCode::OK, json!({"destinations": []}))),
+        },
+        (Method::POST, ["webhooks", name, "replay"]) => match state.webhooks() {
+            Some(w) => Ok(ok(StatusCode::OK, w.replay(name).await?)),
+            None => Err(AdminError::NoDestination(name.to_string())),
+        },
         (Method::GET, ["ledger"]) => {
             caught_up(gate).await?;
             let key_id = req
@@ -225,10 +248,51 @@ async fn route(
             | ["consumer-insights"]
             | ["plugins"]
             | ["plugins", "reload"]
-            | ["system-health"],
+            | ["system-health"]
+            | ["config", "reload"]
+            | ["webhooks"]
+            | ["webhooks", _, "replay"],
         ) => Err(AdminError::MethodNotAllowed),
         _ => Err(AdminError::NoRoute),
     }
+}
+
+/// Whether the request carries the admin key (`X-Admin-Key`); a peer that keeps sending wrong
+/// ones is refused for a while.
+fn authorize(gate: &Gate, headers: &http::HeaderMap, peer: std::net::IpAddr) -> Result<(), AdminError> {
+    let peer = crate::ledger::keys::canonical(peer);
+    if let Some(wait) = gate.admin_blocked(peer) {
+        return Err(AdminError::TooManyFailures(wait.as_secs().max(1)));
+    }
+    let admin_key = headers.get("x-admin-key").and_then(|v| v.to_str().ok());
+    if !admin_key.is_some_and(|k| gate.is_admin(k)) {
+        tracing::warn!(%peer, "admin request without a valid admin key");
+        gate.admin_failed(peer);
+        return Err(AdminError::Unauthorized);
+    }
+    Ok(())
+}
+
+/// `GET /metrics` on the main address: Prometheus text, behind the admin key.
+pub async fn metrics(state: &AppState, req: Request<hyper::body::Incoming>, peer: std::net::IpAddr) -> Response<Body> {
+    let authorized = match state.gate() {
+        Some(gate) => authorize(gate, req.headers(), peer),
+        None => Err(AdminError::BillingOff),
+    };
+    match authorized {
+        Ok(()) => metrics_text(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The Prometheus text exposition.
+pub fn metrics_text() -> Response<Body> {
+    let mut r = Response::new(Body::from(crate::metrics::render().into_bytes()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
 }
 
 /// `GET /admin/keys?status=&namespace=&tag=&namePrefix=&limit=&cursor=`: keys in id order; the
@@ -519,6 +583,12 @@ async fn reload_plugins(
     match reloaded {
         Ok(changes) => {
             tracing::info!(?changes, "plugins reloaded");
+            if let Err(e) =
+                crate::webhooks::record(gate.ledger().store(), "plugin.reloaded", None, json!({ "plugins": changes }))
+                    .await
+            {
+                tracing::error!(error = %e, "could not record a plugin.reloaded event");
+            }
             Ok(ok(
                 StatusCode::OK,
                 json!({"reloaded": changes, "plugins": plugins_view(gate)["plugins"]}),
@@ -912,11 +982,20 @@ async fn create_key(gate: &Gate, req: Request<hyper::body::Incoming>) -> Result<
     }
     .apply(&KeySettings::default(), now_ms())?;
     let (key, secret) = gate.ledger().create_key(name, credits, settings).await?;
+    event(gate, "key.created", &key, json!({})).await;
     let mut view = key_view(&key);
     // The secret is in this answer and nowhere else, ever.
     view["key"] = Value::String(secret);
     tracing::info!(key_id = %key.id, credits, "key created");
     Ok(ok(StatusCode::CREATED, view))
+}
+
+/// Records an admin event for the webhooks. The change it reports is already durable; an event
+/// that cannot be recorded is logged, and the change stands.
+async fn event(gate: &Gate, kind: &str, key: &Key, extra: Value) {
+    if let Err(e) = crate::webhooks::record(gate.ledger().store(), kind, Some(key), extra).await {
+        tracing::error!(error = %e, kind, key_id = %key.id, "could not record a webhook event");
+    }
 }
 
 #[derive(Deserialize)]
@@ -939,6 +1018,7 @@ async fn topup(gate: &Gate, id: &str, req: Request<hyper::body::Incoming>) -> Re
     }
     let request_id = format!("topup_{:016x}", rand::random::<u64>());
     let balance = gate.ledger().topup(id, credits, &request_id).await?;
+    event(gate, "key.topup", &key, json!({ "amount": credits, "requestId": request_id })).await;
     tracing::info!(key_id = %id, credits, "key topped up");
     Ok(ok(StatusCode::OK, json!({ "id": id, "credits": balance })))
 }

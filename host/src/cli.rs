@@ -237,10 +237,31 @@ async fn serve(config: Config) -> std::io::Result<()> {
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.server.listen)))?;
     let addr = listener.local_addr()?;
+    if let Some(level) = &config.log_level
+        && let Err(e) = telemetry::set_level(level)
+    {
+        tracing::warn!(error = %e, "logging.level from the config not applied");
+    }
+    let metrics = match config.metrics_listen {
+        Some(at) => Some(
+            tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {at} (metrics.listen): {e}")))?,
+        ),
+        None => None,
+    };
     let (state, admin_key) = crate::proxy::AppState::new(config).map_err(std::io::Error::other)?;
     if let Some(k) = admin_key {
         // Shown this once; only its hash is kept.
         println!("tollgate admin key (shown once, store it now): {k}");
+    }
+    if let Some(m) = metrics {
+        println!("tollgate metrics on http://{}/metrics", m.local_addr()?);
+        tokio::spawn(crate::server::run_metrics(m));
+    }
+    #[cfg(unix)]
+    if state.config().source.is_some() {
+        tokio::spawn(crate::reload::on_sighup(state.clone()));
     }
     // The line scripts and tests wait for.
     println!("tollgate listening on http://{addr}/mcp");

@@ -20,6 +20,59 @@ pub struct Config {
     pub billing: Option<BillingConfig>,
     /// The file this came from (`serve`), read again on a reload.
     pub source: Option<PathBuf>,
+    /// Where usage and admin events are posted.
+    pub webhooks: Vec<WebhookConfig>,
+    /// `GET /metrics` on its own address, without the admin key (default: only on the main
+    /// address, behind the admin key).
+    pub metrics_listen: Option<SocketAddr>,
+    /// The log filter from `[logging] level` (wins over `--log-level`; changes on a reload).
+    pub log_level: Option<String>,
+}
+
+/// A secret that never appears in `Debug` output (and so never in a log line).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// One webhook destination.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookConfig {
+    /// Names the destination in `/admin/webhooks`, metrics and its stored cursor.
+    pub name: String,
+    pub url: hyper::Uri,
+    /// The HMAC-SHA256 key of the `Tollgate-Signature` header.
+    pub secret: Secret,
+    /// Event types to send (see [`crate::webhooks::EVENT_TYPES`], or `key.*`); empty: all.
+    pub events: Vec<String>,
+    /// Only events about keys in these namespaces (empty: any).
+    pub namespaces: Vec<String>,
+    /// Only events about keys with one of these tags (empty: any).
+    pub tags: Vec<String>,
+    /// Events per POST at most.
+    pub batch_size: usize,
+    /// How long events wait for a batch to fill.
+    pub flush_interval: Duration,
+    /// Attempts per batch before it goes to the dead-letter queue.
+    pub max_attempts: u32,
+    /// The first retry's delay; each next one doubles, up to `retry_max` (with jitter).
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// One attempt's time limit.
+    pub timeout: Duration,
+    /// Ranges (normally refused: private, loopback, link-local, metadata) this destination may
+    /// resolve to.
+    pub allow_networks: Vec<ipnet::IpNet>,
 }
 
 /// The largest credit amount accepted anywhere (balances, prices, top-ups): 10^12.
@@ -154,6 +207,149 @@ pub struct RawConfig {
     pub billing: RawBilling,
     #[serde(default)]
     pub plugins: RawPlugins,
+    #[serde(default)]
+    pub webhooks: Vec<RawWebhook>,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
+    pub logging: RawLogging,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// Serve `GET /metrics` here too, without the admin key (keep it on a private address).
+    pub listen: Option<String>,
+}
+
+/// `[logging]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLogging {
+    /// A level (`info`) or filter (`warn,tollgate=debug`).
+    pub level: Option<String>,
+}
+
+/// `[[webhooks]]`: one destination.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub name: Option<String>,
+    pub url: Option<String>,
+    pub secret: Option<String>,
+    /// The name of an environment variable holding the secret (instead of `secret`).
+    pub secret_env: Option<String>,
+    pub events: Option<Vec<String>>,
+    pub namespaces: Option<Vec<String>>,
+    pub tags: Option<Vec<String>>,
+    /// Default 100.
+    pub batch_size: Option<u64>,
+    /// Default 1000.
+    pub flush_interval_ms: Option<u64>,
+    /// Default 8.
+    pub max_attempts: Option<u64>,
+    /// Default 500.
+    pub retry_initial_ms: Option<u64>,
+    /// Default 60000.
+    pub retry_max_ms: Option<u64>,
+    /// Default 10000.
+    pub timeout_ms: Option<u64>,
+    pub allow_networks: Option<Vec<String>>,
+}
+
+impl RawWebhook {
+    fn validate(self, i: usize, seen: &mut Vec<String>) -> Result<WebhookConfig, ConfigError> {
+        let at = |field: &str| format!("webhooks[{i}].{field}");
+        let name = self.name.ok_or_else(|| invalid(&at("name"), "is required"))?;
+        if name.is_empty()
+            || name.len() > 64
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(&at("name"), format!("{name:?}: use 1 to 64 of A-Z a-z 0-9 - _")));
+        }
+        if seen.contains(&name) {
+            return Err(invalid(&at("name"), format!("{name:?} is used by another destination")));
+        }
+        seen.push(name.clone());
+        let url = self.url.ok_or_else(|| invalid(&at("url"), "is required"))?;
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| invalid(&at("url"), format!("{url:?} is not a URL: {e}")))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(invalid(
+                    &at("url"),
+                    "https destinations are not supported yet; use http:// (e.g. through a local TLS-originating proxy)",
+                ));
+            }
+            _ => return Err(invalid(&at("url"), format!("{url:?} must start with http://"))),
+        }
+        if uri.host().is_none() {
+            return Err(invalid(&at("url"), format!("{url:?} has no host")));
+        }
+        let secret = match (self.secret, self.secret_env) {
+            (Some(_), Some(_)) => return Err(invalid(&at("secret"), "set secret or secret_env, not both")),
+            (Some(s), None) => s,
+            (None, Some(var)) => std::env::var(&var)
+                .map_err(|_| invalid(&at("secret_env"), format!("the variable {var} is not set")))?,
+            (None, None) => return Err(invalid(&at("secret"), "is required (or secret_env)")),
+        };
+        if secret.len() < 16 {
+            return Err(invalid(&at("secret"), "must be at least 16 characters"));
+        }
+        let events = self.events.unwrap_or_default();
+        for (j, e) in events.iter().enumerate() {
+            if e != "key.*" && !crate::webhooks::EVENT_TYPES.contains(&e.as_str()) {
+                return Err(invalid(
+                    &format!("{}[{j}]", at("events")),
+                    format!("{e:?} is not an event type ({} or key.*)", crate::webhooks::EVENT_TYPES.join(", ")),
+                ));
+            }
+        }
+        let batch_size = positive(&at("batch_size"), self.batch_size, 100)?;
+        if batch_size > 10_000 {
+            return Err(invalid(&at("batch_size"), "must be at most 10000"));
+        }
+        let max_attempts = positive(&at("max_attempts"), self.max_attempts, 8)?;
+        if max_attempts > 100 {
+            return Err(invalid(&at("max_attempts"), "must be at most 100"));
+        }
+        let retry_initial = ms(&at("retry_initial_ms"), self.retry_initial_ms, 500)?;
+        let retry_max = ms(&at("retry_max_ms"), self.retry_max_ms, 60_000)?;
+        if retry_max < retry_initial {
+            return Err(invalid(&at("retry_max_ms"), "must not be below retry_initial_ms"));
+        }
+        Ok(WebhookConfig {
+            name,
+            url: uri,
+            secret: Secret(secret),
+            events,
+            namespaces: self.namespaces.unwrap_or_default(),
+            tags: self.tags.unwrap_or_default(),
+            batch_size: batch_size as usize,
+            flush_interval: ms(&at("flush_interval_ms"), self.flush_interval_ms, 1000)?,
+            max_attempts: max_attempts as u32,
+            retry_initial,
+            retry_max,
+            timeout: ms(&at("timeout_ms"), self.timeout_ms, 10_000)?,
+            allow_networks: self
+                .allow_networks
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(j, n)| {
+                    parse_net(n).ok_or_else(|| {
+                        invalid(
+                            &format!("{}[{j}]", at("allow_networks")),
+                            format!("{n:?} is not an IP address or CIDR range"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        })
+    }
 }
 
 /// `[plugins]`: which WebAssembly components price calls and score health, and their limits.
@@ -490,12 +686,42 @@ impl RawConfig {
             max: positive("sessions.max", self.sessions.max, 10_000)? as usize,
         };
         let billing = self.billing.validate(self.plugins)?;
+        let mut seen = Vec::new();
+        let webhooks = self
+            .webhooks
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| w.validate(i, &mut seen))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !webhooks.is_empty() && billing.is_none() {
+            return Err(invalid(
+                "webhooks",
+                "events come from the ledger; turn billing on (billing.enabled) to use webhooks",
+            ));
+        }
+        let metrics_listen = match self.metrics.listen {
+            None => None,
+            Some(l) => Some(l.parse().map_err(|_| {
+                invalid("metrics.listen", format!("{l:?} is not an address like 127.0.0.1:9464"))
+            })?),
+        };
+        if let Some(level) = &self.logging.level
+            && tracing_subscriber::EnvFilter::try_new(level).is_err()
+        {
+            return Err(invalid(
+                "logging.level",
+                format!("{level:?} is not a level (error, warn, info, debug, trace) or filter"),
+            ));
+        }
         Ok(Config {
             source: None,
             server,
             upstream,
             sessions,
             billing,
+            webhooks,
+            metrics_listen,
+            log_level: self.logging.level,
         })
     }
 }

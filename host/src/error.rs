@@ -33,6 +33,8 @@ pub enum Error {
     UnsupportedVersion(String),
     #[error("the {0} header does not match the request body")]
     HeaderMismatch(&'static str),
+    #[error("the X-Request-Id header must be 1 to 128 characters of letters, digits and - _ . : / + =")]
+    BadRequestId,
     #[error("this request needs the Mcp-Session-Id header from initialize")]
     MissingSession,
     #[error("session not found; it ended or never existed: initialize again")]
@@ -67,7 +69,7 @@ impl Error {
                 Some(json!({ "supported": jsonrpc::SUPPORTED_VERSIONS, "requested": v })),
             ),
             Error::HeaderMismatch(_) => (StatusCode::BAD_REQUEST, code::HEADER_MISMATCH, msg, None),
-            Error::MissingSession => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST, msg, None),
+            Error::MissingSession | Error::BadRequestId => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST, msg, None),
             Error::SessionNotFound => (StatusCode::NOT_FOUND, code::SESSION_NOT_FOUND, msg, None),
             Error::Session(SessionError::TooMany(_)) => (StatusCode::SERVICE_UNAVAILABLE, code::UNAVAILABLE, msg, None),
             Error::Gate(r) => match r {

@@ -89,6 +89,10 @@ impl Outcome {
 /// What the request log records of one call.
 pub struct CallRecord<'a> {
     pub request_id: &'a str,
+    /// The client's own `X-Request-Id`, if it sent one.
+    pub client_request_id: Option<&'a str>,
+    /// How long the upstream took, if the call reached it.
+    pub upstream: Option<std::time::Duration>,
     pub key_id: Option<&'a str>,
     pub method: &'a str,
     pub tool: Option<&'a str>,
@@ -148,7 +152,8 @@ pub struct Gate {
 }
 
 struct Inner {
-    config: BillingConfig,
+    /// Swapped whole by a config reload; a request reads one snapshot.
+    config: arc_swap::ArcSwap<BillingConfig>,
     ledger: Ledger,
     admin_hash: KeyHash,
     /// Peers that sent wrong admin keys: a limiter of failures, and when they may try again.
@@ -233,7 +238,7 @@ impl Gate {
         Ok((
             Gate {
                 inner: Arc::new(Inner {
-                    config: config.clone(),
+                    config: arc_swap::ArcSwap::from_pointee(config.clone()),
                     ledger,
                     admin_hash,
                     limits: std::sync::RwLock::new(std::collections::HashMap::new()),
@@ -250,13 +255,22 @@ impl Gate {
         &self.inner.ledger
     }
 
-    pub fn config(&self) -> &BillingConfig {
-        &self.inner.config
+    /// The billing settings in force now.
+    pub fn config(&self) -> Arc<BillingConfig> {
+        self.inner.config.load_full()
+    }
+
+    /// Puts new billing settings in force (a config reload): free methods, refund rules, the
+    /// default rate limit and shadow mode apply to the next request. Keys' rate limiters are
+    /// rebuilt, so a changed default takes effect at once.
+    pub fn set_config(&self, config: BillingConfig) {
+        self.inner.config.store(Arc::new(config));
+        self.inner.limits.write().unwrap().clear();
     }
 
     /// Whether a request with this method passes without a key and without a charge.
     pub fn is_free(&self, method: &str) -> bool {
-        self.inner.config.free_methods.iter().any(|m| m == method)
+        self.inner.config.load().free_methods.iter().any(|m| m == method)
     }
 
     /// Whether `secret` is the admin key (compared in constant time).
@@ -353,10 +367,11 @@ impl Gate {
         let spec = settings
             .rate_limit
             .as_deref()
-            .or(self.inner.config.rate_limit.as_deref());
+            .or(self.inner.config.load().rate_limit.as_deref())
+            .map(str::to_string);
         let built = Arc::new(Limits {
             settings: settings.clone(),
-            key: spec.and_then(limiter),
+            key: spec.as_deref().and_then(limiter),
             tools: settings
                 .tool_rate_limits
                 .iter()
@@ -378,6 +393,7 @@ impl Gate {
         let Some(tools) = result.get_mut("tools").and_then(|t| t.as_array_mut()) else {
             return m;
         };
+        crate::metrics::learn_tools(tools.iter().filter_map(|t| t.get("name").and_then(|n| n.as_str())));
         let settings = key.map(|k| k.settings());
         tools.retain(|t| {
             let name = t.get("name").and_then(|n| n.as_str()).unwrap_or_default();
@@ -454,7 +470,7 @@ impl Gate {
         outcome: Outcome,
         record: &CallRecord<'_>,
     ) -> Result<i64, Refusal> {
-        let c = &self.inner.config;
+        let c = self.inner.config.load();
         let keep = match outcome {
             Outcome::Ok => true,
             Outcome::ToolError => !c.refund_on_tool_error,
@@ -468,21 +484,16 @@ impl Gate {
         } else {
             0
         };
-        let seq = self.inner.ledger.settle(r, kept)?;
         let (outcome_name, credits) = if keep { ("allowed", kept) } else { ("refunded", 0) };
-        self.log(
-            record,
-            outcome_name,
-            if keep { None } else { outcome.reason() },
-            credits,
-        );
+        let row = self.row(record, outcome_name, if keep { None } else { outcome.reason() }, credits);
+        let seq = self.inner.ledger.settle(r, kept, row)?;
         self.inner.ledger.durable(seq).await?;
         Ok(key.credits())
     }
 
     /// Shadow mode: the gate decides and logs, but refuses and charges nothing.
     pub fn is_shadow(&self) -> bool {
-        self.inner.config.shadow
+        self.inner.config.load().shadow
     }
 
     /// Shadow mode: whether a charge would pass, changing nothing.
@@ -512,6 +523,17 @@ impl Gate {
     }
 
     fn log(&self, r: &CallRecord<'_>, outcome: &str, reason: Option<&str>, credits: i64) {
+        let row = self.row(r, outcome, reason, credits);
+        // The log of a call that was not charged is not money: it is not waited for, and a failure
+        // to queue it is only logged.
+        if let Err(e) = self.inner.ledger.store().submit(crate::ledger::Op::Request(row)) {
+            tracing::warn!(error = %e, "request log row dropped");
+        }
+    }
+
+    /// A call's request-log row, counted in the health window and the metrics, and logged as the
+    /// request's one line.
+    fn row(&self, r: &CallRecord<'_>, outcome: &str, reason: Option<&str>, credits: i64) -> crate::ledger::RequestRow {
         let row = crate::ledger::RequestRow {
             seq: 0,
             request_id: r.request_id.to_string(),
@@ -527,10 +549,24 @@ impl Gate {
         self.inner
             .window
             .record(row.created_at, outcome, credits, row.duration_us as u64);
-        // The log is not money: it is not waited for, and a failure to queue it is only logged.
-        if let Err(e) = self.inner.ledger.store().submit(crate::ledger::Op::Request(row)) {
-            tracing::warn!(error = %e, "request log row dropped");
-        }
+        crate::metrics::call(r, &row);
+        crate::metrics::latency(r.started.elapsed(), r.upstream);
+        // The request's one log line (the key's id, never its secret).
+        tracing::info!(
+            target: "tollgate::request",
+            request_id = r.request_id,
+            client_request_id = r.client_request_id,
+            key_id = r.key_id,
+            method = r.method,
+            tool = r.tool,
+            outcome,
+            reason,
+            credits,
+            duration_us = row.duration_us,
+            upstream_us = r.upstream.map(|d| d.as_micros() as u64),
+            "request"
+        );
+        row
     }
 }
 

@@ -16,7 +16,10 @@
 //! - [`sse`]: Server-Sent Events framing and parsing.
 //! - [`body`]: the response body type.
 //! - [`server`]: the HTTP server loop and graceful shutdown.
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logging set-up (and its live level).
+//! - [`metrics`]: Prometheus metrics (`GET /metrics`).
+//! - [`webhooks`]: signed usage and admin-event webhooks from persisted outboxes.
+//! - [`reload`]: the config file read again and applied live (`POST /admin/config/reload`, SIGHUP).
 
 pub mod admin;
 pub mod body;
@@ -27,13 +30,16 @@ pub mod error;
 pub mod gate;
 pub mod jsonrpc;
 pub mod ledger;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod sse;
 pub mod telemetry;
 pub mod upstream;
+pub mod webhooks;
 pub mod window;
 
 use tokio::net::TcpListener;

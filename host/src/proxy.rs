@@ -47,12 +47,17 @@ struct StateInner {
     upstream: Upstream,
     deadlines: Deadlines,
     gate: Option<Gate>,
+    webhooks: Option<crate::webhooks::Webhooks>,
+    /// The config as last (re)loaded: what a reload compares against.
+    live: std::sync::Mutex<Config>,
 }
 
 impl AppState {
     /// Builds the state: opens the ledger (when billing is on) and starts the upstream. Returns a
     /// generated admin key too, the one time it exists in clear (first start without one).
+    /// Must run inside a tokio runtime (it starts the webhook tasks).
     pub fn new(config: Config) -> Result<(AppState, Option<String>), GateError> {
+        crate::metrics::install();
         let (gate, admin_key) = match &config.billing {
             Some(b) => {
                 let (gate, shown) = Gate::open(b)?;
@@ -62,8 +67,13 @@ impl AppState {
         };
         let sessions = Sessions::new(config.sessions.max, config.sessions.idle_timeout);
         let upstream = Upstream::start(&config, sessions.clone());
+        let webhooks = gate
+            .as_ref()
+            .map(|g| crate::webhooks::Webhooks::start(g.ledger().clone(), &config.webhooks));
         let state = AppState {
             inner: Arc::new(StateInner {
+                live: std::sync::Mutex::new(config.clone()),
+                webhooks,
                 config,
                 sessions,
                 upstream,
@@ -79,8 +89,19 @@ impl AppState {
         self.inner.gate.as_ref()
     }
 
+    /// The config the gateway started with (what needs a restart to change stays as here).
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The config as last (re)loaded.
+    pub fn live_config(&self) -> std::sync::MutexGuard<'_, Config> {
+        self.inner.live.lock().unwrap()
+    }
+
+    /// The webhook destinations, when billing is on.
+    pub fn webhooks(&self) -> Option<&crate::webhooks::Webhooks> {
+        self.inner.webhooks.as_ref()
     }
 
     pub fn sessions(&self) -> &Sessions {
@@ -118,6 +139,7 @@ pub async fn handle(state: &AppState, req: Request<hyper::body::Incoming>, peer:
             r
         }
         (_, "/balance") => crate::admin::handle(state, req, peer).await,
+        (&Method::GET, "/metrics") => crate::admin::metrics(state, req, peer).await,
         (_, p) if p.starts_with("/admin/") => crate::admin::handle(state, req, peer).await,
         (&Method::GET, "/healthz") => body::json(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
         (&Method::GET, "/readyz") => {
@@ -250,13 +272,84 @@ fn check_headers(headers: &HeaderMap, msg: &Message) -> Result<(), Error> {
     Ok(())
 }
 
+/// What the request's log line and metrics need, filled in as the request goes.
+struct Trace {
+    /// The gateway's id for this request (the ledger's, when it is charged).
+    id: String,
+    /// The client's valid `X-Request-Id`, returned as given.
+    client: Option<String>,
+    method: Option<&'static str>,
+    /// The gate logged this request (its one line, its metrics).
+    gated: bool,
+    upstream: Option<Duration>,
+}
+
+/// A client's `X-Request-Id`: `Ok(None)` if it sent none, `Err` if it is not a sane id.
+fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, Error> {
+    let Some(v) = headers.get(REQUEST_ID_HEADER) else {
+        return Ok(None);
+    };
+    let v = v.to_str().map_err(|_| Error::BadRequestId)?;
+    let sane = !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=".contains(&b));
+    if sane { Ok(Some(v.to_string())) } else { Err(Error::BadRequestId) }
+}
+
 async fn post(state: &AppState, req: Request<hyper::body::Incoming>, peer: IpAddr) -> Response<Body> {
+    let started = std::time::Instant::now();
     let (parts, body) = req.into_parts();
     let mut id = Value::Null;
-    match post_inner(state, &parts, body, peer, &mut id).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(id),
+    let mut trace = Trace {
+        id: gate::next_request_id(),
+        client: None,
+        method: None,
+        gated: false,
+        upstream: None,
+    };
+    let result = match client_request_id(&parts.headers) {
+        Ok(client) => {
+            trace.client = client;
+            post_inner(state, &parts, body, peer, &mut id, &mut trace).await
+        }
+        Err(e) => Err(e),
+    };
+    let (mut r, error) = match result {
+        Ok(r) => (r, None),
+        Err(e) => {
+            let reason = e.to_string();
+            (e.into_response(id), Some(reason))
+        }
+    };
+    if !trace.gated {
+        let method = trace.method.unwrap_or("other");
+        crate::metrics::free(method, error.is_some());
+        crate::metrics::latency(started.elapsed(), trace.upstream);
+        tracing::info!(
+            target: "tollgate::request",
+            request_id = %trace.id,
+            client_request_id = trace.client.as_deref(),
+            method,
+            outcome = if error.is_some() { "error" } else { "free" },
+            status = r.status().as_u16(),
+            error,
+            duration_us = started.elapsed().as_micros() as u64,
+            upstream_us = trace.upstream.map(|d| d.as_micros() as u64),
+            "request"
+        );
     }
+    let h = r.headers_mut();
+    let shown = trace.client.as_deref().unwrap_or(&trace.id);
+    if let Ok(v) = HeaderValue::from_str(shown) {
+        h.insert(REQUEST_ID_HEADER, v);
+    }
+    if trace.client.is_some()
+        && let Ok(v) = HeaderValue::from_str(&trace.id)
+    {
+        h.insert(GATEWAY_REQUEST_ID_HEADER, v);
+    }
+    r
 }
 
 async fn post_inner(
@@ -265,6 +358,7 @@ async fn post_inner(
     body: hyper::body::Incoming,
     peer: IpAddr,
     id_out: &mut Value,
+    trace: &mut Trace,
 ) -> Result<Response<Body>, Error> {
     let started = std::time::Instant::now();
     let config = state.config();
@@ -295,6 +389,11 @@ async fn post_inner(
     if let Some(id) = msg.id() {
         *id_out = id.clone();
     }
+    trace.method = Some(match msg.kind {
+        Kind::Request => crate::metrics::method_label(msg.method().unwrap_or_default()),
+        Kind::Notification => "notification",
+        Kind::Response => "response",
+    });
     check_headers(headers, &msg)?;
     let upstream = state.upstream();
 
@@ -348,7 +447,8 @@ async fn post_inner(
             };
             let charge = match state.gate() {
                 Some(gate) if !gate.is_free(method) => {
-                    let request_id = gate::next_request_id();
+                    trace.gated = true;
+                    let request_id = trace.id.clone();
                     // Parsed once: the tool lists, the rate limits and the price all use it.
                     let (tool, arguments) = if method == "tools/call" {
                         gate::tool_call(&msg)
@@ -381,6 +481,8 @@ async fn post_inner(
                     })();
                     let record = CallRecord {
                         request_id: &request_id,
+                        client_request_id: trace.client.as_deref(),
+                        upstream: None,
                         key_id: key_id.as_deref(),
                         method,
                         tool: tool.as_deref(),
@@ -394,6 +496,8 @@ async fn post_inner(
                             method: method.to_string(),
                             tool,
                             started,
+                            client_request_id: trace.client.clone(),
+                            forwarded: std::time::Instant::now(),
                         }),
                         Ok(None) => {
                             gate.log_shadow_allowed(&record, price.map_or(0, |p| p.reserved()));
@@ -412,7 +516,9 @@ async fn post_inner(
                 }
                 _ => None,
             };
+            let forwarded = std::time::Instant::now();
             let reply = with_deadline(&deadline, call_timeout, upstream.request(&session, headers, msg, raw)).await;
+            trace.upstream = Some(forwarded.elapsed());
             match gone_ends_session(state, &session, reply).await {
                 Ok(reply) => respond_charged(reply, accept, deadline, call_timeout, id_out.clone(), charge, view).await,
                 Err(e) => {
@@ -493,6 +599,9 @@ struct Charge {
     method: String,
     tool: Option<String>,
     started: std::time::Instant,
+    client_request_id: Option<String>,
+    /// When the call was handed to the upstream: its time runs to the final answer.
+    forwarded: std::time::Instant,
 }
 
 impl Charge {
@@ -503,6 +612,8 @@ impl Charge {
         let key_id = self.reservation.key.id.clone();
         let record = CallRecord {
             request_id: &request_id,
+            client_request_id: self.client_request_id.as_deref(),
+            upstream: Some(self.forwarded.elapsed()),
             key_id: Some(&key_id),
             method: &self.method,
             tool: self.tool.as_deref(),
@@ -512,7 +623,7 @@ impl Charge {
             .gate
             .settle(self.reservation, self.price, answer_bytes, outcome, &record)
             .await?;
-        Ok(Settled { credits, request_id })
+        Ok(Settled { credits })
     }
 }
 
@@ -527,20 +638,17 @@ fn outcome_of_error(e: &Error) -> Outcome {
 
 const CREDITS_HEADER: HeaderName = HeaderName::from_static("x-credits-remaining");
 const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+/// The gateway's own request id (its ledger rows'), when the client sent an `X-Request-Id` of its own.
+const GATEWAY_REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("tollgate-request-id");
 
-/// A settled call's balance and the request id its ledger rows carry.
+/// A settled call's balance.
 struct Settled {
     credits: i64,
-    request_id: String,
 }
 
 fn with_credits(mut r: Response<Body>, settled: Option<Settled>) -> Response<Body> {
     if let Some(s) = settled {
-        let h = r.headers_mut();
-        h.insert(CREDITS_HEADER, HeaderValue::from(s.credits));
-        if let Ok(v) = HeaderValue::from_str(&s.request_id) {
-            h.insert(REQUEST_ID_HEADER, v);
-        }
+        r.headers_mut().insert(CREDITS_HEADER, HeaderValue::from(s.credits));
     }
     r
 }

@@ -260,3 +260,33 @@ impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
         self.project().io.poll_shutdown(cx)
     }
 }
+
+/// Serves `GET /metrics` (and nothing else) on its own listener, without the admin key: for a
+/// Prometheus on a private network. Runs until the process ends.
+pub async fn run_metrics(listener: TcpListener) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+            let r = if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+                crate::admin::metrics_text()
+            } else {
+                crate::body::status(hyper::StatusCode::NOT_FOUND)
+            };
+            Ok::<_, Infallible>(r)
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -4,6 +4,10 @@
 //! committed is replayed from the journal (a ledger row cannot be applied twice, so replaying a
 //! committed one changes nothing), and segments whose records are all committed are deleted.
 //!
+//! A call's request-log row (written when it is settled) is journaled too: it is what usage webhooks
+//! deliver, so a settled call's event survives a kill as its charge does. Replayed rows are skipped
+//! by their request id.
+//!
 //! A written record survives the process being killed: it is in the kernel's page cache. It does
 //! not survive a power loss; `durability = "power"` therefore does not use the journal.
 
@@ -87,11 +91,16 @@ pub fn line(op: &Op) -> Option<String> {
         } if !request_id.contains(char::is_whitespace) && !key_id.contains(char::is_whitespace) => {
             Some(format!("{} {request_id} {key_id} {amount} {at}\n", entry.as_str()))
         }
+        // JSON escapes every newline, so a row is one line.
+        Op::Request(row) => serde_json::to_string(row).ok().map(|j| format!("request {j}\n")),
         _ => None,
     }
 }
 
 fn parse(line: &str) -> Option<Op> {
+    if let Some(row) = line.strip_prefix("request ") {
+        return serde_json::from_str(row).ok().map(Op::Request);
+    }
     let mut f = line.split(' ');
     let entry = match f.next()? {
         "charge" => Entry::Charge,
@@ -181,6 +190,29 @@ mod tests {
         let ops = read(&segs[0].1).unwrap();
         assert_eq!(ops.len(), 2);
         assert_eq!(line(&ops[1]), line(&charge("req_b", 4)));
+    }
+
+    #[test]
+    fn a_request_row_with_any_tool_name_is_one_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let row = Op::Request(super::super::sqlite::RequestRow {
+            seq: 0,
+            request_id: "req_c".into(),
+            key_id: Some("key_1".into()),
+            method: "tools/call".into(),
+            tool: Some("two words\nand a line".into()),
+            outcome: "allowed".into(),
+            reason: None,
+            credits: 3,
+            duration_us: 120,
+            created_at: 17,
+        });
+        j.append(&line(&row).unwrap()).unwrap();
+        j.append(&line(&charge("req_d", 1)).unwrap()).unwrap();
+        let ops = read(&segments(dir.path()).unwrap()[0].1).unwrap();
+        assert_eq!(ops.len(), 2);
+        assert_eq!(line(&ops[0]), line(&row));
     }
 
     #[test]

@@ -299,6 +299,11 @@ impl Key {
         now_ms >= self.expires_at.load(Ordering::Acquire)
     }
 
+    /// When the key expires (Unix ms; `i64::MAX`: never).
+    pub fn expires_at(&self) -> i64 {
+        self.expires_at.load(Ordering::Acquire)
+    }
+
     pub fn status(&self) -> Status {
         Status::from_u8(self.status.load(Ordering::Acquire))
     }

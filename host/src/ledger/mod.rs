@@ -15,7 +15,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use keys::{DebitError, Key, KeySettings, Quota, Status, Usage};
-pub use sqlite::{Entry, LedgerRow, Op, RequestFilter, RequestRow, Retention, Store, StoreError};
+pub use sqlite::{
+    Cursor, DeadLetter, Entry, EventRow, LedgerRow, Op, RequestFilter, RequestRow, Retention, Store, StoreError,
+};
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {
@@ -207,13 +209,13 @@ impl Ledger {
     pub fn reserve(&self, key: &Arc<Key>, amount: i64, request_id: &str) -> Result<Reservation, LedgerError> {
         let at = now_ms();
         key.charge(amount, at)?;
-        let seq = self.inner.store.submit_money(Op::Ledger {
+        let seq = self.inner.store.submit_money([Op::Ledger {
             request_id: request_id.to_string(),
             key_id: key.id.clone(),
             entry: Entry::Charge,
             amount,
             at,
-        });
+        }]);
         match seq {
             Ok(seq) => Ok(Reservation {
                 key: key.clone(),
@@ -230,12 +232,15 @@ impl Ledger {
     }
 
     /// Settles a reservation: keeps `kept` of it and refunds the rest (a refund row; keeping
-    /// nothing cancels the call in the quotas too). Returns the sequence number to wait for
-    /// before answering the client.
-    pub fn settle(&self, r: Reservation, kept: i64) -> Result<u64, LedgerError> {
+    /// nothing cancels the call in the quotas too), and records the call's request-log row with it
+    /// (journaled together: the row is what usage webhooks deliver). Returns the sequence number to
+    /// wait for before answering the client.
+    pub fn settle(&self, r: Reservation, kept: i64, row: RequestRow) -> Result<u64, LedgerError> {
         let refund = r.amount - kept.clamp(0, r.amount);
+        let store = &self.inner.store;
         if refund == 0 {
-            return Ok(r.seq);
+            let seq = store.submit_money([Op::Request(row)])?;
+            return Ok(seq.max(r.seq));
         }
         let now = now_ms();
         let entry = if refund == r.amount {
@@ -245,13 +250,16 @@ impl Ledger {
             r.key.refund_part(refund, r.at, now);
             Entry::PartialRefund
         };
-        let seq = self.inner.store.submit_money(Op::Ledger {
-            request_id: r.request_id,
-            key_id: r.key.id.clone(),
-            entry,
-            amount: refund,
-            at: now,
-        })?;
+        let seq = store.submit_money([
+            Op::Ledger {
+                request_id: r.request_id,
+                key_id: r.key.id.clone(),
+                entry,
+                amount: refund,
+                at: now,
+            },
+            Op::Request(row),
+        ])?;
         Ok(seq)
     }
 
@@ -354,6 +362,22 @@ mod tests {
         max_rows: 1000,
     };
 
+    /// The request-log row a settlement records with it.
+    fn row(request_id: &str, credits: i64) -> RequestRow {
+        RequestRow {
+            seq: 0,
+            request_id: request_id.into(),
+            key_id: None,
+            method: "tools/call".into(),
+            tool: None,
+            outcome: "allowed".into(),
+            reason: None,
+            credits,
+            duration_us: 1,
+            created_at: now_ms(),
+        }
+    }
+
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -387,7 +411,7 @@ mod tests {
                     tokio::spawn(async move {
                         match ledger.reserve(&key, 1, &format!("req-{i}")) {
                             Ok(r) => {
-                                let seq = ledger.settle(r, 1).unwrap();
+                                let seq = ledger.settle(r, 1, row(&format!("req-{i}"), 1)).unwrap();
                                 ledger.durable(seq).await.unwrap();
                                 true
                             }
@@ -418,9 +442,9 @@ mod tests {
             let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
             let (key, secret) = ledger.create_key("bob", 100, KeySettings::default()).await.unwrap();
             let kept = ledger.reserve(&key, 7, "r1").unwrap();
-            let s1 = ledger.settle(kept, 3).unwrap();
+            let s1 = ledger.settle(kept, 3, row("r1", 3)).unwrap();
             let refunded = ledger.reserve(&key, 5, "r2").unwrap();
-            let s2 = ledger.settle(refunded, 0).unwrap();
+            let s2 = ledger.settle(refunded, 0, row("r2", 0)).unwrap();
             ledger.durable(s1.max(s2)).await.unwrap();
             ledger.topup(&key.id, 20, "t1").await.unwrap();
             ledger.set_status(&key.id, Status::Suspended).await.unwrap();

@@ -70,6 +70,33 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE ledger_v4 RENAME TO ledger;",
     // 5: consumer insights count each top key's distinct tools from its own rows, not the whole log.
     "CREATE INDEX requests_by_key ON requests (key_id, outcome, tool);",
+    // 6: webhooks. Settled calls' request rows are journaled and replayed, so a row is unique by its
+    // request id. Admin events (key created, topped up, ...) are an outbox of their own. Each
+    // destination keeps how far it has delivered both; batches it gave up on are dead letters.
+    "CREATE UNIQUE INDEX requests_by_request_id ON requests (request_id);
+     CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        key_id TEXT,
+        data TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+     );
+     CREATE TABLE webhook_cursors (
+        destination TEXT PRIMARY KEY,
+        request_seq INTEGER NOT NULL,
+        event_seq INTEGER NOT NULL,
+        delivered INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE TABLE webhook_dead_letters (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        destination TEXT NOT NULL,
+        events TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        error TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+     );",
 ];
 
 /// How long and how many request-log rows are kept.
@@ -157,6 +184,59 @@ pub enum Op {
         hash: KeyHash,
         prefix: String,
     },
+    /// An admin event for the webhook outbox; one with an id already there changes nothing.
+    Event(EventRow),
+    /// How far a webhook destination has delivered, and how many more events it delivered.
+    WebhookCursor {
+        destination: String,
+        request_seq: i64,
+        event_seq: i64,
+        delivered: i64,
+    },
+    /// Forget the cursors of destinations no longer configured (they would hold back pruning).
+    WebhookKeepOnly(Vec<String>),
+    /// A batch a destination gave up on.
+    DeadLetter {
+        destination: String,
+        /// The events, a JSON array.
+        events: String,
+        count: i64,
+        error: String,
+        attempts: i64,
+        at: i64,
+    },
+    /// A dead letter delivered on replay.
+    DropDeadLetter(i64),
+}
+
+/// An admin event as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub seq: i64,
+    pub id: String,
+    pub kind: String,
+    pub key_id: Option<String>,
+    /// JSON object.
+    pub data: String,
+    pub created_at: i64,
+}
+
+/// A dead letter as stored.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub seq: i64,
+    pub events: String,
+    pub count: i64,
+    pub error: String,
+    pub created_at: i64,
+}
+
+/// A webhook destination's progress as stored.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cursor {
+    pub request_seq: i64,
+    pub event_seq: i64,
+    pub delivered: i64,
 }
 
 /// A key as stored.
@@ -175,7 +255,7 @@ pub struct StoredKey {
 }
 
 /// One call in the request log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RequestRow {
     pub seq: i64,
     pub request_id: String,
@@ -344,30 +424,43 @@ impl Store {
         Ok(seq)
     }
 
-    /// Hands a charge or refund to the writer and makes it durable now: written to the journal
-    /// (one `write`), it survives the process being killed before the database commits it. Returns
-    /// the sequence number to wait for with [`Store::durable`]: 0 (nothing to wait for) once
-    /// journaled; without a journal (`durability = "power"`), its commit's.
-    pub fn submit_money(&self, op: Op) -> Result<u64, StoreError> {
+    /// Hands charges, refunds and settled calls' request rows to the writer and makes them durable
+    /// now: written to the journal (one `write` for all of them), they survive the process being
+    /// killed before the database commits them. Returns the sequence number to wait for with
+    /// [`Store::durable`]: 0 (nothing to wait for) once journaled; without a journal
+    /// (`durability = "power"`), the last one's commit.
+    pub fn submit_money<const N: usize>(&self, ops: [Op; N]) -> Result<u64, StoreError> {
         if self.inner.failed.load(Ordering::Acquire) {
             return Err(StoreError::WriterFailed);
         }
         let mut guard = self.inner.submit.lock().unwrap();
-        let line = guard.journal.as_ref().and_then(|_| super::journal::line(&op));
-        let journaled = match (guard.journal.as_mut(), line) {
-            (Some(j), Some(line)) => {
-                if let Err(e) = j.append(&line) {
+        let journaled = match guard.journal.as_mut() {
+            Some(j) => {
+                let mut lines = String::new();
+                let mut all = true;
+                for op in &ops {
+                    match super::journal::line(op) {
+                        Some(l) => lines.push_str(&l),
+                        None => all = false,
+                    }
+                }
+                if !lines.is_empty()
+                    && let Err(e) = j.append(&lines)
+                {
                     tracing::error!(error = %e, "the charge journal cannot be written; the ledger stops accepting changes");
                     self.inner.failed.store(true, Ordering::Release);
                     return Err(StoreError::WriterFailed);
                 }
-                true
+                all
             }
-            _ => false,
+            None => false,
         };
-        guard.seq += 1;
-        let seq = guard.seq;
-        guard.tx.send((seq, op)).map_err(|_| StoreError::WriterFailed)?;
+        let mut seq = 0;
+        for op in ops {
+            guard.seq += 1;
+            seq = guard.seq;
+            guard.tx.send((seq, op)).map_err(|_| StoreError::WriterFailed)?;
+        }
         Ok(if journaled { 0 } else { seq })
     }
 
@@ -540,6 +633,107 @@ impl Store {
         Ok(rows)
     }
 
+    /// Settled calls (request rows with a charge kept or refunded) after `seq`, oldest first.
+    pub fn usage_after(conn: &Connection, seq: i64, limit: i64) -> Result<Vec<RequestRow>, StoreError> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at
+             FROM requests WHERE seq > ?1 AND outcome IN ('allowed', 'refunded') AND key_id IS NOT NULL
+             ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![seq, limit], |r| {
+                Ok(RequestRow {
+                    seq: r.get(0)?,
+                    request_id: r.get(1)?,
+                    key_id: r.get(2)?,
+                    method: r.get(3)?,
+                    tool: r.get(4)?,
+                    outcome: r.get(5)?,
+                    reason: r.get(6)?,
+                    credits: r.get(7)?,
+                    duration_us: r.get(8)?,
+                    created_at: r.get(9)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Admin events after `seq`, oldest first.
+    pub fn events_after(conn: &Connection, seq: i64, limit: i64) -> Result<Vec<EventRow>, StoreError> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, id, type, key_id, data, created_at FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![seq, limit], |r| {
+                Ok(EventRow {
+                    seq: r.get(0)?,
+                    id: r.get(1)?,
+                    kind: r.get(2)?,
+                    key_id: r.get(3)?,
+                    data: r.get(4)?,
+                    created_at: r.get(5)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// A destination's stored progress, if it has any.
+    pub fn cursor(conn: &Connection, destination: &str) -> Result<Option<Cursor>, StoreError> {
+        Ok(conn
+            .query_row(
+                "SELECT request_seq, event_seq, delivered FROM webhook_cursors WHERE destination = ?1",
+                params![destination],
+                |r| {
+                    Ok(Cursor {
+                        request_seq: r.get(0)?,
+                        event_seq: r.get(1)?,
+                        delivered: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Where the outboxes end now: (last request row, last event).
+    pub fn outbox_ends(conn: &Connection) -> Result<(i64, i64), StoreError> {
+        Ok(conn.query_row(
+            "SELECT COALESCE((SELECT MAX(seq) FROM requests), 0), COALESCE((SELECT MAX(seq) FROM events), 0)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?)
+    }
+
+    /// How many events are past a cursor (settled calls and admin events).
+    pub fn pending(conn: &Connection, c: &Cursor) -> Result<i64, StoreError> {
+        Ok(conn.query_row(
+            "SELECT (SELECT COUNT(*) FROM requests WHERE seq > ?1 AND outcome IN ('allowed', 'refunded') AND key_id IS NOT NULL)
+                  + (SELECT COUNT(*) FROM events WHERE seq > ?2)",
+            params![c.request_seq, c.event_seq],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// A destination's dead letters, oldest first.
+    pub fn dead_letters(conn: &Connection, destination: &str) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, events, count, error, created_at FROM webhook_dead_letters WHERE destination = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt
+            .query_map(params![destination], |r| {
+                Ok(DeadLetter {
+                    seq: r.get(0)?,
+                    events: r.get(1)?,
+                    count: r.get(2)?,
+                    error: r.get(3)?,
+                    created_at: r.get(4)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     /// A key as stored now (for checks against the live state).
     pub fn stored_key(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
         let conn = self.reader()?;
@@ -593,11 +787,20 @@ fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Rete
         ticks += 1;
         if ticks.is_multiple_of(10) {
             let cutoff = super::now_ms() - retention.max_age_ms;
-            let pruned = conn.execute(
-                "DELETE FROM requests WHERE created_at < ?1
-                    OR seq <= (SELECT MAX(seq) FROM requests) - ?2",
-                params![cutoff, retention.max_rows],
-            );
+            // Rows a webhook destination has not delivered yet stay.
+            let pruned = conn
+                .execute(
+                    "DELETE FROM requests WHERE (created_at < ?1 OR seq <= (SELECT MAX(seq) FROM requests) - ?2)
+                        AND seq <= COALESCE((SELECT MIN(request_seq) FROM webhook_cursors), 9223372036854775807)",
+                    params![cutoff, retention.max_rows],
+                )
+                .and_then(|n| {
+                    Ok(n + conn.execute(
+                        "DELETE FROM events WHERE created_at < ?1
+                            AND seq <= COALESCE((SELECT MIN(event_seq) FROM webhook_cursors), 9223372036854775807)",
+                        params![cutoff],
+                    )?)
+                });
             match pruned {
                 Ok(n) if n > 0 => tracing::debug!(rows = n, "request log pruned"),
                 Ok(_) => {}
@@ -648,6 +851,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<(u64, Op)>, inner: Arc<Inner>
         match apply(&mut conn, &batch) {
             Ok(()) => {
                 inner.committed.store(last, Ordering::Release);
+                crate::metrics::commit(started.elapsed(), batch.len());
                 tracing::trace!(
                     ops = batch.len(),
                     us = started.elapsed().as_micros() as u64,
@@ -707,8 +911,9 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
         )?;
         let mut set_status = tx.prepare_cached("UPDATE keys SET status = ?2 WHERE id = ?1")?;
         let mut insert_request = tx.prepare_cached(
+            // A settled call's row is journaled: replaying it again changes nothing.
             "INSERT INTO requests (request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (request_id) DO NOTHING",
         )?;
         for (_, op) in batch {
             match op {
@@ -770,6 +975,51 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
                 Op::Rotate { key_id, hash, prefix } => {
                     tx.prepare_cached("UPDATE keys SET hash = ?2, prefix = ?3 WHERE id = ?1")?
                         .execute(params![key_id, &hash[..], prefix])?;
+                }
+                Op::Event(e) => {
+                    tx.prepare_cached(
+                        "INSERT INTO events (id, type, key_id, data, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (id) DO NOTHING",
+                    )?
+                    .execute(params![e.id, e.kind, e.key_id, e.data, e.created_at])?;
+                }
+                Op::WebhookCursor {
+                    destination,
+                    request_seq,
+                    event_seq,
+                    delivered,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT INTO webhook_cursors (destination, request_seq, event_seq, delivered) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (destination) DO UPDATE SET request_seq = MAX(request_seq, ?2),
+                            event_seq = MAX(event_seq, ?3), delivered = delivered + ?4",
+                    )?
+                    .execute(params![destination, request_seq, event_seq, delivered])?;
+                }
+                Op::WebhookKeepOnly(keep) => {
+                    let keep = serde_json::to_string(keep).unwrap_or_else(|_| "[]".into());
+                    tx.prepare_cached(
+                        "DELETE FROM webhook_cursors WHERE destination NOT IN (SELECT value FROM json_each(?1))",
+                    )?
+                    .execute(params![keep])?;
+                }
+                Op::DeadLetter {
+                    destination,
+                    events,
+                    count,
+                    error,
+                    attempts,
+                    at,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT INTO webhook_dead_letters (destination, events, count, error, attempts, created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )?
+                    .execute(params![destination, events, count, error, attempts, at])?;
+                }
+                Op::DropDeadLetter(seq) => {
+                    tx.prepare_cached("DELETE FROM webhook_dead_letters WHERE seq = ?1")?
+                        .execute(params![seq])?;
                 }
             }
         }

@@ -45,6 +45,13 @@ impl Role {
         }
     }
 
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Pricing => "pricing",
+            Role::Health => "health",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Role> {
         match s {
             "pricing" => Some(Role::Pricing),
@@ -264,6 +271,11 @@ impl Policy {
     /// Loads the plugins `pricing` and `health` describe (unchanged specs: the same files read
     /// again) for `tenant`, validates them, and only then swaps them in, both or neither. Blocking:
     /// compiling takes tens of milliseconds; call it off the async workers.
+    /// The pricing and health plugins a tenant runs now, as they were specified.
+    pub fn specs(&self, tenant: &str) -> Option<(PluginSpec, PluginSpec)> {
+        Some(self.tenants.get(tenant)?.specs.lock().unwrap().clone())
+    }
+
     pub fn reload(
         &self,
         tenant: &str,

@@ -180,6 +180,7 @@ struct Warm<W: World> {
 
 /// Call counts and timings of one loaded plugin.
 pub struct Stats {
+    role: &'static str,
     calls: AtomicU64,
     failures: AtomicU64,
     total_ns: AtomicU64,
@@ -197,8 +198,9 @@ pub struct StatsView {
 }
 
 impl Stats {
-    fn new() -> Stats {
+    fn new(role: &'static str) -> Stats {
         Stats {
+            role,
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             total_ns: AtomicU64::new(0),
@@ -214,6 +216,7 @@ impl Stats {
         }
         self.total_ns.fetch_add(ns, Ordering::Relaxed);
         let _ = self.histogram.lock().unwrap().record(ns.max(1));
+        crate::metrics::plugin_call(self.role, elapsed, failed);
     }
 
     pub fn view(&self) -> StatsView {
@@ -265,7 +268,7 @@ impl<W: World> Pool<W> {
             config,
             limits,
             warm: Mutex::new(Vec::new()),
-            stats: Stats::new(),
+            stats: Stats::new(W::ROLE.name()),
         };
         let mut warm = Vec::with_capacity(limits.pool_size);
         for _ in 0..limits.pool_size.max(1) {

@@ -1,0 +1,240 @@
+//! Prometheus metrics: what is counted and timed, under which names, with label values taken only
+//! from bounded sets (known methods, outcomes and refusal reasons, the upstream's own tool names up
+//! to a cap, configured webhook destinations) — never from what a client sends.
+//!
+//! The `metrics` crate's facade records; `metrics-exporter-prometheus` renders the text format for
+//! `GET /metrics`. Until [`install`] runs (unit tests), every record is a no-op.
+
+use std::collections::HashSet;
+use std::sync::{OnceLock, RwLock};
+use std::time::Duration;
+
+use metrics::{counter, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::gate::CallRecord;
+use crate::ledger::RequestRow;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Latency buckets, seconds: 50 µs to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
+];
+
+/// Installs the process-wide recorder (once; later calls return the same handle).
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("the buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+        }
+        describe();
+        handle
+    })
+}
+
+/// The metrics in the Prometheus text format.
+pub fn render() -> String {
+    install().render()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_histogram};
+    describe_counter!(
+        "tollgate_requests_total",
+        "MCP requests by method and outcome (free, allowed, refunded, denied, error)"
+    );
+    describe_counter!("tollgate_refusals_total", "Requests refused at the gate, by reason");
+    describe_counter!(
+        "tollgate_credits_charged_total",
+        "Credits kept from settled calls"
+    );
+    describe_counter!("tollgate_tool_calls_total", "tools/call requests by tool and outcome");
+    describe_histogram!(
+        "tollgate_upstream_latency_seconds",
+        "Time the upstream took to answer a forwarded request"
+    );
+    describe_histogram!(
+        "tollgate_gateway_latency_seconds",
+        "Time the gateway added to a request (its whole time minus the upstream's)"
+    );
+    describe_counter!("tollgate_plugin_calls_total", "Policy plugin calls by role and result");
+    describe_histogram!("tollgate_plugin_latency_seconds", "Policy plugin call time by role");
+    describe_counter!(
+        "tollgate_webhook_deliveries_total",
+        "Webhook batch delivery attempts by destination and result"
+    );
+    describe_counter!(
+        "tollgate_webhook_events_total",
+        "Events delivered by destination"
+    );
+    describe_counter!(
+        "tollgate_webhook_dead_letters_total",
+        "Batches moved to the dead-letter queue by destination"
+    );
+    describe_histogram!("tollgate_store_commit_seconds", "Database commit time (one commit holds many changes)");
+    describe_histogram!("tollgate_store_commit_ops", "Changes per database commit");
+}
+
+/// The methods a label may name; any other is `other`.
+const METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "server/discover",
+    "notification",
+    "response",
+];
+
+/// Refusal and refund reasons a label may name.
+const REASONS: &[&str] = &[
+    "missing_key",
+    "unknown_key",
+    "revoked",
+    "suspended",
+    "expired",
+    "tool_forbidden",
+    "ip_forbidden",
+    "insufficient_credits",
+    "spending_limit",
+    "quota",
+    "rate_limited",
+    "ledger_unavailable",
+    "policy_denied",
+    "pricing_policy_failed",
+];
+
+const OUTCOMES: &[&str] = &["free", "allowed", "refunded", "denied", "error"];
+
+fn bounded(v: &str, set: &[&'static str]) -> &'static str {
+    set.iter().copied().find(|s| *s == v).unwrap_or("other")
+}
+
+/// The method label of a request.
+pub fn method_label(method: &str) -> &'static str {
+    bounded(method, METHODS)
+}
+
+/// Tool names the upstream listed: the only ones a label may carry.
+static TOOLS: RwLock<Option<HashSet<String>>> = RwLock::new(None);
+/// At most this many tool labels.
+const MAX_TOOLS: usize = 256;
+
+/// Learns tool names from an upstream `tools/list` answer.
+pub fn learn_tools<'a>(names: impl IntoIterator<Item = &'a str>) {
+    let names: Vec<&str> = names.into_iter().collect();
+    if TOOLS
+        .read()
+        .unwrap()
+        .as_ref()
+        .is_some_and(|t| names.iter().all(|n| t.contains(*n)))
+    {
+        return;
+    }
+    let mut guard = TOOLS.write().unwrap();
+    let set = guard.get_or_insert_with(HashSet::new);
+    for n in names {
+        if set.len() >= MAX_TOOLS {
+            break;
+        }
+        if n.len() <= 128 {
+            set.insert(n.to_string());
+        }
+    }
+}
+
+fn tool_label(tool: &str) -> String {
+    match TOOLS.read().unwrap().as_ref() {
+        Some(t) if t.contains(tool) => tool.to_string(),
+        _ => "other".to_string(),
+    }
+}
+
+/// One request that went through the gate (its request-log row).
+pub fn call(r: &CallRecord<'_>, row: &RequestRow) {
+    if HANDLE.get().is_none() {
+        return;
+    }
+    let outcome = bounded(&row.outcome, OUTCOMES);
+    counter!("tollgate_requests_total", "method" => method_label(r.method), "outcome" => outcome).increment(1);
+    if matches!(outcome, "denied" | "error") {
+        let reason = bounded(row.reason.as_deref().unwrap_or(""), REASONS);
+        counter!("tollgate_refusals_total", "reason" => reason).increment(1);
+    }
+    if row.credits > 0 {
+        counter!("tollgate_credits_charged_total").increment(row.credits as u64);
+    }
+    if let Some(tool) = r.tool.filter(|_| r.method == "tools/call") {
+        counter!("tollgate_tool_calls_total", "tool" => tool_label(tool), "outcome" => outcome).increment(1);
+    }
+}
+
+/// A request that did not go through the gate (free methods, notifications, refused early).
+pub fn free(method: &str, failed: bool) {
+    let outcome = if failed { "error" } else { "free" };
+    counter!("tollgate_requests_total", "method" => method_label(method), "outcome" => outcome).increment(1);
+}
+
+/// How long a forwarded request took upstream, and what the gateway added.
+pub fn latency(total: Duration, upstream: Option<Duration>) {
+    if let Some(u) = upstream {
+        histogram!("tollgate_upstream_latency_seconds").record(u.as_secs_f64());
+        histogram!("tollgate_gateway_latency_seconds").record(total.saturating_sub(u).as_secs_f64());
+    }
+}
+
+/// One policy plugin call.
+pub fn plugin_call(role: &'static str, elapsed: Duration, failed: bool) {
+    let result = if failed { "failed" } else { "ok" };
+    counter!("tollgate_plugin_calls_total", "role" => role, "result" => result).increment(1);
+    histogram!("tollgate_plugin_latency_seconds", "role" => role).record(elapsed.as_secs_f64());
+}
+
+/// One database commit of `ops` changes.
+pub fn commit(elapsed: Duration, ops: usize) {
+    histogram!("tollgate_store_commit_seconds").record(elapsed.as_secs_f64());
+    histogram!("tollgate_store_commit_ops").record(ops as f64);
+}
+
+/// One webhook delivery attempt (`result`: ok, failed, dead) of `events` events.
+pub fn webhook(destination: &str, result: &'static str, events: usize) {
+    let d = destination.to_string();
+    counter!("tollgate_webhook_deliveries_total", "destination" => d.clone(), "result" => result).increment(1);
+    match result {
+        "ok" => counter!("tollgate_webhook_events_total", "destination" => d).increment(events as u64),
+        "dead" => counter!("tollgate_webhook_dead_letters_total", "destination" => d).increment(1),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_come_only_from_known_sets() {
+        assert_eq!(method_label("tools/call"), "tools/call");
+        assert_eq!(method_label("x/../evil{label=\"1\"}"), "other");
+        assert_eq!(bounded("rate_limited", REASONS), "rate_limited");
+        assert_eq!(bounded("shadow: would charge 3", REASONS), "other");
+        learn_tools(["echo", "add"]);
+        assert_eq!(tool_label("echo"), "echo");
+        assert_eq!(tool_label("not-listed-by-the-upstream"), "other");
+    }
+}

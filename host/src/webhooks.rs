@@ -1,0 +1,726 @@
+//! Signed webhooks: usage events (one per settled call) and admin events (`key.created`, ...)
+//! delivered in batches to each configured destination, at least once, from outboxes in the
+//! database — so nothing is lost to a restart, a `kill -9` or an endpoint that is down for hours.
+//!
+//! The outboxes are the store's own tables: a settled call's request-log row (journaled with its
+//! charge, see [`crate::ledger::journal`]) and the `events` table. Each destination keeps a cursor
+//! into both; a task per destination reads past its cursor, filters, signs and posts a batch,
+//! retries with exponential backoff and jitter, and after the last attempt moves the batch to the
+//! dead-letter table. Nothing here runs on the request path: `/mcp` never waits for a webhook.
+//!
+//! Destinations are resolved when a batch is sent and every address is checked against private,
+//! loopback, link-local and metadata ranges (SSRF); the connection goes to the address that was
+//! checked, so a DNS answer cannot change between the check and the connect.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{Hmac, KeyInit, Mac};
+use http_body_util::Full;
+use serde_json::{Value, json};
+
+use crate::config::WebhookConfig;
+use crate::ledger::{Cursor, EventRow, Key, Ledger, Op, RequestRow, Store, StoreError, now_ms};
+
+/// Every event type; a destination's filter names some of these (or `key.*`).
+pub const EVENT_TYPES: &[&str] = &[
+    "usage",
+    "key.created",
+    "key.topup",
+    "key.revoked",
+    "key.suspended",
+    "key.resumed",
+    "key.rotated",
+    "key.expired",
+    "plugin.reloaded",
+];
+
+/// The signature header: `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+pub const SIGNATURE_HEADER: &str = "tollgate-signature";
+
+/// How often keys are checked for having expired (for `key.expired`).
+const EXPIRY_SWEEP: Duration = Duration::from_secs(2);
+
+/// Why a webhook operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("no webhook destination named {0:?}")]
+    UnknownDestination(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// `HMAC-SHA256(secret, "<t>.<body>")` in hex.
+pub fn sign(secret: &str, t: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Why an address may not receive webhooks unless allowed, if it may not.
+pub fn forbidden(ip: IpAddr) -> Option<&'static str> {
+    fn v4(a: std::net::Ipv4Addr) -> Option<&'static str> {
+        let o = a.octets();
+        if a.is_loopback() {
+            Some("a loopback address")
+        } else if a.is_private() {
+            Some("a private address")
+        } else if a.is_link_local() {
+            Some("a link-local address (where cloud metadata services live)")
+        } else if o[0] == 0 {
+            Some("an unspecified address")
+        } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
+            Some("a shared (carrier-grade NAT) address")
+        } else if a.is_broadcast() || a.is_multicast() || o[0] >= 240 {
+            Some("a broadcast, multicast or reserved address")
+        } else {
+            None
+        }
+    }
+    match ip {
+        IpAddr::V4(a) => v4(a),
+        IpAddr::V6(a) => {
+            if let Some(m) = a.to_ipv4_mapped() {
+                return v4(m);
+            }
+            let s = a.segments();
+            if a.is_loopback() {
+                Some("a loopback address")
+            } else if a.is_unspecified() {
+                Some("an unspecified address")
+            } else if (s[0] & 0xfe00) == 0xfc00 {
+                Some("a private (unique local) address")
+            } else if (s[0] & 0xffc0) == 0xfe80 {
+                Some("a link-local address")
+            } else if a.is_multicast() {
+                Some("a multicast address")
+            } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                // NAT64: the IPv4 address it reaches decides.
+                v4(std::net::Ipv4Addr::new(
+                    (s[6] >> 8) as u8,
+                    s[6] as u8,
+                    (s[7] >> 8) as u8,
+                    s[7] as u8,
+                ))
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// One destination's counters since start (delivered events and dead letters are in the store).
+#[derive(Default)]
+struct Progress {
+    failed_attempts: AtomicU64,
+    last_delivery_at: AtomicI64,
+    last_error: Mutex<Option<(i64, String)>>,
+}
+
+struct Running {
+    config: Arc<WebhookConfig>,
+    progress: Arc<Progress>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The webhook destinations and their delivery tasks; cheap to clone.
+#[derive(Clone)]
+pub struct Webhooks {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ledger: Ledger,
+    running: Mutex<BTreeMap<String, Running>>,
+    sweeper: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.sweeper.abort();
+        for r in self.running.get_mut().unwrap().values() {
+            r.task.abort();
+        }
+    }
+}
+
+impl Webhooks {
+    /// Starts delivering to `destinations` (on the current tokio runtime) and watching for keys
+    /// that expire.
+    pub fn start(ledger: Ledger, destinations: &[WebhookConfig]) -> Webhooks {
+        let sweeper = tokio::spawn(sweep_expired(ledger.clone()));
+        let w = Webhooks {
+            inner: Arc::new(Inner {
+                ledger,
+                running: Mutex::new(BTreeMap::new()),
+                sweeper,
+            }),
+        };
+        w.apply(destinations);
+        w
+    }
+
+    /// Makes `destinations` the running set: new ones start, removed ones stop (and their cursors
+    /// are forgotten), changed ones restart from their stored cursor. Returns the names that
+    /// changed.
+    pub fn apply(&self, destinations: &[WebhookConfig]) -> Vec<String> {
+        let mut running = self.inner.running.lock().unwrap();
+        let mut changed = Vec::new();
+        running.retain(|name, r| {
+            let keep = destinations.iter().any(|d| d.name == *name);
+            if !keep {
+                r.task.abort();
+                changed.push(name.clone());
+            }
+            keep
+        });
+        for d in destinations {
+            if running.get(&d.name).is_some_and(|r| *r.config == *d) {
+                continue;
+            }
+            let progress = match running.remove(&d.name) {
+                Some(old) => {
+                    old.task.abort();
+                    old.progress
+                }
+                None => Arc::new(Progress::default()),
+            };
+            let config = Arc::new(d.clone());
+            let task = tokio::spawn(deliver(config.clone(), progress.clone(), self.inner.ledger.clone()));
+            running.insert(
+                d.name.clone(),
+                Running {
+                    config,
+                    progress,
+                    task,
+                },
+            );
+            changed.push(d.name.clone());
+        }
+        let names: Vec<String> = running.keys().cloned().collect();
+        drop(running);
+        if let Err(e) = self.inner.ledger.store().submit(Op::WebhookKeepOnly(names)) {
+            tracing::warn!(error = %e, "could not forget removed webhook destinations");
+        }
+        changed
+    }
+
+    fn destination(&self, name: &str) -> Result<(Arc<WebhookConfig>, Arc<Progress>), WebhookError> {
+        let running = self.inner.running.lock().unwrap();
+        let r = running
+            .get(name)
+            .ok_or_else(|| WebhookError::UnknownDestination(name.to_string()))?;
+        Ok((r.config.clone(), r.progress.clone()))
+    }
+
+    /// Each destination: delivered, pending, failed attempts, dead letters, last error.
+    pub async fn status(&self) -> Result<Value, WebhookError> {
+        let list: Vec<(Arc<WebhookConfig>, Arc<Progress>)> = self
+            .inner
+            .running
+            .lock()
+            .unwrap()
+            .values()
+            .map(|r| (r.config.clone(), r.progress.clone()))
+            .collect();
+        let store = self.inner.ledger.store().clone();
+        store.sync().await?;
+        let rows = tokio::task::spawn_blocking(move || -> Result<Vec<Value>, StoreError> {
+            let conn = store.reader()?;
+            let mut out = Vec::new();
+            for (c, p) in list {
+                let cursor = Store::cursor(&conn, &c.name)?.unwrap_or_default();
+                let dead = Store::dead_letters(&conn, &c.name)?;
+                let last_error = p
+                    .last_error
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .map(|(at, m)| json!({"at": at, "message": m}));
+                let last_delivery = p.last_delivery_at.load(Ordering::Relaxed);
+                out.push(json!({
+                    "name": c.name,
+                    "url": c.url.to_string(),
+                    "events": c.events,
+                    "delivered": cursor.delivered,
+                    "pending": Store::pending(&conn, &cursor)?,
+                    "failedAttempts": p.failed_attempts.load(Ordering::Relaxed),
+                    "deadLetters": dead.len(),
+                    "deadLetterEvents": dead.iter().map(|d| d.count).sum::<i64>(),
+                    "lastError": last_error,
+                    "lastDeliveryAt": (last_delivery > 0).then_some(last_delivery),
+                }));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|_| StoreError::WriterFailed)??;
+        Ok(json!({ "destinations": rows }))
+    }
+
+    /// Sends a destination's dead letters again, oldest first, once each; a delivered one leaves
+    /// the queue. Stops at the first failure.
+    pub async fn replay(&self, name: &str) -> Result<Value, WebhookError> {
+        let (config, progress) = self.destination(name)?;
+        let store = self.inner.ledger.store().clone();
+        store.sync().await?;
+        let reader = store.clone();
+        let owned = name.to_string();
+        let letters = tokio::task::spawn_blocking(move || Store::dead_letters(&reader.reader()?, &owned))
+            .await
+            .map_err(|_| StoreError::WriterFailed)??;
+        let mut replayed = 0;
+        let mut events = 0;
+        let mut error = None;
+        for letter in &letters {
+            let batch: Value = serde_json::from_str(&letter.events).unwrap_or_else(|_| json!([]));
+            let body = batch_body(&config.name, batch);
+            match send(&config, body).await {
+                Ok(()) => {
+                    crate::metrics::webhook(&config.name, "ok", letter.count as usize);
+                    progress.last_delivery_at.store(now_ms(), Ordering::Relaxed);
+                    store.write(Op::DropDeadLetter(letter.seq)).await?;
+                    replayed += 1;
+                    events += letter.count;
+                }
+                Err(e) => {
+                    crate::metrics::webhook(&config.name, "failed", letter.count as usize);
+                    note_failure(&progress, &config.name, &e);
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        Ok(json!({
+            "destination": name,
+            "replayed": replayed,
+            "events": events,
+            "remaining": letters.len() - replayed,
+            "error": error,
+        }))
+    }
+}
+
+/// Records an admin event in the outbox; durable before it returns. Its `data` names the key (id,
+/// name, namespace, tags) and whatever `extra` adds — never a secret.
+pub async fn record(store: &Store, kind: &str, key: Option<&Key>, extra: Value) -> Result<(), StoreError> {
+    let id = format!("evt_{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>());
+    store.write(Op::Event(event_row(id, kind, key, extra))).await?;
+    Ok(())
+}
+
+fn event_row(id: String, kind: &str, key: Option<&Key>, extra: Value) -> EventRow {
+    let mut data = match key {
+        Some(k) => {
+            let s = k.settings();
+            json!({"keyId": k.id, "name": k.name, "namespace": s.namespace, "tags": s.tags, "credits": k.credits()})
+        }
+        None => json!({}),
+    };
+    if let (Some(d), Value::Object(extra)) = (data.as_object_mut(), extra) {
+        d.extend(extra);
+    }
+    EventRow {
+        seq: 0,
+        id,
+        kind: kind.to_string(),
+        key_id: key.map(|k| k.id.clone()),
+        data: data.to_string(),
+        created_at: now_ms(),
+    }
+}
+
+/// Records `key.expired` once for each key whose expiry passes (its id is derived from the key
+/// and the expiry, so a restart or a second sweep records nothing twice).
+async fn sweep_expired(ledger: Ledger) {
+    // Keys that expired while the gateway was down (within a week) are caught on start.
+    let mut since = now_ms() - 7 * 86_400_000;
+    loop {
+        let now = now_ms();
+        let l = ledger.clone();
+        let expired = tokio::task::spawn_blocking(move || {
+            let mut found = Vec::new();
+            l.for_each(|k| {
+                let at = k.expires_at();
+                if at > since && at <= now && k.status() == crate::ledger::Status::Active {
+                    found.push((l.get(&k.id), at));
+                }
+            });
+            found
+        })
+        .await
+        .unwrap_or_default();
+        for (key, at) in expired {
+            let Some(key) = key else { continue };
+            let id = format!("evt_expired_{}_{at}", key.id);
+            let row = event_row(id, "key.expired", Some(&key), json!({"expiresAt": at}));
+            if let Err(e) = ledger.store().submit(Op::Event(row)) {
+                tracing::warn!(error = %e, "could not record a key.expired event");
+            }
+        }
+        since = now;
+        tokio::time::sleep(EXPIRY_SWEEP).await;
+    }
+}
+
+/// An event as receivers see it.
+fn usage_event(r: &RequestRow) -> Value {
+    json!({
+        "id": format!("usage_{}", r.request_id),
+        "type": "usage",
+        "createdAt": r.created_at,
+        "data": {
+            "requestId": r.request_id,
+            "keyId": r.key_id,
+            "method": r.method,
+            "tool": r.tool,
+            "credits": r.credits,
+            "outcome": r.outcome,
+            "reason": r.reason,
+            "durationMs": r.duration_us as f64 / 1000.0,
+        },
+    })
+}
+
+fn admin_event(e: &EventRow) -> Value {
+    json!({
+        "id": e.id,
+        "type": e.kind,
+        "createdAt": e.created_at,
+        "data": serde_json::from_str::<Value>(&e.data).unwrap_or(Value::Null),
+    })
+}
+
+fn batch_body(destination: &str, events: Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(&json!({"destination": destination, "events": events})).expect("JSON serializes"))
+}
+
+/// Whether a destination's filter lets an event through.
+fn wanted(c: &WebhookConfig, kind: &str, key: Option<&Key>) -> bool {
+    let type_ok = c.events.is_empty()
+        || c.events
+            .iter()
+            .any(|f| f == kind || (f == "key.*" && kind.starts_with("key.")));
+    if !type_ok {
+        return false;
+    }
+    if c.namespaces.is_empty() && c.tags.is_empty() {
+        return true;
+    }
+    // Key filters apply to events about a key; a key they cannot find does not pass.
+    let Some(key) = key else { return kind == "plugin.reloaded" };
+    let s = key.settings();
+    let ns_ok = c.namespaces.is_empty() || s.namespace.as_ref().is_some_and(|n| c.namespaces.contains(n));
+    let tag_ok = c.tags.is_empty() || s.tags.iter().any(|t| c.tags.contains(t));
+    ns_ok && tag_ok
+}
+
+fn note_failure(p: &Progress, destination: &str, e: &str) {
+    p.failed_attempts.fetch_add(1, Ordering::Relaxed);
+    *p.last_error.lock().unwrap() = Some((now_ms(), e.to_string()));
+    tracing::warn!(destination, error = e, "webhook delivery failed");
+}
+
+/// The delivery loop of one destination.
+async fn deliver(c: Arc<WebhookConfig>, progress: Arc<Progress>, ledger: Ledger) {
+    let store = ledger.store().clone();
+    let mut cursor = loop {
+        match start_cursor(&store, &c.name).await {
+            Ok(cursor) => break cursor,
+            Err(e) => {
+                tracing::error!(destination = %c.name, error = %e, "cannot read the webhook cursor; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let reader: Arc<Mutex<Option<rusqlite::Connection>>> = Arc::new(Mutex::new(None));
+    loop {
+        let (r, s, limit) = (reader.clone(), store.clone(), c.batch_size as i64);
+        let read = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let mut guard = r.lock().unwrap();
+            if guard.is_none() {
+                *guard = Some(s.reader()?);
+            }
+            let conn = guard.as_ref().expect("opened");
+            let usage = Store::usage_after(conn, cursor.request_seq, limit)?;
+            let events = Store::events_after(conn, cursor.event_seq, limit)?;
+            Ok((usage, events))
+        })
+        .await;
+        let (usage, events) = match read {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::error!(destination = %c.name, error = %e, "cannot read the webhook outbox; retrying");
+                *reader.lock().unwrap() = None;
+                tokio::time::sleep(c.flush_interval).await;
+                continue;
+            }
+            Err(_) => return,
+        };
+        // Oldest first across both outboxes, up to a batch; each cursor moves past what it took.
+        let (mut u, mut e) = (usage.iter().peekable(), events.iter().peekable());
+        let mut next = cursor;
+        let mut batch = Vec::new();
+        let mut taken = 0;
+        while taken < c.batch_size {
+            let take_usage = match (u.peek(), e.peek()) {
+                (Some(a), Some(b)) => a.created_at <= b.created_at,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            taken += 1;
+            if take_usage {
+                let row = u.next().expect("peeked");
+                next.request_seq = row.seq;
+                let key = row.key_id.as_deref().and_then(|id| ledger.get(id));
+                if wanted(&c, "usage", key.as_deref()) {
+                    batch.push(usage_event(row));
+                }
+            } else {
+                let row = e.next().expect("peeked");
+                next.event_seq = row.seq;
+                let key = row.key_id.as_deref().and_then(|id| ledger.get(id));
+                if wanted(&c, &row.kind, key.as_deref()) {
+                    batch.push(admin_event(row));
+                }
+            }
+        }
+        if taken == 0 {
+            tokio::time::sleep(c.flush_interval).await;
+            continue;
+        }
+        let count = batch.len();
+        let mut delivered = 0;
+        if count > 0 {
+            let body = batch_body(&c.name, Value::Array(batch.clone()));
+            match send_with_retries(&c, &progress, body).await {
+                Ok(()) => delivered = count as i64,
+                Err((error, attempts)) => {
+                    crate::metrics::webhook(&c.name, "dead", count);
+                    tracing::error!(destination = %c.name, events = count, attempts, "webhook batch moved to the dead-letter queue");
+                    let op = Op::DeadLetter {
+                        destination: c.name.clone(),
+                        events: Value::Array(batch).to_string(),
+                        count: count as i64,
+                        error,
+                        attempts: attempts as i64,
+                        at: now_ms(),
+                    };
+                    if let Err(e) = store.write(op).await {
+                        // Not recorded: the cursor stays, and the batch is tried again.
+                        tracing::error!(destination = %c.name, error = %e, "cannot record a dead letter");
+                        tokio::time::sleep(c.retry_max).await;
+                        continue;
+                    }
+                }
+            }
+        }
+        let op = Op::WebhookCursor {
+            destination: c.name.clone(),
+            request_seq: next.request_seq,
+            event_seq: next.event_seq,
+            delivered,
+        };
+        if let Err(e) = store.submit(op) {
+            tracing::error!(destination = %c.name, error = %e, "cannot record webhook progress");
+        }
+        cursor = next;
+        if taken < c.batch_size {
+            tokio::time::sleep(c.flush_interval).await;
+        }
+    }
+}
+
+/// A destination's stored cursor; a new destination starts at the end of the outboxes (it
+/// receives what happens from now on).
+async fn start_cursor(store: &Store, name: &str) -> Result<Cursor, StoreError> {
+    store.sync().await?;
+    let (s, n) = (store.clone(), name.to_string());
+    let found = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+        let conn = s.reader()?;
+        Ok(match Store::cursor(&conn, &n)? {
+            Some(c) => (c, true),
+            None => {
+                let (request_seq, event_seq) = Store::outbox_ends(&conn)?;
+                (
+                    Cursor {
+                        request_seq,
+                        event_seq,
+                        delivered: 0,
+                    },
+                    false,
+                )
+            }
+        })
+    })
+    .await
+    .map_err(|_| StoreError::WriterFailed)??;
+    if !found.1 {
+        store
+            .write(Op::WebhookCursor {
+                destination: name.to_string(),
+                request_seq: found.0.request_seq,
+                event_seq: found.0.event_seq,
+                delivered: 0,
+            })
+            .await?;
+    }
+    Ok(found.0)
+}
+
+/// Posts a batch, retrying with exponential backoff and full jitter; `Err` carries the last error
+/// and the number of attempts once they are used up.
+async fn send_with_retries(c: &WebhookConfig, p: &Progress, body: Bytes) -> Result<(), (String, u32)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match send(c, body.clone()).await {
+            Ok(()) => {
+                crate::metrics::webhook(&c.name, "ok", 0);
+                p.last_delivery_at.store(now_ms(), Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(e) => {
+                crate::metrics::webhook(&c.name, "failed", 0);
+                note_failure(p, &c.name, &e);
+                if attempt >= c.max_attempts {
+                    return Err((e, attempt));
+                }
+                let exp = c.retry_initial.saturating_mul(1 << (attempt - 1).min(20)).min(c.retry_max);
+                let jittered = exp.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+                tokio::time::sleep(jittered).await;
+            }
+        }
+    }
+}
+
+/// One signed POST of `body` to the destination, within its timeout.
+async fn send(c: &WebhookConfig, body: Bytes) -> Result<(), String> {
+    match tokio::time::timeout(c.timeout, send_once(c, body)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {} ms", c.timeout.as_millis())),
+    }
+}
+
+async fn send_once(c: &WebhookConfig, body: Bytes) -> Result<(), String> {
+    let authority = c.url.authority().ok_or("the URL has no host")?.clone();
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = authority.port_u16().unwrap_or(80);
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    let addr = pick_address(&addrs, &c.allow_networks)?;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let t = now_ms() / 1000;
+    let signature = format!("t={t},v1={}", sign(c.secret.expose(), t, &body));
+    let path = c.url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let req = http::Request::post(path)
+        .header(http::header::HOST, authority.as_str())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::USER_AGENT, concat!("tollgate/", env!("CARGO_PKG_VERSION")))
+        .header(SIGNATURE_HEADER, signature)
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("POST to {addr}: {e}"));
+    conn.abort();
+    let status = resp?.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("the destination answered HTTP {}", status.as_u16()))
+    }
+}
+
+/// The first resolved address the destination may use: one outside the forbidden ranges, or
+/// inside a range the config allows.
+fn pick_address(addrs: &[SocketAddr], allowed: &[ipnet::IpNet]) -> Result<SocketAddr, String> {
+    let mut refused = None;
+    for a in addrs {
+        let ip = crate::ledger::keys::canonical(a.ip());
+        match forbidden(ip) {
+            Some(why) if !allowed.iter().any(|n| n.contains(&ip)) => refused = Some((ip, why)),
+            _ => return Ok(*a),
+        }
+    }
+    Err(match refused {
+        Some((ip, why)) => format!(
+            "refused: the destination resolves to {ip}, {why}; add it to the destination's allow_networks to allow it"
+        ),
+        None => "the destination's host resolved to no address".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_time_dot_body_in_hex() {
+        // RFC 4231 test case 2, with the message split as "<t>.<body>" would be.
+        assert_eq!(
+            sign("Jefe", 0, b"what do ya want for nothing?").len(),
+            64,
+            "hex of 32 bytes"
+        );
+        let whole = {
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"Jefe").unwrap();
+            mac.update(b"17.{\"a\":1}");
+            mac.finalize().into_bytes()
+        };
+        let hex: String = whole.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(sign("Jefe", 17, b"{\"a\":1}"), hex);
+        assert_ne!(sign("Jefe", 18, b"{\"a\":1}"), hex, "the time is signed");
+    }
+
+    #[test]
+    fn private_loopback_link_local_and_metadata_addresses_are_refused() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.100.100.200",
+            "0.0.0.0",
+            "::1",
+            "fd00:ec2::254",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+        ] {
+            assert!(forbidden(ip.parse().unwrap()).is_some(), "{ip} must be refused");
+        }
+        for ip in ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"] {
+            assert!(forbidden(ip.parse().unwrap()).is_none(), "{ip} is public");
+        }
+    }
+
+    #[test]
+    fn an_allowed_network_lets_a_forbidden_address_through_and_nothing_else() {
+        let local: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        let meta: SocketAddr = "169.254.169.254:80".parse().unwrap();
+        let allow = vec!["127.0.0.0/8".parse().unwrap()];
+        assert_eq!(pick_address(&[local], &allow).unwrap(), local);
+        assert!(pick_address(&[local], &[]).unwrap_err().contains("127.0.0.1"));
+        assert!(pick_address(&[meta], &allow).unwrap_err().contains("metadata"));
+    }
+}
