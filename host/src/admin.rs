@@ -583,9 +583,13 @@ async fn reload_plugins(
     match reloaded {
         Ok(changes) => {
             tracing::info!(?changes, "plugins reloaded");
-            if let Err(e) =
-                crate::webhooks::record(gate.ledger().store(), "plugin.reloaded", None, json!({ "plugins": changes }))
-                    .await
+            if let Err(e) = crate::webhooks::record(
+                gate.ledger().store(),
+                "plugin.reloaded",
+                None,
+                json!({ "plugins": changes }),
+            )
+            .await
             {
                 tracing::error!(error = %e, "could not record a plugin.reloaded event");
             }
@@ -1018,7 +1022,13 @@ async fn topup(gate: &Gate, id: &str, req: Request<hyper::body::Incoming>) -> Re
     }
     let request_id = format!("topup_{:016x}", rand::random::<u64>());
     let balance = gate.ledger().topup(id, credits, &request_id).await?;
-    event(gate, "key.topup", &key, json!({ "amount": credits, "requestId": request_id })).await;
+    event(
+        gate,
+        "key.topup",
+        &key,
+        json!({ "amount": credits, "requestId": request_id }),
+    )
+    .await;
     tracing::info!(key_id = %id, credits, "key topped up");
     Ok(ok(StatusCode::OK, json!({ "id": id, "credits": balance })))
 }

@@ -186,10 +186,11 @@ pub fn main() -> ExitCode {
         }
         Command::Serve { config: path, listen } => RawConfig::from_file(&path).and_then(|mut raw| {
             if listen.is_some() {
-                raw.server.listen = listen;
+                raw.server.listen.clone_from(&listen);
             }
             let mut config = raw.validate()?;
             config.source = Some(path);
+            config.listen_from_cli = listen.is_some();
             Ok(config)
         }),
         Command::Wrap(args) => args.into_config(),

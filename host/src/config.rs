@@ -27,6 +27,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The log filter from `[logging] level` (wins over `--log-level`; changes on a reload).
     pub log_level: Option<String>,
+    /// `serve --listen` overrode the file's `server.listen` (a reload keeps the override).
+    pub listen_from_cli: bool,
 }
 
 /// A secret that never appears in `Debug` output (and so never in a log line).
@@ -266,7 +268,10 @@ impl RawWebhook {
             || name.len() > 64
             || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err(invalid(&at("name"), format!("{name:?}: use 1 to 64 of A-Z a-z 0-9 - _")));
+            return Err(invalid(
+                &at("name"),
+                format!("{name:?}: use 1 to 64 of A-Z a-z 0-9 - _"),
+            ));
         }
         if seen.contains(&name) {
             return Err(invalid(&at("name"), format!("{name:?} is used by another destination")));
@@ -292,8 +297,9 @@ impl RawWebhook {
         let secret = match (self.secret, self.secret_env) {
             (Some(_), Some(_)) => return Err(invalid(&at("secret"), "set secret or secret_env, not both")),
             (Some(s), None) => s,
-            (None, Some(var)) => std::env::var(&var)
-                .map_err(|_| invalid(&at("secret_env"), format!("the variable {var} is not set")))?,
+            (None, Some(var)) => {
+                std::env::var(&var).map_err(|_| invalid(&at("secret_env"), format!("the variable {var} is not set")))?
+            }
             (None, None) => return Err(invalid(&at("secret"), "is required (or secret_env)")),
         };
         if secret.len() < 16 {
@@ -304,7 +310,10 @@ impl RawWebhook {
             if e != "key.*" && !crate::webhooks::EVENT_TYPES.contains(&e.as_str()) {
                 return Err(invalid(
                     &format!("{}[{j}]", at("events")),
-                    format!("{e:?} is not an event type ({} or key.*)", crate::webhooks::EVENT_TYPES.join(", ")),
+                    format!(
+                        "{e:?} is not an event type ({} or key.*)",
+                        crate::webhooks::EVENT_TYPES.join(", ")
+                    ),
                 ));
             }
         }
@@ -701,9 +710,10 @@ impl RawConfig {
         }
         let metrics_listen = match self.metrics.listen {
             None => None,
-            Some(l) => Some(l.parse().map_err(|_| {
-                invalid("metrics.listen", format!("{l:?} is not an address like 127.0.0.1:9464"))
-            })?),
+            Some(l) => Some(
+                l.parse()
+                    .map_err(|_| invalid("metrics.listen", format!("{l:?} is not an address like 127.0.0.1:9464")))?,
+            ),
         };
         if let Some(level) = &self.logging.level
             && tracing_subscriber::EnvFilter::try_new(level).is_err()
@@ -722,6 +732,7 @@ impl RawConfig {
             webhooks,
             metrics_listen,
             log_level: self.logging.level,
+            listen_from_cli: false,
         })
     }
 }

@@ -485,7 +485,12 @@ impl Gate {
             0
         };
         let (outcome_name, credits) = if keep { ("allowed", kept) } else { ("refunded", 0) };
-        let row = self.row(record, outcome_name, if keep { None } else { outcome.reason() }, credits);
+        let row = self.row(
+            record,
+            outcome_name,
+            if keep { None } else { outcome.reason() },
+            credits,
+        );
         let seq = self.inner.ledger.settle(r, kept, row)?;
         self.inner.ledger.durable(seq).await?;
         Ok(key.credits())

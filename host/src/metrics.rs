@@ -51,10 +51,7 @@ fn describe() {
         "MCP requests by method and outcome (free, allowed, refunded, denied, error)"
     );
     describe_counter!("tollgate_refusals_total", "Requests refused at the gate, by reason");
-    describe_counter!(
-        "tollgate_credits_charged_total",
-        "Credits kept from settled calls"
-    );
+    describe_counter!("tollgate_credits_charged_total", "Credits kept from settled calls");
     describe_counter!("tollgate_tool_calls_total", "tools/call requests by tool and outcome");
     describe_histogram!(
         "tollgate_upstream_latency_seconds",
@@ -70,15 +67,15 @@ fn describe() {
         "tollgate_webhook_deliveries_total",
         "Webhook batch delivery attempts by destination and result"
     );
-    describe_counter!(
-        "tollgate_webhook_events_total",
-        "Events delivered by destination"
-    );
+    describe_counter!("tollgate_webhook_events_total", "Events delivered by destination");
     describe_counter!(
         "tollgate_webhook_dead_letters_total",
         "Batches moved to the dead-letter queue by destination"
     );
-    describe_histogram!("tollgate_store_commit_seconds", "Database commit time (one commit holds many changes)");
+    describe_histogram!(
+        "tollgate_store_commit_seconds",
+        "Database commit time (one commit holds many changes)"
+    );
     describe_histogram!("tollgate_store_commit_ops", "Changes per database commit");
 }
 

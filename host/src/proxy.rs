@@ -290,11 +290,13 @@ fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, Error> {
         return Ok(None);
     };
     let v = v.to_str().map_err(|_| Error::BadRequestId)?;
-    let sane = !v.is_empty()
-        && v.len() <= 128
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=".contains(&b));
-    if sane { Ok(Some(v.to_string())) } else { Err(Error::BadRequestId) }
+    let sane =
+        !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=".contains(&b));
+    if sane {
+        Ok(Some(v.to_string()))
+    } else {
+        Err(Error::BadRequestId)
+    }
 }
 
 async fn post(state: &AppState, req: Request<hyper::body::Incoming>, peer: IpAddr) -> Response<Body> {

@@ -33,6 +33,10 @@ pub async fn reload(state: &AppState) -> Result<Value, ReloadError> {
         .map_err(|e| ReloadError::Invalid(e.to_string()))?;
     new.source = Some(path);
     let old = state.live_config().clone();
+    if old.listen_from_cli {
+        new.server.listen = old.server.listen;
+        new.listen_from_cli = true;
+    }
     let mut changed: Vec<String> = Vec::new();
     let mut restart: Vec<String> = Vec::new();
     let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");

@@ -60,11 +60,7 @@ pub fn sign(secret: &str, t: i64, body: &[u8]) -> String {
     mac.update(t.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Why an address may not receive webhooks unless allowed, if it may not.
@@ -196,15 +192,20 @@ impl Webhooks {
                 None => Arc::new(Progress::default()),
             };
             let config = Arc::new(d.clone());
-            let task = tokio::spawn(deliver(config.clone(), progress.clone(), self.inner.ledger.clone()));
-            running.insert(
-                d.name.clone(),
-                Running {
-                    config,
-                    progress,
-                    task,
-                },
-            );
+            let cursor = match start_cursor(self.inner.ledger.store(), &d.name) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(destination = %d.name, error = %e, "cannot read the webhook cursor; not delivering");
+                    continue;
+                }
+            };
+            let task = tokio::spawn(deliver(
+                config.clone(),
+                progress.clone(),
+                self.inner.ledger.clone(),
+                cursor,
+            ));
+            running.insert(d.name.clone(), Running { config, progress, task });
             changed.push(d.name.clone());
         }
         let names: Vec<String> = running.keys().cloned().collect();
@@ -418,7 +419,9 @@ fn wanted(c: &WebhookConfig, kind: &str, key: Option<&Key>) -> bool {
         return true;
     }
     // Key filters apply to events about a key; a key they cannot find does not pass.
-    let Some(key) = key else { return kind == "plugin.reloaded" };
+    let Some(key) = key else {
+        return kind == "plugin.reloaded";
+    };
     let s = key.settings();
     let ns_ok = c.namespaces.is_empty() || s.namespace.as_ref().is_some_and(|n| c.namespaces.contains(n));
     let tag_ok = c.tags.is_empty() || s.tags.iter().any(|t| c.tags.contains(t));
@@ -431,18 +434,9 @@ fn note_failure(p: &Progress, destination: &str, e: &str) {
     tracing::warn!(destination, error = e, "webhook delivery failed");
 }
 
-/// The delivery loop of one destination.
-async fn deliver(c: Arc<WebhookConfig>, progress: Arc<Progress>, ledger: Ledger) {
+/// The delivery loop of one destination, from `cursor` on.
+async fn deliver(c: Arc<WebhookConfig>, progress: Arc<Progress>, ledger: Ledger, mut cursor: Cursor) {
     let store = ledger.store().clone();
-    let mut cursor = loop {
-        match start_cursor(&store, &c.name).await {
-            Ok(cursor) => break cursor,
-            Err(e) => {
-                tracing::error!(destination = %c.name, error = %e, "cannot read the webhook cursor; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    };
     let reader: Arc<Mutex<Option<rusqlite::Connection>>> = Arc::new(Mutex::new(None));
     loop {
         let (r, s, limit) = (reader.clone(), store.clone(), c.batch_size as i64);
@@ -542,41 +536,25 @@ async fn deliver(c: Arc<WebhookConfig>, progress: Arc<Progress>, ledger: Ledger)
     }
 }
 
-/// A destination's stored cursor; a new destination starts at the end of the outboxes (it
-/// receives what happens from now on).
-async fn start_cursor(store: &Store, name: &str) -> Result<Cursor, StoreError> {
-    store.sync().await?;
-    let (s, n) = (store.clone(), name.to_string());
-    let found = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-        let conn = s.reader()?;
-        Ok(match Store::cursor(&conn, &n)? {
-            Some(c) => (c, true),
-            None => {
-                let (request_seq, event_seq) = Store::outbox_ends(&conn)?;
-                (
-                    Cursor {
-                        request_seq,
-                        event_seq,
-                        delivered: 0,
-                    },
-                    false,
-                )
-            }
-        })
-    })
-    .await
-    .map_err(|_| StoreError::WriterFailed)??;
-    if !found.1 {
-        store
-            .write(Op::WebhookCursor {
-                destination: name.to_string(),
-                request_seq: found.0.request_seq,
-                event_seq: found.0.event_seq,
-                delivered: 0,
-            })
-            .await?;
+/// A destination's stored cursor. A new destination starts at the end of the outboxes (it receives
+/// what happens from now on), recorded at once, before any call can slip past it.
+fn start_cursor(store: &Store, name: &str) -> Result<Cursor, StoreError> {
+    let conn = store.reader()?;
+    if let Some(c) = Store::cursor(&conn, name)? {
+        return Ok(c);
     }
-    Ok(found.0)
+    let (request_seq, event_seq) = Store::outbox_ends(&conn)?;
+    store.submit(Op::WebhookCursor {
+        destination: name.to_string(),
+        request_seq,
+        event_seq,
+        delivered: 0,
+    })?;
+    Ok(Cursor {
+        request_seq,
+        event_seq,
+        delivered: 0,
+    })
 }
 
 /// Posts a batch, retrying with exponential backoff and full jitter; `Err` carries the last error
@@ -597,7 +575,10 @@ async fn send_with_retries(c: &WebhookConfig, p: &Progress, body: Bytes) -> Resu
                 if attempt >= c.max_attempts {
                     return Err((e, attempt));
                 }
-                let exp = c.retry_initial.saturating_mul(1 << (attempt - 1).min(20)).min(c.retry_max);
+                let exp = c
+                    .retry_initial
+                    .saturating_mul(1 << (attempt - 1).min(20))
+                    .min(c.retry_max);
                 let jittered = exp.mul_f64(0.5 + rand::random::<f64>() * 0.5);
                 tokio::time::sleep(jittered).await;
             }
@@ -615,7 +596,11 @@ async fn send(c: &WebhookConfig, body: Bytes) -> Result<(), String> {
 
 async fn send_once(c: &WebhookConfig, body: Bytes) -> Result<(), String> {
     let authority = c.url.authority().ok_or("the URL has no host")?.clone();
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = authority.port_u16().unwrap_or(80);
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
         .await
@@ -636,11 +621,17 @@ async fn send_once(c: &WebhookConfig, body: Bytes) -> Result<(), String> {
     let req = http::Request::post(path)
         .header(http::header::HOST, authority.as_str())
         .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::USER_AGENT, concat!("tollgate/", env!("CARGO_PKG_VERSION")))
+        .header(
+            http::header::USER_AGENT,
+            concat!("tollgate/", env!("CARGO_PKG_VERSION")),
+        )
         .header(SIGNATURE_HEADER, signature)
         .body(Full::new(body))
         .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| format!("POST to {addr}: {e}"));
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("POST to {addr}: {e}"));
     conn.abort();
     let status = resp?.status();
     if status.is_success() {

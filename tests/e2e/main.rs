@@ -4,6 +4,7 @@
 mod billing;
 mod everything;
 mod http_upstream;
+mod operations;
 mod plugins;
 mod stdio_upstream;
 mod support;
