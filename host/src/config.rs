@@ -260,6 +260,13 @@ pub struct RawWebhook {
     pub allow_networks: Option<Vec<String>>,
 }
 
+impl WebhookConfig {
+    /// Whether the filter looks at the key an event is about (its namespace or tags).
+    pub fn filters_keys(&self) -> bool {
+        !self.namespaces.is_empty() || !self.tags.is_empty()
+    }
+}
+
 impl RawWebhook {
     fn validate(self, i: usize, seen: &mut Vec<String>) -> Result<WebhookConfig, ConfigError> {
         let at = |field: &str| format!("webhooks[{i}].{field}");

@@ -5,11 +5,11 @@
 //! The `metrics` crate's facade records; `metrics-exporter-prometheus` renders the text format for
 //! `GET /metrics`. Until [`install`] runs (unit tests), every record is a no-op.
 
-use std::collections::HashSet;
-use std::sync::{OnceLock, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use metrics::{counter, histogram};
+use metrics::{Counter, Histogram, counter, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::gate::CallRecord;
@@ -35,6 +35,7 @@ pub fn install() -> &'static PrometheusHandle {
             tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
         }
         describe();
+        let _ = HANDLES.set(register());
         handle
     })
 }
@@ -97,9 +98,10 @@ const METHODS: &[&str] = &[
     "server/discover",
     "notification",
     "response",
+    "other",
 ];
 
-/// Refusal and refund reasons a label may name.
+/// Refusal reasons a label may name.
 const REASONS: &[&str] = &[
     "missing_key",
     "unknown_key",
@@ -115,92 +117,150 @@ const REASONS: &[&str] = &[
     "ledger_unavailable",
     "policy_denied",
     "pricing_policy_failed",
+    "other",
 ];
 
-const OUTCOMES: &[&str] = &["free", "allowed", "refunded", "denied", "error"];
+const OUTCOMES: &[&str] = &["free", "allowed", "refunded", "denied", "error", "other"];
 
-fn bounded(v: &str, set: &[&'static str]) -> &'static str {
-    set.iter().copied().find(|s| *s == v).unwrap_or("other")
+/// The position of `v` in `set`, or of its last entry (`other`).
+fn index(v: &str, set: &[&'static str]) -> usize {
+    set.iter().position(|s| *s == v).unwrap_or(set.len() - 1)
 }
 
 /// The method label of a request.
 pub fn method_label(method: &str) -> &'static str {
-    bounded(method, METHODS)
+    METHODS[index(method, METHODS)]
 }
 
-/// Tool names the upstream listed: the only ones a label may carry.
-static TOOLS: RwLock<Option<HashSet<String>>> = RwLock::new(None);
+/// Handles registered once for every label combination of the per-request metrics, so that
+/// recording is an atomic add, not a registry lookup with its allocations.
+struct Handles {
+    /// `[method][outcome]`
+    requests: Vec<Vec<Counter>>,
+    refusals: Vec<Counter>,
+    credits: Counter,
+    upstream: Histogram,
+    gateway: Histogram,
+    /// Per tool the upstream listed (and `other`): one counter per outcome.
+    tools: RwLock<HashMap<String, Arc<Vec<Counter>>>>,
+}
+
+static HANDLES: OnceLock<Handles> = OnceLock::new();
+
+fn handles() -> Option<&'static Handles> {
+    HANDLES.get()
+}
+
+fn tool_counters(tool: &str) -> Arc<Vec<Counter>> {
+    let t = tool.to_string();
+    Arc::new(
+        OUTCOMES
+            .iter()
+            .map(|o| counter!("tollgate_tool_calls_total", "tool" => t.clone(), "outcome" => *o))
+            .collect(),
+    )
+}
+
+fn register() -> Handles {
+    let mut tools = HashMap::new();
+    tools.insert(OTHER.to_string(), tool_counters(OTHER));
+    Handles {
+        requests: METHODS
+            .iter()
+            .map(|m| {
+                OUTCOMES
+                    .iter()
+                    .map(|o| counter!("tollgate_requests_total", "method" => *m, "outcome" => *o))
+                    .collect()
+            })
+            .collect(),
+        refusals: REASONS
+            .iter()
+            .map(|r| counter!("tollgate_refusals_total", "reason" => *r))
+            .collect(),
+        credits: counter!("tollgate_credits_charged_total"),
+        upstream: histogram!("tollgate_upstream_latency_seconds"),
+        gateway: histogram!("tollgate_gateway_latency_seconds"),
+        tools: RwLock::new(tools),
+    }
+}
+
+const OTHER: &str = "other";
 /// At most this many tool labels.
 const MAX_TOOLS: usize = 256;
 
-/// Learns tool names from an upstream `tools/list` answer.
+/// Learns tool names from an upstream `tools/list` answer: the only ones a label may carry.
 pub fn learn_tools<'a>(names: impl IntoIterator<Item = &'a str>) {
+    let Some(h) = handles() else { return };
     let names: Vec<&str> = names.into_iter().collect();
-    if TOOLS
-        .read()
-        .unwrap()
-        .as_ref()
-        .is_some_and(|t| names.iter().all(|n| t.contains(*n)))
-    {
+    if names.iter().all(|n| h.tools.read().unwrap().contains_key(*n)) {
         return;
     }
-    let mut guard = TOOLS.write().unwrap();
-    let set = guard.get_or_insert_with(HashSet::new);
+    let mut tools = h.tools.write().unwrap();
     for n in names {
-        if set.len() >= MAX_TOOLS {
+        if tools.len() > MAX_TOOLS {
             break;
         }
-        if n.len() <= 128 {
-            set.insert(n.to_string());
+        if n.len() <= 128 && !tools.contains_key(n) {
+            tools.insert(n.to_string(), tool_counters(n));
         }
-    }
-}
-
-fn tool_label(tool: &str) -> String {
-    match TOOLS.read().unwrap().as_ref() {
-        Some(t) if t.contains(tool) => tool.to_string(),
-        _ => "other".to_string(),
     }
 }
 
 /// One request that went through the gate (its request-log row).
 pub fn call(r: &CallRecord<'_>, row: &RequestRow) {
-    if HANDLE.get().is_none() {
-        return;
-    }
-    let outcome = bounded(&row.outcome, OUTCOMES);
-    counter!("tollgate_requests_total", "method" => method_label(r.method), "outcome" => outcome).increment(1);
-    if matches!(outcome, "denied" | "error") {
-        let reason = bounded(row.reason.as_deref().unwrap_or(""), REASONS);
-        counter!("tollgate_refusals_total", "reason" => reason).increment(1);
+    let Some(h) = handles() else { return };
+    let outcome = index(&row.outcome, OUTCOMES);
+    h.requests[index(r.method, METHODS)][outcome].increment(1);
+    if matches!(OUTCOMES[outcome], "denied" | "error") {
+        h.refusals[index(row.reason.as_deref().unwrap_or(""), REASONS)].increment(1);
     }
     if row.credits > 0 {
-        counter!("tollgate_credits_charged_total").increment(row.credits as u64);
+        h.credits.increment(row.credits as u64);
     }
     if let Some(tool) = r.tool.filter(|_| r.method == "tools/call") {
-        counter!("tollgate_tool_calls_total", "tool" => tool_label(tool), "outcome" => outcome).increment(1);
+        let tools = h.tools.read().unwrap();
+        if let Some(c) = tools.get(tool).or_else(|| tools.get(OTHER)) {
+            c[outcome].increment(1);
+        }
     }
 }
 
 /// A request that did not go through the gate (free methods, notifications, refused early).
 pub fn free(method: &str, failed: bool) {
+    let Some(h) = handles() else { return };
     let outcome = if failed { "error" } else { "free" };
-    counter!("tollgate_requests_total", "method" => method_label(method), "outcome" => outcome).increment(1);
+    h.requests[index(method, METHODS)][index(outcome, OUTCOMES)].increment(1);
 }
 
 /// How long a forwarded request took upstream, and what the gateway added.
 pub fn latency(total: Duration, upstream: Option<Duration>) {
-    if let Some(u) = upstream {
-        histogram!("tollgate_upstream_latency_seconds").record(u.as_secs_f64());
-        histogram!("tollgate_gateway_latency_seconds").record(total.saturating_sub(u).as_secs_f64());
-    }
+    let (Some(h), Some(u)) = (handles(), upstream) else { return };
+    h.upstream.record(u.as_secs_f64());
+    h.gateway.record(total.saturating_sub(u).as_secs_f64());
 }
 
-/// One policy plugin call.
-pub fn plugin_call(role: &'static str, elapsed: Duration, failed: bool) {
-    let result = if failed { "failed" } else { "ok" };
-    counter!("tollgate_plugin_calls_total", "role" => role, "result" => result).increment(1);
-    histogram!("tollgate_plugin_latency_seconds", "role" => role).record(elapsed.as_secs_f64());
+/// A plugin role's call counters and timer, registered once.
+pub struct PluginMetrics {
+    ok: Counter,
+    failed: Counter,
+    latency: Histogram,
+}
+
+impl PluginMetrics {
+    pub fn new(role: &'static str) -> PluginMetrics {
+        PluginMetrics {
+            ok: counter!("tollgate_plugin_calls_total", "role" => role, "result" => "ok"),
+            failed: counter!("tollgate_plugin_calls_total", "role" => role, "result" => "failed"),
+            latency: histogram!("tollgate_plugin_latency_seconds", "role" => role),
+        }
+    }
+
+    /// One call.
+    pub fn record(&self, elapsed: Duration, failed: bool) {
+        if failed { &self.failed } else { &self.ok }.increment(1);
+        self.latency.record(elapsed.as_secs_f64());
+    }
 }
 
 /// One database commit of `ops` changes.
@@ -228,10 +288,8 @@ mod tests {
     fn labels_come_only_from_known_sets() {
         assert_eq!(method_label("tools/call"), "tools/call");
         assert_eq!(method_label("x/../evil{label=\"1\"}"), "other");
-        assert_eq!(bounded("rate_limited", REASONS), "rate_limited");
-        assert_eq!(bounded("shadow: would charge 3", REASONS), "other");
-        learn_tools(["echo", "add"]);
-        assert_eq!(tool_label("echo"), "echo");
-        assert_eq!(tool_label("not-listed-by-the-upstream"), "other");
+        assert_eq!(REASONS[index("rate_limited", REASONS)], "rate_limited");
+        assert_eq!(REASONS[index("shadow: would charge 3", REASONS)], "other");
+        assert_eq!(OUTCOMES[index("weird", OUTCOMES)], "other");
     }
 }

@@ -415,7 +415,7 @@ fn wanted(c: &WebhookConfig, kind: &str, key: Option<&Key>) -> bool {
     if !type_ok {
         return false;
     }
-    if c.namespaces.is_empty() && c.tags.is_empty() {
+    if !c.filters_keys() {
         return true;
     }
     // Key filters apply to events about a key; a key they cannot find does not pass.
@@ -477,15 +477,15 @@ async fn deliver(c: Arc<WebhookConfig>, progress: Arc<Progress>, ledger: Ledger,
             if take_usage {
                 let row = u.next().expect("peeked");
                 next.request_seq = row.seq;
-                let key = row.key_id.as_deref().and_then(|id| ledger.get(id));
-                if wanted(&c, "usage", key.as_deref()) {
+                let key = c.filters_keys().then(|| row.key_id.as_deref().and_then(|id| ledger.get(id)));
+                if wanted(&c, "usage", key.flatten().as_deref()) {
                     batch.push(usage_event(row));
                 }
             } else {
                 let row = e.next().expect("peeked");
                 next.event_seq = row.seq;
-                let key = row.key_id.as_deref().and_then(|id| ledger.get(id));
-                if wanted(&c, &row.kind, key.as_deref()) {
+                let key = c.filters_keys().then(|| row.key_id.as_deref().and_then(|id| ledger.get(id)));
+                if wanted(&c, &row.kind, key.flatten().as_deref()) {
                     batch.push(admin_event(row));
                 }
             }

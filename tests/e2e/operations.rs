@@ -203,6 +203,9 @@ async fn every_settled_call_and_key_event_reaches_the_receiver_once_signed_and_f
     let (pid, psecret, _) = admin
         .create_key_with(json!({"name": "partner", "credits": 100, "tags": ["partner"]}))
         .await;
+    let (short, _, _) = admin
+        .create_key_with(json!({"name": "short-lived", "credits": 1, "expiresIn": 1}))
+        .await;
     assert_eq!(admin.topup(&id, 50).await, 1050);
     let c = client(&g, &secret).await;
     let pc = client(&g, &psecret).await;
@@ -272,6 +275,13 @@ async fn every_settled_call_and_key_event_reaches_the_receiver_once_signed_and_f
             "key.rotated"
         ]
     );
+    eventually(Duration::from_secs(10), "the short-lived key's expiry", || async {
+        all.events()
+            .iter()
+            .any(|e| e["type"] == "key.expired" && e["data"]["keyId"] == short.as_str())
+            .then_some(())
+    })
+    .await;
     let all_events = all.events();
     let ids: HashSet<&str> = all_events.iter().map(|e| e["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), all_events.len(), "every event id is unique");

@@ -633,11 +633,13 @@ impl Store {
         Ok(rows)
     }
 
-    /// Settled calls (request rows with a charge kept or refunded) after `seq`, oldest first.
+    /// Settled calls (request rows with a charge kept or refunded; not shadow mode's, which charge
+    /// nothing) after `seq`, oldest first.
     pub fn usage_after(conn: &Connection, seq: i64, limit: i64) -> Result<Vec<RequestRow>, StoreError> {
         let mut stmt = conn.prepare_cached(
             "SELECT seq, request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at
              FROM requests WHERE seq > ?1 AND outcome IN ('allowed', 'refunded') AND key_id IS NOT NULL
+               AND (reason IS NULL OR reason NOT LIKE 'shadow:%')
              ORDER BY seq LIMIT ?2",
         )?;
         let rows = stmt
@@ -708,7 +710,8 @@ impl Store {
     /// How many events are past a cursor (settled calls and admin events).
     pub fn pending(conn: &Connection, c: &Cursor) -> Result<i64, StoreError> {
         Ok(conn.query_row(
-            "SELECT (SELECT COUNT(*) FROM requests WHERE seq > ?1 AND outcome IN ('allowed', 'refunded') AND key_id IS NOT NULL)
+            "SELECT (SELECT COUNT(*) FROM requests WHERE seq > ?1 AND outcome IN ('allowed', 'refunded') AND key_id IS NOT NULL
+                        AND (reason IS NULL OR reason NOT LIKE 'shadow:%'))
                   + (SELECT COUNT(*) FROM events WHERE seq > ?2)",
             params![c.request_seq, c.event_seq],
             |r| r.get(0),

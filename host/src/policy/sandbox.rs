@@ -180,7 +180,7 @@ struct Warm<W: World> {
 
 /// Call counts and timings of one loaded plugin.
 pub struct Stats {
-    role: &'static str,
+    metrics: crate::metrics::PluginMetrics,
     calls: AtomicU64,
     failures: AtomicU64,
     total_ns: AtomicU64,
@@ -200,7 +200,7 @@ pub struct StatsView {
 impl Stats {
     fn new(role: &'static str) -> Stats {
         Stats {
-            role,
+            metrics: crate::metrics::PluginMetrics::new(role),
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             total_ns: AtomicU64::new(0),
@@ -216,7 +216,7 @@ impl Stats {
         }
         self.total_ns.fetch_add(ns, Ordering::Relaxed);
         let _ = self.histogram.lock().unwrap().record(ns.max(1));
-        crate::metrics::plugin_call(self.role, elapsed, failed);
+        self.metrics.record(elapsed, failed);
     }
 
     pub fn view(&self) -> StatsView {
