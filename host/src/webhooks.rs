@@ -284,8 +284,7 @@ impl Webhooks {
         let mut events = 0;
         let mut error = None;
         for letter in &letters {
-            let batch: Value = serde_json::from_str(&letter.events).unwrap_or_else(|_| json!([]));
-            let body = batch_body(&config.name, batch);
+            let body = batch_body(&config.name, &letter.events);
             match send(&config, body).await {
                 Ok(()) => {
                     crate::metrics::webhook(&config.name, "ok", letter.count as usize);
@@ -374,36 +373,90 @@ async fn sweep_expired(ledger: Ledger) {
     }
 }
 
-/// An event as receivers see it.
-fn usage_event(r: &RequestRow) -> Value {
-    json!({
-        "id": format!("usage_{}", r.request_id),
-        "type": "usage",
-        "createdAt": r.created_at,
-        "data": {
-            "requestId": r.request_id,
-            "keyId": r.key_id,
-            "method": r.method,
-            "tool": r.tool,
-            "credits": r.credits,
-            "outcome": r.outcome,
-            "reason": r.reason,
-            "durationMs": r.duration_us as f64 / 1000.0,
+/// A usage event as receivers see it (serialized straight from the row, no intermediate tree).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UsageEvent<'a> {
+    id: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    created_at: i64,
+    data: UsageData<'a>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UsageData<'a> {
+    request_id: &'a str,
+    key_id: Option<&'a str>,
+    method: &'a str,
+    tool: Option<&'a str>,
+    credits: i64,
+    outcome: &'a str,
+    reason: Option<&'a str>,
+    duration_ms: f64,
+}
+
+/// An admin event as receivers see it; its data is stored as JSON and passed through.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AdminEvent<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    created_at: i64,
+    data: &'a serde_json::value::RawValue,
+}
+
+fn usage_event(r: &RequestRow) -> String {
+    serde_json::to_string(&UsageEvent {
+        id: format!("usage_{}", r.request_id),
+        kind: "usage",
+        created_at: r.created_at,
+        data: UsageData {
+            request_id: &r.request_id,
+            key_id: r.key_id.as_deref(),
+            method: &r.method,
+            tool: r.tool.as_deref(),
+            credits: r.credits,
+            outcome: &r.outcome,
+            reason: r.reason.as_deref(),
+            duration_ms: r.duration_us as f64 / 1000.0,
         },
     })
+    .expect("an event serializes")
 }
 
-fn admin_event(e: &EventRow) -> Value {
-    json!({
-        "id": e.id,
-        "type": e.kind,
-        "createdAt": e.created_at,
-        "data": serde_json::from_str::<Value>(&e.data).unwrap_or(Value::Null),
+fn admin_event(e: &EventRow) -> String {
+    let empty = serde_json::value::RawValue::from_string("{}".into()).expect("valid JSON");
+    let data: &serde_json::value::RawValue = serde_json::from_str(&e.data).unwrap_or(&empty);
+    serde_json::to_string(&AdminEvent {
+        id: &e.id,
+        kind: &e.kind,
+        created_at: e.created_at,
+        data,
     })
+    .expect("an event serializes")
 }
 
-fn batch_body(destination: &str, events: Value) -> Bytes {
-    Bytes::from(serde_json::to_vec(&json!({"destination": destination, "events": events})).expect("JSON serializes"))
+/// A JSON array of already-serialized events.
+fn json_array(events: &[String]) -> String {
+    let mut out = String::with_capacity(2 + events.iter().map(|e| e.len() + 1).sum::<usize>());
+    out.push('[');
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(e);
+    }
+    out.push(']');
+    out
+}
+
+/// The POST body: `{"destination": .., "events": [..]}` around an events array.
+fn batch_body(destination: &str, events_array: &str) -> Bytes {
+    let name = serde_json::to_string(destination).expect("a string serializes");
+    Bytes::from(format!("{{\"destination\":{name},\"events\":{events_array}}}"))
 }
 
 /// Whether a destination's filter lets an event through.
@@ -497,7 +550,8 @@ async fn deliver(c: Arc<WebhookConfig>, progress: Arc<Progress>, ledger: Ledger,
         let count = batch.len();
         let mut delivered = 0;
         if count > 0 {
-            let body = batch_body(&c.name, Value::Array(batch.clone()));
+            let events = json_array(&batch);
+            let body = batch_body(&c.name, &events);
             match send_with_retries(&c, &progress, body).await {
                 Ok(()) => delivered = count as i64,
                 Err((error, attempts)) => {
@@ -505,7 +559,7 @@ async fn deliver(c: Arc<WebhookConfig>, progress: Arc<Progress>, ledger: Ledger,
                     tracing::error!(destination = %c.name, events = count, attempts, "webhook batch moved to the dead-letter queue");
                     let op = Op::DeadLetter {
                         destination: c.name.clone(),
-                        events: Value::Array(batch).to_string(),
+                        events,
                         count: count as i64,
                         error,
                         attempts: attempts as i64,
