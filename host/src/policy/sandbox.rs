@@ -15,7 +15,7 @@ use wasmtime::{Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, 
 use super::{Limits, PolicyError};
 
 /// How often the engine's epoch advances: the granularity of every plugin time bound.
-pub const TICK: Duration = Duration::from_millis(1);
+pub const TICK: Duration = Duration::from_millis(5);
 
 /// The engine and what every plugin shares. Cheap to clone.
 #[derive(Clone)]
