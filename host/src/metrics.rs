@@ -235,7 +235,9 @@ pub fn free(method: &str, failed: bool) {
 
 /// How long a forwarded request took upstream, and what the gateway added.
 pub fn latency(total: Duration, upstream: Option<Duration>) {
-    let (Some(h), Some(u)) = (handles(), upstream) else { return };
+    let (Some(h), Some(u)) = (handles(), upstream) else {
+        return;
+    };
     h.upstream.record(u.as_secs_f64());
     h.gateway.record(total.saturating_sub(u).as_secs_f64());
 }

@@ -530,14 +530,18 @@ async fn deliver(c: Arc<WebhookConfig>, progress: Arc<Progress>, ledger: Ledger,
             if take_usage {
                 let row = u.next().expect("peeked");
                 next.request_seq = row.seq;
-                let key = c.filters_keys().then(|| row.key_id.as_deref().and_then(|id| ledger.get(id)));
+                let key = c
+                    .filters_keys()
+                    .then(|| row.key_id.as_deref().and_then(|id| ledger.get(id)));
                 if wanted(&c, "usage", key.flatten().as_deref()) {
                     batch.push(usage_event(row));
                 }
             } else {
                 let row = e.next().expect("peeked");
                 next.event_seq = row.seq;
-                let key = c.filters_keys().then(|| row.key_id.as_deref().and_then(|id| ledger.get(id)));
+                let key = c
+                    .filters_keys()
+                    .then(|| row.key_id.as_deref().and_then(|id| ledger.get(id)));
                 if wanted(&c, &row.kind, key.flatten().as_deref()) {
                     batch.push(admin_event(row));
                 }
@@ -552,7 +556,7 @@ async fn deliver(c: Arc<WebhookConfig>, progress: Arc<Progress>, ledger: Ledger,
         if count > 0 {
             let events = json_array(&batch);
             let body = batch_body(&c.name, &events);
-            match send_with_retries(&c, &progress, body).await {
+            match send_with_retries(&c, &progress, body, count).await {
                 Ok(()) => delivered = count as i64,
                 Err((error, attempts)) => {
                     crate::metrics::webhook(&c.name, "dead", count);
@@ -613,18 +617,18 @@ fn start_cursor(store: &Store, name: &str) -> Result<Cursor, StoreError> {
 
 /// Posts a batch, retrying with exponential backoff and full jitter; `Err` carries the last error
 /// and the number of attempts once they are used up.
-async fn send_with_retries(c: &WebhookConfig, p: &Progress, body: Bytes) -> Result<(), (String, u32)> {
+async fn send_with_retries(c: &WebhookConfig, p: &Progress, body: Bytes, events: usize) -> Result<(), (String, u32)> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         match send(c, body.clone()).await {
             Ok(()) => {
-                crate::metrics::webhook(&c.name, "ok", 0);
+                crate::metrics::webhook(&c.name, "ok", events);
                 p.last_delivery_at.store(now_ms(), Ordering::Relaxed);
                 return Ok(());
             }
             Err(e) => {
-                crate::metrics::webhook(&c.name, "failed", 0);
+                crate::metrics::webhook(&c.name, "failed", events);
                 note_failure(p, &c.name, &e);
                 if attempt >= c.max_attempts {
                     return Err((e, attempt));

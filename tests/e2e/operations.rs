@@ -229,6 +229,8 @@ async fn every_settled_call_and_key_event_reaches_the_receiver_once_signed_and_f
     for action in ["suspend", "resume", "rotate"] {
         assert_eq!(admin.action(&id, action).await.status(), 200);
     }
+    let reload = admin.post("/admin/plugins/reload", &json!({})).send().await.unwrap();
+    assert_eq!(reload.status(), 200);
 
     let want = 35 + 4;
     let usage = eventually(Duration::from_secs(20), "every usage event at the receiver", || async {
@@ -282,6 +284,13 @@ async fn every_settled_call_and_key_event_reaches_the_receiver_once_signed_and_f
             .then_some(())
     })
     .await;
+    eventually(Duration::from_secs(10), "the plugin reload event", || async {
+        all.events()
+            .iter()
+            .any(|e| e["type"] == "plugin.reloaded")
+            .then_some(())
+    })
+    .await;
     let all_events = all.events();
     let ids: HashSet<&str> = all_events.iter().map(|e| e["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), all_events.len(), "every event id is unique");
@@ -313,6 +322,48 @@ async fn every_settled_call_and_key_event_reaches_the_receiver_once_signed_and_f
     })
     .await;
     assert_eq!((d["pending"].as_i64(), d["deadLetters"].as_i64()), (Some(0), Some(0)));
+    let m = scrape(&format!("{}/metrics", g.base), Some(ADMIN_KEY)).await;
+    assert_eq!(
+        sample(&m, "tollgate_webhook_events_total", &[("destination", "all")]),
+        received as f64
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "tollgate_webhook_deliveries_total",
+            &[("destination", "all"), ("result", "failed")]
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_destination_that_resolves_to_loopback_is_refused_unless_allowed() {
+    let rx = Receiver::start(true).await;
+    let data = tempfile::tempdir().unwrap();
+    let config = billed_config(
+        data.path(),
+        &format!(
+            "[[webhooks]]\nname = \"unguarded\"\nurl = \"http://localhost:{}/hook\"\nsecret = {SECRET:?}\n\
+             flush_interval_ms = 50\nretry_initial_ms = 50\nretry_max_ms = 100\nmax_attempts = 2\n",
+            rx.addr.port()
+        ),
+    );
+    let g = Gateway::serve(&config).ready().await;
+    let admin = g.admin();
+    admin.create_key("mallory", 10).await;
+    let d = eventually(Duration::from_secs(10), "the refused delivery", || async {
+        let s = webhooks_status(&admin).await;
+        let d = destination(&s, "unguarded").clone();
+        (d["deadLetters"] == 1).then_some(d)
+    })
+    .await;
+    let error = d["lastError"]["message"].as_str().unwrap();
+    assert!(
+        error.contains("loopback") && error.contains("allow_networks"),
+        "{error}"
+    );
+    assert!(rx.events().is_empty(), "nothing reached the loopback receiver");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -697,4 +748,20 @@ async fn a_config_reload_applies_prices_and_webhooks_live_and_refuses_an_invalid
             .is_empty(),
         "the destination left with the file"
     );
+
+    // A default rate limit applies at once.
+    std::fs::write(
+        &path,
+        config("7", "").replace("default_price", "rate_limit = \"1/h\"\ndefault_price"),
+    )
+    .unwrap();
+    let r = admin.post("/admin/config/reload", &json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(paid_call(&c, "echo").await.1);
+    let limited = c
+        .post(&json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "echo", "arguments": {}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(limited.status(), 429);
 }
