@@ -17,6 +17,9 @@ use crate::ledger::RequestRow;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// How often histogram samples are folded into their buckets.
+const UPKEEP: Duration = Duration::from_secs(1);
+
 /// Latency buckets, seconds: 50 µs to 30 s.
 const LATENCY_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -36,6 +39,18 @@ pub fn install() -> &'static PrometheusHandle {
         }
         describe();
         let _ = HANDLES.set(register());
+        // Histogram samples pile up until upkeep drains them into their buckets; with a recorder
+        // built by hand (no exporter task of its own), that is ours to run.
+        let upkeep = handle.clone();
+        std::thread::Builder::new()
+            .name("tollgate-metrics".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP);
+                    upkeep.run_upkeep();
+                }
+            })
+            .expect("spawning the metrics upkeep thread");
         handle
     })
 }
