@@ -165,6 +165,50 @@ async fn paid_call(c: &McpClient, tool: &str) -> (String, bool) {
     (id, v.get("result").is_some())
 }
 
+/// A billed gateway posting to one destination, a key, and the paid calls made with it.
+struct Hooked {
+    gateway: Gateway,
+    /// The config it runs with (to restart on the same data).
+    config: String,
+    client: McpClient,
+    /// The request ids of the calls made.
+    made: HashSet<String>,
+    _data: tempfile::TempDir,
+}
+
+impl Hooked {
+    /// Starts a gateway posting to `rx` as `name` (with `extra` settings) and makes `calls` calls.
+    async fn start(rx: &Receiver, name: &str, extra: &str, calls: usize) -> Hooked {
+        let data = tempfile::tempdir().unwrap();
+        let config = billed_config(data.path(), &rx.destination(name, extra));
+        let gateway = Gateway::serve(&config).ready().await;
+        let (_, secret) = gateway.admin().create_key("hooked", 1000).await;
+        let client = client(&gateway, &secret).await;
+        let mut made = HashSet::new();
+        for _ in 0..calls {
+            made.insert(paid_call(&client, "echo").await.0);
+        }
+        Hooked {
+            gateway,
+            config,
+            client,
+            made,
+            _data: data,
+        }
+    }
+}
+
+/// `POST /admin/webhooks/{name}/replay`'s answer.
+async fn replay(admin: &Admin, name: &str) -> Value {
+    let r = admin
+        .post(&format!("/admin/webhooks/{name}/replay"), &json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
 async fn balance(admin: &Admin, id: &str) -> i64 {
     admin.key(id).await["credits"].as_i64().unwrap()
 }
@@ -369,20 +413,8 @@ async fn a_destination_that_resolves_to_loopback_is_refused_unless_allowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_receiver_down_for_a_while_then_back_loses_nothing() {
     let rx = Receiver::start(false).await;
-    let data = tempfile::tempdir().unwrap();
-    let g = Gateway::serve(&billed_config(
-        data.path(),
-        &rx.destination("ops", "max_attempts = 100"),
-    ))
-    .ready()
-    .await;
-    let admin = g.admin();
-    let (_, secret) = admin.create_key("bob", 100).await;
-    let c = client(&g, &secret).await;
-    let mut made = HashSet::new();
-    for _ in 0..20 {
-        made.insert(paid_call(&c, "echo").await.0);
-    }
+    let h = Hooked::start(&rx, "ops", "max_attempts = 100", 20).await;
+    let admin = h.gateway.admin();
     // Down: attempts fail and are counted; nothing is delivered yet.
     let status = eventually(Duration::from_secs(10), "failed attempts", || async {
         let s = webhooks_status(&admin).await;
@@ -406,27 +438,15 @@ async fn a_receiver_down_for_a_while_then_back_loses_nothing() {
         },
     )
     .await;
-    assert_eq!(usage.keys().cloned().collect::<HashSet<_>>(), made);
+    assert_eq!(usage.keys().cloned().collect::<HashSet<_>>(), h.made);
     assert!(usage.values().all(|(n, _)| *n == 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn past_the_retry_limit_batches_become_dead_letters_and_replay_delivers_them() {
     let rx = Receiver::start(false).await;
-    let data = tempfile::tempdir().unwrap();
-    let g = Gateway::serve(&billed_config(
-        data.path(),
-        &rx.destination("billing", "max_attempts = 2\nevents = [\"usage\"]"),
-    ))
-    .ready()
-    .await;
-    let admin = g.admin();
-    let (_, secret) = admin.create_key("carol", 100).await;
-    let c = client(&g, &secret).await;
-    let mut made = HashSet::new();
-    for _ in 0..10 {
-        made.insert(paid_call(&c, "echo").await.0);
-    }
+    let h = Hooked::start(&rx, "billing", "max_attempts = 2\nevents = [\"usage\"]", 10).await;
+    let admin = h.gateway.admin();
     let status = eventually(Duration::from_secs(15), "all ten events in dead letters", || async {
         let s = webhooks_status(&admin).await;
         let d = destination(&s, "billing").clone();
@@ -437,31 +457,17 @@ async fn past_the_retry_limit_batches_become_dead_letters_and_replay_delivers_th
     assert!(rx.usage().is_empty());
 
     // Replaying while it is still down changes nothing and says why.
-    let r: Value = admin
-        .post("/admin/webhooks/billing/replay", &json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = replay(&admin, "billing").await;
     assert_eq!(r["replayed"], 0);
     assert!(r["error"].as_str().unwrap().contains("503"), "{r}");
     rx.up.store(true, Ordering::SeqCst);
-    let r: Value = admin
-        .post("/admin/webhooks/billing/replay", &json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = replay(&admin, "billing").await;
     assert_eq!(
         (r["events"].as_i64(), r["remaining"].as_i64()),
         (Some(10), Some(0)),
         "{r}"
     );
-    assert_eq!(rx.usage().keys().cloned().collect::<HashSet<_>>(), made);
+    assert_eq!(rx.usage().keys().cloned().collect::<HashSet<_>>(), h.made);
     assert_eq!(destination(&webhooks_status(&admin).await, "billing")["deadLetters"], 0);
     let unknown = admin
         .post("/admin/webhooks/nope/replay", &json!({}))
@@ -471,7 +477,7 @@ async fn past_the_retry_limit_batches_become_dead_letters_and_replay_delivers_th
     assert_eq!(unknown.status(), 404);
 
     // And new calls flow again as they happen.
-    let (next, _) = paid_call(&c, "echo").await;
+    let (next, _) = paid_call(&h.client, "echo").await;
     eventually(Duration::from_secs(10), "a new call's event", || async {
         rx.usage().contains_key(&next).then_some(())
     })
@@ -481,27 +487,18 @@ async fn past_the_retry_limit_batches_become_dead_letters_and_replay_delivers_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_of_calls_charged_before_a_kill_9_are_delivered_after_the_restart() {
     let rx = Receiver::start(false).await;
-    let data = tempfile::tempdir().unwrap();
-    let config = billed_config(data.path(), &rx.destination("ops", "max_attempts = 100"));
-    let mut g = Gateway::serve(&config).ready().await;
-    let admin = g.admin();
-    let (_, secret) = admin.create_key("dave", 100).await;
-    let c = client(&g, &secret).await;
-    let mut made = HashSet::new();
-    for _ in 0..25 {
-        made.insert(paid_call(&c, "echo").await.0);
-    }
+    let mut h = Hooked::start(&rx, "ops", "max_attempts = 100", 25).await;
     // Charged and answered, never delivered (the receiver is down): now SIGKILL.
-    g.proc.child.kill().unwrap();
-    g.proc.child.wait().unwrap();
+    h.gateway.proc.child.kill().unwrap();
+    h.gateway.proc.child.wait().unwrap();
     rx.up.store(true, Ordering::SeqCst);
-    let again = Gateway::serve(&config).ready().await;
+    let again = Gateway::serve(&h.config).ready().await;
     let usage = eventually(Duration::from_secs(20), "the events of the killed gateway", || async {
         let u = rx.usage();
         (u.len() >= 25).then_some(u)
     })
     .await;
-    assert_eq!(usage.keys().cloned().collect::<HashSet<_>>(), made);
+    assert_eq!(usage.keys().cloned().collect::<HashSet<_>>(), h.made);
     drop(again);
 }
 

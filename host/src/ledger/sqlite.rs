@@ -584,31 +584,17 @@ impl Store {
     /// Request-log rows matching `f`, newest first.
     pub fn requests(&self, f: &RequestFilter) -> Result<Vec<RequestRow>, StoreError> {
         let conn = self.reader()?;
-        let mut stmt = conn.prepare(
-            "SELECT seq, request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at
-             FROM requests
+        let mut stmt = conn.prepare(&format!(
+            "{REQUEST_COLUMNS}
              WHERE (?1 IS NULL OR key_id = ?1) AND (?2 IS NULL OR tool = ?2) AND (?3 IS NULL OR outcome = ?3)
                AND (?4 IS NULL OR created_at >= ?4) AND (?5 IS NULL OR created_at < ?5)
                AND (?6 IS NULL OR seq < ?6)
-             ORDER BY seq DESC LIMIT ?7",
-        )?;
+             ORDER BY seq DESC LIMIT ?7"
+        ))?;
         let rows = stmt
             .query_map(
                 params![f.key_id, f.tool, f.outcome, f.since, f.until, f.before, f.limit],
-                |r| {
-                    Ok(RequestRow {
-                        seq: r.get(0)?,
-                        request_id: r.get(1)?,
-                        key_id: r.get(2)?,
-                        method: r.get(3)?,
-                        tool: r.get(4)?,
-                        outcome: r.get(5)?,
-                        reason: r.get(6)?,
-                        credits: r.get(7)?,
-                        duration_us: r.get(8)?,
-                        created_at: r.get(9)?,
-                    })
-                },
+                request_from_row,
             )?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
@@ -636,27 +622,13 @@ impl Store {
     /// Settled calls (request rows with a charge kept or refunded; not shadow mode's, which charge
     /// nothing) after `seq`, oldest first.
     pub fn usage_after(conn: &Connection, seq: i64, limit: i64) -> Result<Vec<RequestRow>, StoreError> {
-        let mut stmt = conn.prepare_cached(
-            "SELECT seq, request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at
-             FROM requests WHERE seq > ?1 AND outcome IN ('allowed', 'refunded') AND key_id IS NOT NULL
+        let mut stmt = conn.prepare_cached(&format!(
+            "{REQUEST_COLUMNS} WHERE seq > ?1 AND outcome IN ('allowed', 'refunded') AND key_id IS NOT NULL
                AND (reason IS NULL OR reason NOT LIKE 'shadow:%')
-             ORDER BY seq LIMIT ?2",
-        )?;
+             ORDER BY seq LIMIT ?2"
+        ))?;
         let rows = stmt
-            .query_map(params![seq, limit], |r| {
-                Ok(RequestRow {
-                    seq: r.get(0)?,
-                    request_id: r.get(1)?,
-                    key_id: r.get(2)?,
-                    method: r.get(3)?,
-                    tool: r.get(4)?,
-                    outcome: r.get(5)?,
-                    reason: r.get(6)?,
-                    credits: r.get(7)?,
-                    duration_us: r.get(8)?,
-                    created_at: r.get(9)?,
-                })
-            })?
+            .query_map(params![seq, limit], request_from_row)?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
@@ -744,6 +716,24 @@ impl Store {
             .query_row(&format!("{KEY_COLUMNS} WHERE id = ?1"), params![id], key_from_row)
             .optional()?)
     }
+}
+
+const REQUEST_COLUMNS: &str =
+    "SELECT seq, request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at FROM requests";
+
+fn request_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
+    Ok(RequestRow {
+        seq: r.get(0)?,
+        request_id: r.get(1)?,
+        key_id: r.get(2)?,
+        method: r.get(3)?,
+        tool: r.get(4)?,
+        outcome: r.get(5)?,
+        reason: r.get(6)?,
+        credits: r.get(7)?,
+        duration_us: r.get(8)?,
+        created_at: r.get(9)?,
+    })
 }
 
 const KEY_COLUMNS: &str =
