@@ -583,16 +583,7 @@ async fn reload_plugins(
     match reloaded {
         Ok(changes) => {
             tracing::info!(?changes, "plugins reloaded");
-            if let Err(e) = crate::webhooks::record(
-                gate.ledger().store(),
-                "plugin.reloaded",
-                None,
-                json!({ "plugins": changes }),
-            )
-            .await
-            {
-                tracing::error!(error = %e, "could not record a plugin.reloaded event");
-            }
+            crate::webhooks::plugins_reloaded(gate.ledger().store(), &changes).await;
             Ok(ok(
                 StatusCode::OK,
                 json!({"reloaded": changes, "plugins": plugins_view(gate)["plugins"]}),

@@ -82,16 +82,7 @@ pub async fn reload(state: &AppState) -> Result<Value, ReloadError> {
                 if health.is_some() {
                     changed.push("plugins.health".into());
                 }
-                if let Err(e) = crate::webhooks::record(
-                    gate.ledger().store(),
-                    "plugin.reloaded",
-                    None,
-                    json!({ "plugins": reloaded }),
-                )
-                .await
-                {
-                    tracing::warn!(error = %e, "could not record a plugin.reloaded event");
-                }
+                crate::webhooks::plugins_reloaded(gate.ledger().store(), &reloaded).await;
             }
             for (name, d) in [
                 ("billing.free_methods", ob.free_methods != kept.free_methods),

@@ -319,6 +319,14 @@ pub async fn record(store: &Store, kind: &str, key: Option<&Key>, extra: Value) 
     Ok(())
 }
 
+/// Records a `plugin.reloaded` event naming what changed; a failure to record it is logged (the
+/// reload stands).
+pub async fn plugins_reloaded(store: &Store, changes: &[crate::policy::Reloaded]) {
+    if let Err(e) = record(store, "plugin.reloaded", None, json!({ "plugins": changes })).await {
+        tracing::error!(error = %e, "could not record a plugin.reloaded event");
+    }
+}
+
 fn event_row(id: String, kind: &str, key: Option<&Key>, extra: Value) -> EventRow {
     let mut data = match key {
         Some(k) => {
