@@ -260,10 +260,10 @@ async fn serve(config: Config) -> std::io::Result<()> {
         println!("tollgate metrics on http://{}/metrics", m.local_addr()?);
         tokio::spawn(crate::server::run_metrics(m));
     }
+    // SIGHUP reloads the config file (`serve`); without one (`wrap`) it is logged and ignored
+    // rather than ending the process.
     #[cfg(unix)]
-    if state.config().source.is_some() {
-        tokio::spawn(crate::reload::on_sighup(state.clone()));
-    }
+    tokio::spawn(crate::reload::on_sighup(state.clone()));
     // The line scripts and tests wait for.
     println!("tollgate listening on http://{addr}/mcp");
     let _ = std::io::stdout().flush();

@@ -82,6 +82,7 @@ impl Outcome {
             Outcome::RpcError => Some("upstream_error"),
             Outcome::Timeout => Some("timeout"),
             Outcome::NotForwarded => Some("not_forwarded"),
+            Outcome::Abandoned => Some("client_gone"),
         }
     }
 }
@@ -129,6 +130,9 @@ pub enum Outcome {
     Timeout,
     /// The call never reached the upstream.
     NotForwarded,
+    /// The client went away before its answer (settled as a timeout is: refunded unless
+    /// `refund_on` leaves out "timeout").
+    Abandoned,
 }
 
 /// Why the gate could not start.
@@ -470,15 +474,31 @@ impl Gate {
         outcome: Outcome,
         record: &CallRecord<'_>,
     ) -> Result<i64, Refusal> {
+        let key = r.key.clone();
+        let seq = self.settle_now(r, price, answer_bytes, outcome, record)?;
+        self.inner.ledger.durable(seq).await?;
+        Ok(key.credits())
+    }
+
+    /// Settles a reservation without waiting: the charge's fate, the refund (if any) and the call's
+    /// request-log row are handed to the ledger (journaled, unless `durability = "power"`). Returns
+    /// the sequence number that makes it durable.
+    pub fn settle_now(
+        &self,
+        r: Reservation,
+        price: Price,
+        answer_bytes: usize,
+        outcome: Outcome,
+        record: &CallRecord<'_>,
+    ) -> Result<u64, Refusal> {
         let c = self.inner.config.load();
         let keep = match outcome {
             Outcome::Ok => true,
             Outcome::ToolError => !c.refund_on_tool_error,
             Outcome::RpcError => !c.refund_on_error,
-            Outcome::Timeout => !c.refund_on_timeout,
+            Outcome::Timeout | Outcome::Abandoned => !c.refund_on_timeout,
             Outcome::NotForwarded => false,
         };
-        let key = r.key.clone();
         let kept = if keep {
             price.kept(answer_bytes).min(r.amount)
         } else {
@@ -491,9 +511,7 @@ impl Gate {
             if keep { None } else { outcome.reason() },
             credits,
         );
-        let seq = self.inner.ledger.settle(r, kept, row)?;
-        self.inner.ledger.durable(seq).await?;
-        Ok(key.credits())
+        Ok(self.inner.ledger.settle(r, kept, row)?)
     }
 
     /// Shadow mode: the gate decides and logs, but refuses and charges nothing.

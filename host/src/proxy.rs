@@ -493,7 +493,7 @@ async fn post_inner(
                     match admitted {
                         Ok(Some(reservation)) => Some(Charge {
                             gate: gate.clone(),
-                            reservation,
+                            reservation: Some(reservation),
                             price: price.unwrap_or(Price::flat(0)),
                             method: method.to_string(),
                             tool,
@@ -593,10 +593,13 @@ impl ToolsView {
     }
 }
 
-/// A call's reserved credits, settled once its answer is known.
+/// A call's reserved credits, settled once its answer is known — or, if the client goes away
+/// first (its request or stream is dropped mid-call), settled when it is dropped, as a call that
+/// did not complete: never left charged without a record.
 struct Charge {
     gate: Gate,
-    reservation: Reservation,
+    /// Taken by settlement.
+    reservation: Option<Reservation>,
     price: Price,
     method: String,
     tool: Option<String>,
@@ -609,23 +612,36 @@ struct Charge {
 impl Charge {
     /// Keeps or refunds per the outcome (and the answer's size, for a surcharge), logs the call;
     /// durable before it returns.
-    async fn settle(self, outcome: Outcome, answer_bytes: usize) -> Result<Settled, Error> {
-        let request_id = self.reservation.request_id.clone();
-        let key_id = self.reservation.key.id.clone();
-        let record = CallRecord {
-            request_id: &request_id,
+    async fn settle(mut self, outcome: Outcome, answer_bytes: usize) -> Result<Settled, Error> {
+        let r = self.reservation.take().expect("a charge is settled once");
+        let (request_id, key_id) = (r.request_id.clone(), r.key.id.clone());
+        let record = self.record(&request_id, &key_id);
+        let credits = self.gate.settle(r, self.price, answer_bytes, outcome, &record).await?;
+        Ok(Settled { credits })
+    }
+
+    fn record<'a>(&'a self, request_id: &'a str, key_id: &'a str) -> CallRecord<'a> {
+        CallRecord {
+            request_id,
             client_request_id: self.client_request_id.as_deref(),
             upstream: Some(self.forwarded.elapsed()),
-            key_id: Some(&key_id),
+            key_id: Some(key_id),
             method: &self.method,
             tool: self.tool.as_deref(),
             started: self.started,
-        };
-        let credits = self
-            .gate
-            .settle(self.reservation, self.price, answer_bytes, outcome, &record)
-            .await?;
-        Ok(Settled { credits })
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let Some(r) = self.reservation.take() else { return };
+        let (request_id, key_id) = (r.request_id.clone(), r.key.id.clone());
+        let record = self.record(&request_id, &key_id);
+        tracing::debug!(request_id = %request_id, "the client went away before its answer");
+        if let Err(e) = self.gate.settle_now(r, self.price, 0, Outcome::Abandoned, &record) {
+            tracing::error!(request_id = %request_id, error = %e, "could not settle an abandoned call");
+        }
     }
 }
 
@@ -722,7 +738,7 @@ async fn respond_charged(
 
 /// Streams the replies to the client as SSE, event by event, until the final response (or the
 /// deadline, or the upstream going away — each ends the stream with a JSON-RPC error). The charge
-/// is settled before the final event is sent.
+/// is settled before the final event is sent; if the client leaves first, as abandoned.
 fn stream(
     mut replies: Replies,
     deadline: Deadline,
@@ -734,7 +750,13 @@ fn stream(
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
         loop {
-            let (mut m, outcome) = match deadline::race(deadline.alarm(), replies.recv()).await {
+            let next = tokio::select! {
+                // The client left: dropping `replies` abandons the call upstream, and dropping the
+                // charge settles it as abandoned.
+                _ = tx.closed() => return,
+                next = deadline::race(deadline.alarm(), replies.recv()) => next,
+            };
+            let (mut m, outcome) = match next {
                 Ok(Some(m)) => {
                     let outcome = gate::outcome_of_message(&m);
                     (m, outcome)

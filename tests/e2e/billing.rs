@@ -227,6 +227,65 @@ async fn an_upstream_error_is_refunded_and_a_tool_error_is_kept_by_default() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_before_its_answer_is_refunded_and_the_call_is_recorded() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+    let (id, secret) = admin.create_key("leaver", 10).await;
+    let c = b.client_with(&secret).await;
+    let slow = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "sleep", "arguments": {"ms": 3000}}});
+    // Once waiting for a JSON answer, once on an SSE stream: the client gives up after 300 ms.
+    for accept in ["application/json", ACCEPT_BOTH] {
+        let gave_up = c
+            .http
+            .post(&c.url)
+            .header("content-type", "application/json")
+            .header("accept", accept)
+            .header("mcp-session-id", c.session.as_deref().unwrap())
+            .header("mcp-protocol-version", &c.version)
+            .header("x-api-key", &secret)
+            .body(slow.to_string())
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status());
+        let gave_up = match gave_up {
+            Ok(r) => r.bytes().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        assert!(gave_up.is_err(), "the client should have timed out ({accept})");
+    }
+    let rows = eventually(Duration::from_secs(10), "both abandoned calls settled", || async {
+        let v: Value = admin
+            .get(&format!("/admin/requests?keyId={id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let rows = v["requests"].as_array().cloned().unwrap_or_default();
+        (rows.len() == 2).then_some(rows)
+    })
+    .await;
+    for r in &rows {
+        assert_eq!(
+            (r["outcome"].as_str(), r["reason"].as_str()),
+            (Some("refunded"), Some("client_gone")),
+            "{r}"
+        );
+    }
+    assert_eq!(admin.key(&id).await["credits"], 10, "both charges came back");
+    let kinds: Vec<String> = admin
+        .ledger(&id)
+        .await
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds, ["grant", "charge", "refund", "charge", "refund"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn balances_survive_a_kill_and_restart_on_the_same_database() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().join("data");
