@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
 ROUNDS=${ROUNDS:-3}
 CONCURRENCY=${CONCURRENCY:-"1 8 32"}
+# Which targets to load (all by default); e.g. TARGETS="direct yardstick tollgate" for the proxy path.
+TARGETS=${TARGETS:-"direct yardstick tollgate billed hooks"}
 
 cargo build --release --locked -p tollgate -p tollgate-bench >&2
 bin=target/release
@@ -79,6 +81,7 @@ for round in $(seq 1 "$ROUNDS"); do
   order=${orders[$(( (round - 1) % 3 ))]}
   for c in $CONCURRENCY; do
     for target in $order; do
+      [[ " $TARGETS " == *" $target "* ]] || continue
       headers=()
       case $target in
         direct) url=$fixture ;;

@@ -42,7 +42,8 @@ pub const EVENT_TYPES: &[&str] = &[
 /// The signature header: `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 pub const SIGNATURE_HEADER: &str = "tollgate-signature";
 
-/// How often keys are checked for having expired (for `key.expired`).
+/// How often keys are checked for having expired (for `key.expired`), at least; a walk over many
+/// keys waits 100 times its own length before the next, so sweeping stays under 1 % of a core.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(2);
 
 /// Why a webhook operation failed.
@@ -138,6 +139,8 @@ pub struct Webhooks {
 struct Inner {
     ledger: Ledger,
     running: Mutex<BTreeMap<String, Running>>,
+    /// Some destination takes `key.expired` events (else keys are not swept for them).
+    wants_expired: Arc<std::sync::atomic::AtomicBool>,
     sweeper: tokio::task::JoinHandle<()>,
 }
 
@@ -154,10 +157,12 @@ impl Webhooks {
     /// Starts delivering to `destinations` (on the current tokio runtime) and watching for keys
     /// that expire.
     pub fn start(ledger: Ledger, destinations: &[WebhookConfig]) -> Webhooks {
-        let sweeper = tokio::spawn(sweep_expired(ledger.clone()));
+        let wants_expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sweeper = tokio::spawn(sweep_expired(ledger.clone(), wants_expired.clone()));
         let w = Webhooks {
             inner: Arc::new(Inner {
                 ledger,
+                wants_expired,
                 running: Mutex::new(BTreeMap::new()),
                 sweeper,
             }),
@@ -209,6 +214,8 @@ impl Webhooks {
             changed.push(d.name.clone());
         }
         let names: Vec<String> = running.keys().cloned().collect();
+        let wants_expired = running.values().any(|r| wanted_type(&r.config, "key.expired"));
+        self.inner.wants_expired.store(wants_expired, Ordering::Relaxed);
         drop(running);
         if let Err(e) = self.inner.ledger.store().submit(Op::WebhookKeepOnly(names)) {
             tracing::warn!(error = %e, "could not forget removed webhook destinations");
@@ -350,11 +357,18 @@ fn event_row(id: String, kind: &str, key: Option<&Key>, extra: Value) -> EventRo
 
 /// Records `key.expired` once for each key whose expiry passes (its id is derived from the key
 /// and the expiry, so a restart or a second sweep records nothing twice).
-async fn sweep_expired(ledger: Ledger) {
+/// Only while some destination takes them: events nobody would receive are not recorded.
+async fn sweep_expired(ledger: Ledger, wanted: Arc<std::sync::atomic::AtomicBool>) {
     // Keys that expired while the gateway was down (within a week) are caught on start.
     let mut since = now_ms() - 7 * 86_400_000;
     loop {
         let now = now_ms();
+        if !wanted.load(Ordering::Relaxed) {
+            since = now;
+            tokio::time::sleep(EXPIRY_SWEEP).await;
+            continue;
+        }
+        let started = std::time::Instant::now();
         let l = ledger.clone();
         let expired = tokio::task::spawn_blocking(move || {
             let mut found = Vec::new();
@@ -377,7 +391,7 @@ async fn sweep_expired(ledger: Ledger) {
             }
         }
         since = now;
-        tokio::time::sleep(EXPIRY_SWEEP).await;
+        tokio::time::sleep(EXPIRY_SWEEP.max(started.elapsed() * 100)).await;
     }
 }
 
@@ -467,13 +481,17 @@ fn batch_body(destination: &str, events_array: &str) -> Bytes {
     Bytes::from(format!("{{\"destination\":{name},\"events\":{events_array}}}"))
 }
 
-/// Whether a destination's filter lets an event through.
-fn wanted(c: &WebhookConfig, kind: &str, key: Option<&Key>) -> bool {
-    let type_ok = c.events.is_empty()
+/// Whether a destination's filter takes events of this type.
+fn wanted_type(c: &WebhookConfig, kind: &str) -> bool {
+    c.events.is_empty()
         || c.events
             .iter()
-            .any(|f| f == kind || (f == "key.*" && kind.starts_with("key.")));
-    if !type_ok {
+            .any(|f| f == kind || (f == "key.*" && kind.starts_with("key.")))
+}
+
+/// Whether a destination's filter lets an event through.
+fn wanted(c: &WebhookConfig, kind: &str, key: Option<&Key>) -> bool {
+    if !wanted_type(c, kind) {
         return false;
     }
     if !c.filters_keys() {
