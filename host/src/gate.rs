@@ -265,11 +265,15 @@ impl Gate {
     }
 
     /// Puts new billing settings in force (a config reload): free methods, refund rules, the
-    /// default rate limit and shadow mode apply to the next request. Keys' rate limiters are
-    /// rebuilt, so a changed default takes effect at once.
+    /// default rate limit and shadow mode apply to the next request. When the default rate limit
+    /// changes, keys' rate limiters are rebuilt, so it takes effect at once (otherwise they keep
+    /// their state).
     pub fn set_config(&self, config: BillingConfig) {
+        let rate_changed = self.inner.config.load().rate_limit != config.rate_limit;
         self.inner.config.store(Arc::new(config));
-        self.inner.limits.write().unwrap().clear();
+        if rate_changed {
+            self.inner.limits.write().unwrap().clear();
+        }
     }
 
     /// Whether a request with this method passes without a key and without a charge.
