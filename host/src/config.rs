@@ -75,6 +75,9 @@ pub struct WebhookConfig {
     /// Ranges (normally refused: private, loopback, link-local, metadata) this destination may
     /// resolve to.
     pub allow_networks: Vec<ipnet::IpNet>,
+    /// For `https://`: the certificates (DER) of the CA the destination's certificate must chain
+    /// to, from `ca_file`; `None`: the public web roots.
+    pub ca: Option<Vec<Vec<u8>>>,
 }
 
 /// The largest credit amount accepted anywhere (balances, prices, top-ups): 10^12.
@@ -258,6 +261,9 @@ pub struct RawWebhook {
     /// Default 10000.
     pub timeout_ms: Option<u64>,
     pub allow_networks: Option<Vec<String>>,
+    /// A PEM file of CA certificates an `https://` destination's certificate must chain to
+    /// (default: the public web roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl WebhookConfig {
@@ -289,15 +295,35 @@ impl RawWebhook {
             .parse()
             .map_err(|e| invalid(&at("url"), format!("{url:?} is not a URL: {e}")))?;
         match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
+            Some("http" | "https") => {}
+            _ => {
                 return Err(invalid(
                     &at("url"),
-                    "https destinations are not supported yet; use http:// (e.g. through a local TLS-originating proxy)",
+                    format!("{url:?} must start with https:// or http://"),
                 ));
             }
-            _ => return Err(invalid(&at("url"), format!("{url:?} must start with http://"))),
         }
+        let ca = match &self.ca_file {
+            None => None,
+            Some(_) if uri.scheme_str() != Some("https") => {
+                return Err(invalid(&at("ca_file"), "applies only to an https:// url"));
+            }
+            Some(path) => {
+                use rustls_pki_types::pem::PemObject;
+                let certs: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                    .map_err(|e| invalid(&at("ca_file"), format!("{}: {e}", path.display())))?
+                    .map(|c| c.map(|c| c.to_vec()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| invalid(&at("ca_file"), format!("{}: {e}", path.display())))?;
+                if certs.is_empty() {
+                    return Err(invalid(
+                        &at("ca_file"),
+                        format!("{} holds no PEM certificate", path.display()),
+                    ));
+                }
+                Some(certs)
+            }
+        };
         if uri.host().is_none() {
             return Err(invalid(&at("url"), format!("{url:?} has no host")));
         }
@@ -364,6 +390,7 @@ impl RawWebhook {
                     })
                 })
                 .collect::<Result<_, _>>()?,
+            ca,
         })
     }
 }
@@ -940,5 +967,36 @@ mod tests {
             panic!()
         };
         assert_eq!(env, vec![("A".to_string(), "1".to_string())]);
+    }
+
+    #[test]
+    fn webhook_destinations_are_checked_field_by_field() {
+        let base = "[upstream]\nurl = \"http://127.0.0.1:9/mcp\"\n[billing]\ndata_dir = \"/tmp/x\"\n";
+        let hook = |extra: &str| {
+            format!(
+                "{base}[[webhooks]]\nname = \"b\"\nurl = \"https://hooks.example.com/t\"\nsecret = \"0123456789abcdef\"\n{extra}"
+            )
+        };
+        let ok = parse(&hook("events = [\"usage\", \"key.*\"]")).unwrap();
+        assert_eq!(ok.webhooks[0].url.scheme_str(), Some("https"));
+        assert!(
+            format!("{:?}", ok.webhooks[0]).contains("Secret(..)"),
+            "the secret is not printed"
+        );
+        let err = |extra: &str| parse(&hook(extra)).unwrap_err().to_string();
+        assert!(err("events = [\"usage.everything\"]").starts_with("webhooks[0].events[0]:"));
+        assert!(err("ca_file = \"/nonexistent/ca.pem\"").starts_with("webhooks[0].ca_file:"));
+        assert!(err("allow_networks = [\"nope\"]").starts_with("webhooks[0].allow_networks[0]:"));
+        let short = format!("{base}[[webhooks]]\nname = \"b\"\nurl = \"http://h/\"\nsecret = \"short\"\n");
+        assert!(
+            parse(&short)
+                .unwrap_err()
+                .to_string()
+                .starts_with("webhooks[0].secret:")
+        );
+        let ftp = format!("{base}[[webhooks]]\nname = \"b\"\nurl = \"ftp://h/\"\nsecret = \"0123456789abcdef\"\n");
+        assert!(parse(&ftp).unwrap_err().to_string().starts_with("webhooks[0].url:"));
+        let off = "[upstream]\nurl = \"http://127.0.0.1:9/mcp\"\n[billing]\nenabled = false\n[[webhooks]]\nname = \"b\"\nurl = \"http://h/\"\nsecret = \"0123456789abcdef\"\n";
+        assert!(parse(off).unwrap_err().to_string().starts_with("webhooks:"));
     }
 }

@@ -8,7 +8,8 @@
 //! retries with exponential backoff and jitter, and after the last attempt moves the batch to the
 //! dead-letter table. Nothing here runs on the request path: `/mcp` never waits for a webhook.
 //!
-//! Destinations are resolved when a batch is sent and every address is checked against private,
+//! `https://` destinations use rustls (ring) with the public web roots, or the CA a destination
+//! names. Destinations are resolved when a batch is sent and every address is checked against private,
 //! loopback, link-local and metadata ranges (SSRF); the connection goes to the address that was
 //! checked, so a DNS answer cannot change between the check and the connect.
 
@@ -126,6 +127,8 @@ struct Progress {
 
 struct Running {
     config: Arc<WebhookConfig>,
+    /// The TLS client of an https destination.
+    tls: Option<tokio_rustls::TlsConnector>,
     progress: Arc<Progress>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -197,6 +200,13 @@ impl Webhooks {
                 None => Arc::new(Progress::default()),
             };
             let config = Arc::new(d.clone());
+            let tls = match tls_connector(d) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(destination = %d.name, error = %e, "cannot set up TLS; not delivering");
+                    continue;
+                }
+            };
             let cursor = match start_cursor(self.inner.ledger.store(), &d.name) {
                 Ok(c) => c,
                 Err(e) => {
@@ -206,11 +216,20 @@ impl Webhooks {
             };
             let task = tokio::spawn(deliver(
                 config.clone(),
+                tls.clone(),
                 progress.clone(),
                 self.inner.ledger.clone(),
                 cursor,
             ));
-            running.insert(d.name.clone(), Running { config, progress, task });
+            running.insert(
+                d.name.clone(),
+                Running {
+                    config,
+                    tls,
+                    progress,
+                    task,
+                },
+            );
             changed.push(d.name.clone());
         }
         let names: Vec<String> = running.keys().cloned().collect();
@@ -223,12 +242,16 @@ impl Webhooks {
         changed
     }
 
-    fn destination(&self, name: &str) -> Result<(Arc<WebhookConfig>, Arc<Progress>), WebhookError> {
+    #[allow(clippy::type_complexity)]
+    fn destination(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<WebhookConfig>, Option<tokio_rustls::TlsConnector>, Arc<Progress>), WebhookError> {
         let running = self.inner.running.lock().unwrap();
         let r = running
             .get(name)
             .ok_or_else(|| WebhookError::UnknownDestination(name.to_string()))?;
-        Ok((r.config.clone(), r.progress.clone()))
+        Ok((r.config.clone(), r.tls.clone(), r.progress.clone()))
     }
 
     /// Each destination: delivered, pending, failed attempts, dead letters, last error.
@@ -279,7 +302,7 @@ impl Webhooks {
     /// Sends a destination's dead letters again, oldest first, once each; a delivered one leaves
     /// the queue. Stops at the first failure.
     pub async fn replay(&self, name: &str) -> Result<Value, WebhookError> {
-        let (config, progress) = self.destination(name)?;
+        let (config, tls, progress) = self.destination(name)?;
         let store = self.inner.ledger.store().clone();
         store.sync().await?;
         let reader = store.clone();
@@ -292,7 +315,7 @@ impl Webhooks {
         let mut error = None;
         for letter in &letters {
             let body = batch_body(&config.name, &letter.events);
-            match send(&config, body).await {
+            match send(&config, tls.as_ref(), body).await {
                 Ok(()) => {
                     crate::metrics::webhook(&config.name, "ok", letter.count as usize);
                     progress.last_delivery_at.store(now_ms(), Ordering::Relaxed);
@@ -514,7 +537,13 @@ fn note_failure(p: &Progress, destination: &str, e: &str) {
 }
 
 /// The delivery loop of one destination, from `cursor` on.
-async fn deliver(c: Arc<WebhookConfig>, progress: Arc<Progress>, ledger: Ledger, mut cursor: Cursor) {
+async fn deliver(
+    c: Arc<WebhookConfig>,
+    tls: Option<tokio_rustls::TlsConnector>,
+    progress: Arc<Progress>,
+    ledger: Ledger,
+    mut cursor: Cursor,
+) {
     let store = ledger.store().clone();
     let reader: Arc<Mutex<Option<rusqlite::Connection>>> = Arc::new(Mutex::new(None));
     loop {
@@ -582,7 +611,7 @@ async fn deliver(c: Arc<WebhookConfig>, progress: Arc<Progress>, ledger: Ledger,
         if count > 0 {
             let events = json_array(&batch);
             let body = batch_body(&c.name, &events);
-            match send_with_retries(&c, &progress, body, count).await {
+            match send_with_retries(&c, tls.as_ref(), &progress, body, count).await {
                 Ok(()) => delivered = count as i64,
                 Err((error, attempts)) => {
                     crate::metrics::webhook(&c.name, "dead", count);
@@ -643,11 +672,17 @@ fn start_cursor(store: &Store, name: &str) -> Result<Cursor, StoreError> {
 
 /// Posts a batch, retrying with exponential backoff and full jitter; `Err` carries the last error
 /// and the number of attempts once they are used up.
-async fn send_with_retries(c: &WebhookConfig, p: &Progress, body: Bytes, events: usize) -> Result<(), (String, u32)> {
+async fn send_with_retries(
+    c: &WebhookConfig,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    p: &Progress,
+    body: Bytes,
+    events: usize,
+) -> Result<(), (String, u32)> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match send(c, body.clone()).await {
+        match send(c, tls, body.clone()).await {
             Ok(()) => {
                 crate::metrics::webhook(&c.name, "ok", events);
                 p.last_delivery_at.store(now_ms(), Ordering::Relaxed);
@@ -670,22 +705,48 @@ async fn send_with_retries(c: &WebhookConfig, p: &Progress, body: Bytes, events:
     }
 }
 
+/// The TLS client of an `https://` destination (its own CA, or the public web roots); `None`
+/// for `http://`.
+fn tls_connector(c: &WebhookConfig) -> Result<Option<tokio_rustls::TlsConnector>, String> {
+    use tokio_rustls::rustls;
+    if c.url.scheme_str() != Some("https") {
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match &c.ca {
+        Some(certs) => {
+            for der in certs {
+                roots
+                    .add(rustls_pki_types::CertificateDer::from(der.clone()))
+                    .map_err(|e| format!("ca_file: {e}"))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(tokio_rustls::TlsConnector::from(Arc::new(config))))
+}
+
 /// One signed POST of `body` to the destination, within its timeout.
-async fn send(c: &WebhookConfig, body: Bytes) -> Result<(), String> {
-    match tokio::time::timeout(c.timeout, send_once(c, body)).await {
+async fn send(c: &WebhookConfig, tls: Option<&tokio_rustls::TlsConnector>, body: Bytes) -> Result<(), String> {
+    match tokio::time::timeout(c.timeout, send_once(c, tls, body)).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {} ms", c.timeout.as_millis())),
     }
 }
 
-async fn send_once(c: &WebhookConfig, body: Bytes) -> Result<(), String> {
+async fn send_once(c: &WebhookConfig, tls: Option<&tokio_rustls::TlsConnector>, body: Bytes) -> Result<(), String> {
     let authority = c.url.authority().ok_or("the URL has no host")?.clone();
     let host = authority
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let port = authority.port_u16().unwrap_or(80);
+    let port = authority.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
         .await
         .map_err(|e| format!("cannot resolve {host}: {e}"))?
@@ -695,10 +756,6 @@ async fn send_once(c: &WebhookConfig, body: Bytes) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
-    let conn = tokio::spawn(conn);
     let t = now_ms() / 1000;
     let signature = format!("t={t},v1={}", sign(c.secret.expose(), t, &body));
     let path = c.url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -712,17 +769,40 @@ async fn send_once(c: &WebhookConfig, body: Bytes) -> Result<(), String> {
         .header(SIGNATURE_HEADER, signature)
         .body(Full::new(body))
         .map_err(|e| e.to_string())?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("POST to {addr}: {e}"));
-    conn.abort();
-    let status = resp?.status();
+    let status = match tls {
+        Some(connector) => {
+            let name = rustls_pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| format!("{host} is not a TLS server name: {e}"))?;
+            let stream = connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("TLS with {host} ({addr}): {e}"))?;
+            post_over(stream, req, addr).await?
+        }
+        None => post_over(stream, req, addr).await?,
+    };
     if status.is_success() {
         Ok(())
     } else {
         Err(format!("the destination answered HTTP {}", status.as_u16()))
     }
+}
+
+/// One HTTP/1.1 exchange over an open connection (plain or TLS).
+async fn post_over<S>(io: S, req: http::Request<Full<Bytes>>, addr: SocketAddr) -> Result<http::StatusCode, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("POST to {addr}: {e}"));
+    conn.abort();
+    Ok(resp?.status())
 }
 
 /// The first resolved address the destination may use: one outside the forbidden ranges, or

@@ -56,6 +56,27 @@ fn verify(secret: &str, header: &str, body: &[u8]) -> bool {
 
 impl Receiver {
     async fn start(up: bool) -> Receiver {
+        Receiver::start_with(up, None).await
+    }
+
+    /// A receiver behind TLS, with a certificate for `localhost` from a CA of its own; returns it
+    /// and that CA's certificate (PEM).
+    async fn start_tls() -> (Receiver, String) {
+        use tokio_rustls::rustls;
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        (Receiver::start_with(true, Some(acceptor)).await, cert.pem())
+    }
+
+    async fn start_with(up: bool, tls: Option<tokio_rustls::TlsAcceptor>) -> Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let events = Arc::new(Mutex::new(Vec::new()));
@@ -68,6 +89,7 @@ impl Receiver {
                     continue;
                 };
                 let (e, u, b) = (e.clone(), u.clone(), b.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let (e, u, b) = (e.clone(), u.clone(), b.clone());
@@ -99,9 +121,17 @@ impl Receiver {
                             )
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -408,6 +438,59 @@ async fn a_destination_that_resolves_to_loopback_is_refused_unless_allowed() {
         "{error}"
     );
     assert!(rx.events().is_empty(), "nothing reached the loopback receiver");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn https_destinations_verify_the_receivers_certificate() {
+    let (rx, ca_pem) = Receiver::start_tls().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let port = rx.addr.port();
+    let hook = |name: &str, extra: &str| {
+        format!(
+            "[[webhooks]]\nname = {name:?}\nurl = \"https://localhost:{port}/hook\"\nsecret = {SECRET:?}\n\
+             allow_networks = [\"127.0.0.0/8\", \"::1\"]\nflush_interval_ms = 50\nretry_initial_ms = 50\n\
+             retry_max_ms = 100\nmax_attempts = 2\n{extra}\n"
+        )
+    };
+    let config = billed_config(
+        dir.path(),
+        &format!(
+            "{}{}",
+            hook("trusting", &format!("ca_file = {:?}", ca.display().to_string())),
+            hook("public-roots", "")
+        ),
+    );
+    let g = Gateway::serve(&config).ready().await;
+    let admin = g.admin();
+    let (_, secret) = admin.create_key("tls", 10).await;
+    let c = client(&g, &secret).await;
+    let mut made = HashSet::new();
+    for _ in 0..3 {
+        made.insert(paid_call(&c, "echo").await.0);
+    }
+    // The destination that trusts the receiver's CA delivers; the one on the public roots refuses
+    // the certificate and dead-letters: every event arrived once, over TLS, verified.
+    let usage = eventually(Duration::from_secs(10), "the events over TLS", || async {
+        let u = rx.usage();
+        (u.len() >= 3).then_some(u)
+    })
+    .await;
+    assert_eq!(usage.keys().cloned().collect::<HashSet<_>>(), made);
+    assert!(usage.values().all(|(n, _)| *n == 1));
+    let refused = eventually(Duration::from_secs(10), "the untrusted certificate refused", || async {
+        let s = webhooks_status(&admin).await;
+        let d = destination(&s, "public-roots").clone();
+        (d["deadLetterEvents"].as_i64() >= Some(4)).then_some(d)
+    })
+    .await;
+    let error = refused["lastError"]["message"].as_str().unwrap();
+    assert!(
+        error.contains("TLS") && error.to_lowercase().contains("certificate"),
+        "{error}"
+    );
+    assert_eq!(rx.bad_signatures.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
