@@ -256,15 +256,7 @@ async fn a_client_that_leaves_before_its_answer_is_refunded_and_the_call_is_reco
         assert!(gave_up.is_err(), "the client should have timed out ({accept})");
     }
     let rows = eventually(Duration::from_secs(10), "both abandoned calls settled", || async {
-        let v: Value = admin
-            .get(&format!("/admin/requests?keyId={id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let rows = v["requests"].as_array().cloned().unwrap_or_default();
+        let rows = admin.requests(&format!("keyId={id}")).await;
         (rows.len() == 2).then_some(rows)
     })
     .await;
@@ -1061,16 +1053,7 @@ async fn shadow_mode_logs_every_decision_and_enforces_and_charges_nothing() {
     assert_eq!(anon.call_text("echo", json!({"text": "no key"})).await, "no key");
     assert_eq!(g.admin().key(&id).await["credits"], 1, "nothing charged");
     let rows = eventually(Duration::from_secs(5), "four log rows", || async {
-        let v: Value = g
-            .admin()
-            .get("/admin/requests")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let rows = v["requests"].as_array().unwrap().clone();
+        let rows = g.admin().requests("").await;
         (rows.len() == 4).then_some(rows)
     })
     .await;

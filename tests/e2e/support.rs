@@ -538,6 +538,14 @@ impl Admin {
         v["entries"].as_array().cloned().unwrap_or_default()
     }
 
+    /// The request log's rows for a query (`keyId=…&outcome=…`), newest first.
+    pub async fn requests(&self, query: &str) -> Vec<Value> {
+        let r = self.get(&format!("/admin/requests?{query}")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        v["requests"].as_array().cloned().unwrap_or_default()
+    }
+
     /// Tops a key up; returns the new balance.
     pub async fn topup(&self, id: &str, credits: i64) -> i64 {
         let r = self
