@@ -19,24 +19,9 @@ TARGETS=${TARGETS:-"direct yardstick tollgate billed hooks"}
 cargo build --release --locked -p tollgate -p tollgate-bench >&2
 bin=target/release
 work=$(mktemp -d)
-cleanup() { for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; true; }
+source bench/lib.sh
+cleanup() { stop_all; }
 trap cleanup EXIT
-
-# start NAME CMD... : runs CMD in the background and prints the URL it announces on stdout.
-# (It runs in a $(...) subshell, so the pid goes to a file for cleanup.)
-start() {
-  local name=$1; shift
-  "$@" >"$work/$name.out" 2>"$work/$name.err" &
-  echo $! >"$work/$name.pid"
-  for _ in $(seq 1 300); do
-    if grep -q "listening on " "$work/$name.out"; then
-      grep -o "http://[^ ]*" "$work/$name.out" | head -1
-      return
-    fi
-    sleep 0.1
-  done
-  echo "$name did not start:" >&2; cat "$work/$name.err" >&2; exit 1
-}
 
 fixture=$(start fixture "$bin/tollgate-fixture" --http 127.0.0.1:0)
 yardstick=$(start yardstick "$bin/yardstick" --upstream "$fixture")

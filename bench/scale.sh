@@ -13,22 +13,9 @@ ROWS=${ROWS:-1000000}
 cargo build --release --locked -p tollgate -p tollgate-bench >&2
 bin=target/release
 work=$(mktemp -d)
-cleanup() { for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; rm -rf "$work"; true; }
+source bench/lib.sh
+cleanup() { stop_all; rm -rf "$work"; }
 trap cleanup EXIT
-
-start() {
-  local name=$1; shift
-  "$@" >"$work/$name.out" 2>"$work/$name.err" &
-  echo $! >"$work/$name.pid"
-  for _ in $(seq 1 1200); do
-    if grep -q "listening on " "$work/$name.out"; then
-      grep -o "http://[^ ]*" "$work/$name.out" | head -1
-      return
-    fi
-    sleep 0.1
-  done
-  echo "$name did not start:" >&2; cat "$work/$name.err" >&2; exit 1
-}
 
 rss_mib() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$(cat "$work/$1.pid")/status"; }
 

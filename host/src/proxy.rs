@@ -326,8 +326,9 @@ async fn post(state: &AppState, req: Request<hyper::body::Incoming>, peer: IpAdd
     };
     if !trace.gated {
         let method = trace.method.unwrap_or("other");
+        let elapsed = started.elapsed();
         crate::metrics::free(method, error.is_some());
-        crate::metrics::latency(started.elapsed(), trace.upstream);
+        crate::metrics::latency(elapsed, trace.upstream);
         tracing::info!(
             target: "tollgate::request",
             request_id = %trace.id,
@@ -336,7 +337,7 @@ async fn post(state: &AppState, req: Request<hyper::body::Incoming>, peer: IpAdd
             outcome = if error.is_some() { "error" } else { "free" },
             status = r.status().as_u16(),
             error,
-            duration_us = started.elapsed().as_micros() as u64,
+            duration_us = elapsed.as_micros() as u64,
             upstream_us = trace.upstream.map(|d| d.as_micros() as u64),
             "request"
         );

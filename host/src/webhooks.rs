@@ -125,11 +125,17 @@ struct Progress {
     last_error: Mutex<Option<(i64, String)>>,
 }
 
-struct Running {
+/// A destination as its delivery task, replays and status see it.
+#[derive(Clone)]
+struct Target {
     config: Arc<WebhookConfig>,
     /// The TLS client of an https destination.
     tls: Option<tokio_rustls::TlsConnector>,
     progress: Arc<Progress>,
+}
+
+struct Running {
+    target: Target,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -189,17 +195,16 @@ impl Webhooks {
             keep
         });
         for d in destinations {
-            if running.get(&d.name).is_some_and(|r| *r.config == *d) {
+            if running.get(&d.name).is_some_and(|r| *r.target.config == *d) {
                 continue;
             }
             let progress = match running.remove(&d.name) {
                 Some(old) => {
                     old.task.abort();
-                    old.progress
+                    old.target.progress
                 }
                 None => Arc::new(Progress::default()),
             };
-            let config = Arc::new(d.clone());
             let tls = match tls_connector(d) {
                 Ok(t) => t,
                 Err(e) => {
@@ -214,26 +219,17 @@ impl Webhooks {
                     continue;
                 }
             };
-            let task = tokio::spawn(deliver(
-                config.clone(),
-                tls.clone(),
-                progress.clone(),
-                self.inner.ledger.clone(),
-                cursor,
-            ));
-            running.insert(
-                d.name.clone(),
-                Running {
-                    config,
-                    tls,
-                    progress,
-                    task,
-                },
-            );
+            let target = Target {
+                config: Arc::new(d.clone()),
+                tls,
+                progress,
+            };
+            let task = tokio::spawn(deliver(target.clone(), self.inner.ledger.clone(), cursor));
+            running.insert(d.name.clone(), Running { target, task });
             changed.push(d.name.clone());
         }
         let names: Vec<String> = running.keys().cloned().collect();
-        let wants_expired = running.values().any(|r| wanted_type(&r.config, "key.expired"));
+        let wants_expired = running.values().any(|r| wanted_type(&r.target.config, "key.expired"));
         self.inner.wants_expired.store(wants_expired, Ordering::Relaxed);
         drop(running);
         if let Err(e) = self.inner.ledger.store().submit(Op::WebhookKeepOnly(names)) {
@@ -242,36 +238,35 @@ impl Webhooks {
         changed
     }
 
-    #[allow(clippy::type_complexity)]
-    fn destination(
-        &self,
-        name: &str,
-    ) -> Result<(Arc<WebhookConfig>, Option<tokio_rustls::TlsConnector>, Arc<Progress>), WebhookError> {
+    fn destination(&self, name: &str) -> Result<Target, WebhookError> {
         let running = self.inner.running.lock().unwrap();
         let r = running
             .get(name)
             .ok_or_else(|| WebhookError::UnknownDestination(name.to_string()))?;
-        Ok((r.config.clone(), r.tls.clone(), r.progress.clone()))
+        Ok(r.target.clone())
     }
 
     /// Each destination: delivered, pending, failed attempts, dead letters, last error.
     pub async fn status(&self) -> Result<Value, WebhookError> {
-        let list: Vec<(Arc<WebhookConfig>, Arc<Progress>)> = self
+        let list: Vec<Target> = self
             .inner
             .running
             .lock()
             .unwrap()
             .values()
-            .map(|r| (r.config.clone(), r.progress.clone()))
+            .map(|r| r.target.clone())
             .collect();
         let store = self.inner.ledger.store().clone();
         store.sync().await?;
         let rows = tokio::task::spawn_blocking(move || -> Result<Vec<Value>, StoreError> {
             let conn = store.reader()?;
             let mut out = Vec::new();
-            for (c, p) in list {
+            for Target {
+                config: c, progress: p, ..
+            } in list
+            {
                 let cursor = Store::cursor(&conn, &c.name)?.unwrap_or_default();
-                let dead = Store::dead_letters(&conn, &c.name)?;
+                let (dead_letters, dead_events) = Store::dead_letter_counts(&conn, &c.name)?;
                 let last_error = p
                     .last_error
                     .lock()
@@ -286,8 +281,8 @@ impl Webhooks {
                     "delivered": cursor.delivered,
                     "pending": Store::pending(&conn, &cursor)?,
                     "failedAttempts": p.failed_attempts.load(Ordering::Relaxed),
-                    "deadLetters": dead.len(),
-                    "deadLetterEvents": dead.iter().map(|d| d.count).sum::<i64>(),
+                    "deadLetters": dead_letters,
+                    "deadLetterEvents": dead_events,
                     "lastError": last_error,
                     "lastDeliveryAt": (last_delivery > 0).then_some(last_delivery),
                 }));
@@ -302,7 +297,7 @@ impl Webhooks {
     /// Sends a destination's dead letters again, oldest first, once each; a delivered one leaves
     /// the queue. Stops at the first failure.
     pub async fn replay(&self, name: &str) -> Result<Value, WebhookError> {
-        let (config, tls, progress) = self.destination(name)?;
+        let Target { config, tls, progress } = self.destination(name)?;
         let store = self.inner.ledger.store().clone();
         store.sync().await?;
         let reader = store.clone();
@@ -537,13 +532,12 @@ fn note_failure(p: &Progress, destination: &str, e: &str) {
 }
 
 /// The delivery loop of one destination, from `cursor` on.
-async fn deliver(
-    c: Arc<WebhookConfig>,
-    tls: Option<tokio_rustls::TlsConnector>,
-    progress: Arc<Progress>,
-    ledger: Ledger,
-    mut cursor: Cursor,
-) {
+async fn deliver(target: Target, ledger: Ledger, mut cursor: Cursor) {
+    let Target {
+        config: c,
+        tls,
+        progress,
+    } = target;
     let store = ledger.store().clone();
     let reader: Arc<Mutex<Option<rusqlite::Connection>>> = Arc::new(Mutex::new(None));
     loop {

@@ -158,6 +158,15 @@ impl Receiver {
         m
     }
 
+    /// Waits until at least `n` distinct usage events have arrived; returns them.
+    async fn await_usage(&self, n: usize, what: &str) -> HashMap<String, (usize, Value)> {
+        eventually(Duration::from_secs(20), what, || async {
+            let u = self.usage();
+            (u.len() >= n).then_some(u)
+        })
+        .await
+    }
+
     /// A `[[webhooks]]` section posting here.
     fn destination(&self, name: &str, extra: &str) -> String {
         format!(
@@ -249,6 +258,16 @@ async fn webhooks_status(admin: &Admin) -> Value {
     r.json().await.unwrap()
 }
 
+/// Waits until destination `name`'s status in `GET /admin/webhooks` passes `ready`; returns it.
+async fn await_destination(admin: &Admin, name: &str, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    eventually(Duration::from_secs(20), what, || async {
+        let s = webhooks_status(admin).await;
+        let d = destination(&s, name).clone();
+        ready(&d).then_some(d)
+    })
+    .await
+}
+
 fn destination<'a>(status: &'a Value, name: &str) -> &'a Value {
     status["destinations"]
         .as_array()
@@ -307,11 +326,7 @@ async fn every_settled_call_and_key_event_reaches_the_receiver_once_signed_and_f
     assert_eq!(reload.status(), 200);
 
     let want = 35 + 4;
-    let usage = eventually(Duration::from_secs(20), "every usage event at the receiver", || async {
-        let u = all.usage();
-        (u.len() >= want).then_some(u)
-    })
-    .await;
+    let usage = all.await_usage(want, "every usage event at the receiver").await;
     assert_eq!(usage.len(), want);
     for (rid, (times, e)) in &usage {
         assert_eq!(*times, 1, "usage event of {rid} delivered {times} times");
@@ -374,11 +389,7 @@ async fn every_settled_call_and_key_event_reaches_the_receiver_once_signed_and_f
     );
 
     // The filtered destination got the partner's usage and nothing else.
-    let got = eventually(Duration::from_secs(10), "the partner's usage", || async {
-        let u = partners.usage();
-        (u.len() >= 4).then_some(u)
-    })
-    .await;
+    let got = partners.await_usage(4, "the partner's usage").await;
     assert_eq!(got.keys().cloned().collect::<HashSet<_>>(), partner_calls);
     assert!(
         partners
@@ -389,10 +400,8 @@ async fn every_settled_call_and_key_event_reaches_the_receiver_once_signed_and_f
     assert_eq!(all.bad_signatures.load(Ordering::SeqCst), 0);
 
     let received = all.events().len();
-    let d = eventually(Duration::from_secs(5), "the delivered count", || async {
-        let s = webhooks_status(&admin).await;
-        let d = destination(&s, "all").clone();
-        (d["delivered"].as_u64() == Some(received as u64)).then_some(d)
+    let d = await_destination(&admin, "all", "the delivered count", |d| {
+        d["delivered"].as_u64() == Some(received as u64)
     })
     .await;
     assert_eq!((d["pending"].as_i64(), d["deadLetters"].as_i64()), (Some(0), Some(0)));
@@ -426,12 +435,7 @@ async fn a_destination_that_resolves_to_loopback_is_refused_unless_allowed() {
     let g = Gateway::serve(&config).ready().await;
     let admin = g.admin();
     admin.create_key("mallory", 10).await;
-    let d = eventually(Duration::from_secs(10), "the refused delivery", || async {
-        let s = webhooks_status(&admin).await;
-        let d = destination(&s, "unguarded").clone();
-        (d["deadLetters"] == 1).then_some(d)
-    })
-    .await;
+    let d = await_destination(&admin, "unguarded", "the refused delivery", |d| d["deadLetters"] == 1).await;
     let error = d["lastError"]["message"].as_str().unwrap();
     assert!(
         error.contains("loopback") && error.contains("allow_networks"),
@@ -472,17 +476,11 @@ async fn https_destinations_verify_the_receivers_certificate() {
     }
     // The destination that trusts the receiver's CA delivers; the one on the public roots refuses
     // the certificate and dead-letters: every event arrived once, over TLS, verified.
-    let usage = eventually(Duration::from_secs(10), "the events over TLS", || async {
-        let u = rx.usage();
-        (u.len() >= 3).then_some(u)
-    })
-    .await;
+    let usage = rx.await_usage(3, "the events over TLS").await;
     assert_eq!(usage.keys().cloned().collect::<HashSet<_>>(), made);
     assert!(usage.values().all(|(n, _)| *n == 1));
-    let refused = eventually(Duration::from_secs(10), "the untrusted certificate refused", || async {
-        let s = webhooks_status(&admin).await;
-        let d = destination(&s, "public-roots").clone();
-        (d["deadLetterEvents"].as_i64() >= Some(4)).then_some(d)
+    let refused = await_destination(&admin, "public-roots", "the untrusted certificate refused", |d| {
+        d["deadLetterEvents"].as_i64() >= Some(4)
     })
     .await;
     let error = refused["lastError"]["message"].as_str().unwrap();
@@ -499,28 +497,14 @@ async fn a_receiver_down_for_a_while_then_back_loses_nothing() {
     let h = Hooked::start(&rx, "ops", "max_attempts = 100", 20).await;
     let admin = h.gateway.admin();
     // Down: attempts fail and are counted; nothing is delivered yet.
-    let status = eventually(Duration::from_secs(10), "failed attempts", || async {
-        let s = webhooks_status(&admin).await;
-        (destination(&s, "ops")["failedAttempts"].as_u64().unwrap() >= 3).then_some(s)
+    let d = await_destination(&admin, "ops", "failed attempts", |d| {
+        d["failedAttempts"].as_u64().unwrap() >= 3
     })
     .await;
-    assert!(
-        destination(&status, "ops")["lastError"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("503")
-    );
+    assert!(d["lastError"]["message"].as_str().unwrap().contains("503"));
     assert!(rx.usage().is_empty());
     rx.up.store(true, Ordering::SeqCst);
-    let usage = eventually(
-        Duration::from_secs(20),
-        "every event after the receiver is back",
-        || async {
-            let u = rx.usage();
-            (u.len() >= 20).then_some(u)
-        },
-    )
-    .await;
+    let usage = rx.await_usage(20, "every event after the receiver is back").await;
     assert_eq!(usage.keys().cloned().collect::<HashSet<_>>(), h.made);
     assert!(usage.values().all(|(n, _)| *n == 1));
 }
@@ -530,10 +514,8 @@ async fn past_the_retry_limit_batches_become_dead_letters_and_replay_delivers_th
     let rx = Receiver::start(false).await;
     let h = Hooked::start(&rx, "billing", "max_attempts = 2\nevents = [\"usage\"]", 10).await;
     let admin = h.gateway.admin();
-    let status = eventually(Duration::from_secs(15), "all ten events in dead letters", || async {
-        let s = webhooks_status(&admin).await;
-        let d = destination(&s, "billing").clone();
-        (d["deadLetterEvents"] == 10 && d["pending"] == 0).then_some(d)
+    let status = await_destination(&admin, "billing", "all ten events in dead letters", |d| {
+        d["deadLetterEvents"] == 10 && d["pending"] == 0
     })
     .await;
     assert!(status["deadLetters"].as_i64().unwrap() >= 1);
@@ -576,11 +558,7 @@ async fn events_of_calls_charged_before_a_kill_9_are_delivered_after_the_restart
     h.gateway.proc.child.wait().unwrap();
     rx.up.store(true, Ordering::SeqCst);
     let again = Gateway::serve(&h.config).ready().await;
-    let usage = eventually(Duration::from_secs(20), "the events of the killed gateway", || async {
-        let u = rx.usage();
-        (u.len() >= 25).then_some(u)
-    })
-    .await;
+    let usage = rx.await_usage(25, "the events of the killed gateway").await;
     assert_eq!(usage.keys().cloned().collect::<HashSet<_>>(), h.made);
     drop(again);
 }

@@ -690,6 +690,15 @@ impl Store {
         )?)
     }
 
+    /// How many dead letters a destination has, and how many events they hold.
+    pub fn dead_letter_counts(conn: &Connection, destination: &str) -> Result<(i64, i64), StoreError> {
+        Ok(conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(count), 0) FROM webhook_dead_letters WHERE destination = ?1",
+            params![destination],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?)
+    }
+
     /// A destination's dead letters, oldest first.
     pub fn dead_letters(conn: &Connection, destination: &str) -> Result<Vec<DeadLetter>, StoreError> {
         let mut stmt = conn.prepare_cached(

@@ -1,0 +1,21 @@
+# Shared by the benchmark scripts (sourced; they set $work, a scratch directory).
+
+# start NAME CMD... : runs CMD in the background and prints the URL it announces on stdout
+# ("listening on http://..."), waiting up to two minutes (a million-key gateway loads for seconds).
+# It runs in a $(...) subshell, so the pid goes to $work/NAME.pid for cleanup.
+start() {
+  local name=$1; shift
+  "$@" >"$work/$name.out" 2>"$work/$name.err" &
+  echo $! >"$work/$name.pid"
+  for _ in $(seq 1 1200); do
+    if grep -q "listening on " "$work/$name.out"; then
+      grep -o "http://[^ ]*" "$work/$name.out" | head -1
+      return
+    fi
+    sleep 0.1
+  done
+  echo "$name did not start:" >&2; cat "$work/$name.err" >&2; exit 1
+}
+
+# Stops everything start() started.
+stop_all() { for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; true; }
