@@ -57,8 +57,8 @@ impl Journal {
     }
 
     /// Appends one record (a whole line, in one `write`).
-    pub fn append(&mut self, line: &str) -> std::io::Result<()> {
-        self.file.write_all(line.as_bytes())?;
+    pub fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(line)?;
         self.bytes += line.len() as u64;
         Ok(())
     }
@@ -78,9 +78,10 @@ impl Journal {
     }
 }
 
-/// The journal line of a money operation, or `None` if it is not one the journal carries (or its
-/// ids could not be read back).
-pub fn line(op: &Op) -> Option<String> {
+/// Appends the journal line of a money operation to `out`; false (and nothing appended) if it is
+/// not one the journal carries (or its ids could not be read back).
+pub fn write_line(op: &Op, out: &mut Vec<u8>) -> bool {
+    use std::io::Write as _;
     match op {
         Op::Ledger {
             request_id,
@@ -89,12 +90,29 @@ pub fn line(op: &Op) -> Option<String> {
             amount,
             at,
         } if !request_id.contains(char::is_whitespace) && !key_id.contains(char::is_whitespace) => {
-            Some(format!("{} {request_id} {key_id} {amount} {at}\n", entry.as_str()))
+            // Writing to a Vec cannot fail.
+            let _ = writeln!(out, "{} {request_id} {key_id} {amount} {at}", entry.as_str());
+            true
         }
         // JSON escapes every newline, so a row is one line.
-        Op::Request(row) => serde_json::to_string(row).ok().map(|j| format!("request {j}\n")),
-        _ => None,
+        Op::Request(row) => {
+            let start = out.len();
+            out.extend_from_slice(b"request ");
+            if serde_json::to_writer(&mut *out, row).is_err() {
+                out.truncate(start);
+                return false;
+            }
+            out.push(b'\n');
+            true
+        }
+        _ => false,
     }
+}
+
+/// The journal line of a money operation, or `None` if it is not one the journal carries.
+pub fn line(op: &Op) -> Option<String> {
+    let mut out = Vec::new();
+    write_line(op, &mut out).then(|| String::from_utf8(out).expect("journal lines are UTF-8"))
 }
 
 fn parse(line: &str) -> Option<Op> {
@@ -182,9 +200,9 @@ mod tests {
     fn records_read_back_as_written_and_a_torn_last_line_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
-        j.append(&line(&charge("req_a", 3)).unwrap()).unwrap();
-        j.append(&line(&charge("req_b", 4)).unwrap()).unwrap();
-        j.append("refund req_b key_1 4 17").unwrap(); // no newline: cut by a crash
+        j.append(line(&charge("req_a", 3)).unwrap().as_bytes()).unwrap();
+        j.append(line(&charge("req_b", 4)).unwrap().as_bytes()).unwrap();
+        j.append(b"refund req_b key_1 4 17").unwrap(); // no newline: cut by a crash
         let segs = segments(dir.path()).unwrap();
         assert_eq!(segs.len(), 1);
         let ops = read(&segs[0].1).unwrap();
@@ -208,8 +226,8 @@ mod tests {
             duration_us: 120,
             created_at: 17,
         });
-        j.append(&line(&row).unwrap()).unwrap();
-        j.append(&line(&charge("req_d", 1)).unwrap()).unwrap();
+        j.append(line(&row).unwrap().as_bytes()).unwrap();
+        j.append(line(&charge("req_d", 1)).unwrap().as_bytes()).unwrap();
         let ops = read(&segments(dir.path()).unwrap()[0].1).unwrap();
         assert_eq!(ops.len(), 2);
         assert_eq!(line(&ops[0]), line(&row));
@@ -219,7 +237,7 @@ mod tests {
     fn a_garbled_record_is_an_error_not_a_silent_loss() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
-        j.append("charge req_a key_1 three 0\n").unwrap();
+        j.append(b"charge req_a key_1 three 0\n").unwrap();
         assert!(read(&segments(dir.path()).unwrap()[0].1).is_err());
     }
 

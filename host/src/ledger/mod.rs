@@ -60,8 +60,6 @@ pub struct Reservation {
     pub key: Arc<Key>,
     pub amount: i64,
     pub request_id: String,
-    /// The store sequence number of the charge row.
-    pub seq: u64,
     /// When it was charged (Unix ms), to give a refund back to the right day and month.
     pub at: i64,
 }
@@ -202,65 +200,76 @@ impl Ledger {
         self.len() == 0
     }
 
-    /// Takes `amount` credits for the call `request_id`, atomically, and makes its charge row
-    /// durable (journaled; the database commits it shortly). The caller waits for
-    /// [`Ledger::durable`] of the reservation's `seq` before answering: at once with the journal,
-    /// after the fsynced commit without it (`durability = "power"`).
+    /// Takes `amount` credits for the call `request_id`, atomically, in memory. Nothing is written
+    /// yet: the charge row is written with the call's settlement ([`Ledger::settle`]), in the same
+    /// journal record as the refund (if any) and the request-log row, so a call costs one `write`.
+    /// If the gateway dies before settling, the call was never answered and is not charged (as
+    /// a timed-out call is refunded by default); the restored balance comes from the store.
     pub fn reserve(&self, key: &Arc<Key>, amount: i64, request_id: &str) -> Result<Reservation, LedgerError> {
         let at = now_ms();
         key.charge(amount, at)?;
-        let seq = self.inner.store.submit_money([Op::Ledger {
-            request_id: request_id.to_string(),
-            key_id: key.id.clone(),
-            entry: Entry::Charge,
+        Ok(Reservation {
+            key: key.clone(),
             amount,
+            request_id: request_id.to_string(),
             at,
-        }]);
-        match seq {
-            Ok(seq) => Ok(Reservation {
-                key: key.clone(),
-                amount,
-                request_id: request_id.to_string(),
-                seq,
-                at,
-            }),
+        })
+    }
+
+    /// Settles a reservation: records its charge, keeps `kept` of it and refunds the rest (a
+    /// refund row; keeping nothing cancels the call in the quotas too), and records the call's
+    /// request-log row with them — journaled together, in one `write` (the row is what usage
+    /// webhooks deliver). Returns the sequence number to wait for before answering the client
+    /// (0 once journaled; the commit's without a journal).
+    pub fn settle(&self, r: Reservation, kept: i64, row: RequestRow) -> Result<u64, LedgerError> {
+        let refund = r.amount - kept.clamp(0, r.amount);
+        let charge = Op::Ledger {
+            request_id: r.request_id.clone(),
+            key_id: r.key.id.clone(),
+            entry: Entry::Charge,
+            amount: r.amount,
+            at: r.at,
+        };
+        let now = now_ms();
+        let entry = if refund == r.amount {
+            Entry::Refund
+        } else {
+            Entry::PartialRefund
+        };
+        let submitted = if refund == 0 {
+            self.inner.store.submit_money([charge, Op::Request(row)])
+        } else {
+            self.inner.store.submit_money([
+                charge,
+                Op::Ledger {
+                    request_id: r.request_id,
+                    key_id: r.key.id.clone(),
+                    entry,
+                    amount: refund,
+                    at: now,
+                },
+                Op::Request(row),
+            ])
+        };
+        match submitted {
+            Ok(seq) => {
+                match (refund, entry) {
+                    (0, _) => {}
+                    (_, Entry::Refund) => {
+                        r.key.refund(refund, r.at, now);
+                    }
+                    _ => {
+                        r.key.refund_part(refund, r.at, now);
+                    }
+                }
+                Ok(seq)
+            }
             Err(e) => {
-                key.refund(amount, at, at);
+                // Nothing was recorded: the call is not charged.
+                r.key.refund(r.amount, r.at, now);
                 Err(e.into())
             }
         }
-    }
-
-    /// Settles a reservation: keeps `kept` of it and refunds the rest (a refund row; keeping
-    /// nothing cancels the call in the quotas too), and records the call's request-log row with it
-    /// (journaled together: the row is what usage webhooks deliver). Returns the sequence number to
-    /// wait for before answering the client.
-    pub fn settle(&self, r: Reservation, kept: i64, row: RequestRow) -> Result<u64, LedgerError> {
-        let refund = r.amount - kept.clamp(0, r.amount);
-        let store = &self.inner.store;
-        if refund == 0 {
-            let seq = store.submit_money([Op::Request(row)])?;
-            return Ok(seq.max(r.seq));
-        }
-        let now = now_ms();
-        let entry = if refund == r.amount {
-            r.key.refund(refund, r.at, now);
-            Entry::Refund
-        } else {
-            r.key.refund_part(refund, r.at, now);
-            Entry::PartialRefund
-        };
-        let seq = store.submit_money([
-            Op::Ledger {
-                request_id: r.request_id,
-                key_id: r.key.id.clone(),
-                entry,
-                amount: refund,
-                at: now,
-            },
-            Op::Request(row),
-        ])?;
-        Ok(seq)
     }
 
     /// Waits until store operation `seq` is committed.

@@ -347,6 +347,9 @@ impl Store {
         conn.pragma_update(None, "synchronous", sync).map_err(open_err)?;
         // Checkpoints run on their own thread and connection, never in the writer's commit path.
         conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(open_err)?;
+        // A WAL that grew under a burst is cut back to this when it starts over.
+        conn.pragma_update(None, "journal_size_limit", 64 << 20)
+            .map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -404,6 +407,9 @@ impl Store {
             .spawn(move || writer(conn, rx, writer_inner, journaled))
             .expect("spawning the database writer");
         let checkpoint_conn = Connection::open(&path).map_err(open_err)?;
+        checkpoint_conn
+            .pragma_update(None, "journal_size_limit", 64 << 20)
+            .map_err(open_err)?;
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
             .name("tollgate-db-checkpoint".into())
@@ -436,13 +442,10 @@ impl Store {
         let mut guard = self.inner.submit.lock().unwrap();
         let journaled = match guard.journal.as_mut() {
             Some(j) => {
-                let mut lines = String::new();
+                let mut lines = Vec::with_capacity(256 * N);
                 let mut all = true;
                 for op in &ops {
-                    match super::journal::line(op) {
-                        Some(l) => lines.push_str(&l),
-                        None => all = false,
-                    }
+                    all &= super::journal::write_line(op, &mut lines);
                 }
                 if !lines.is_empty()
                     && let Err(e) = j.append(&lines)
@@ -772,9 +775,12 @@ fn load_keys(conn: &Connection) -> Result<Vec<StoredKey>, StoreError> {
     Ok(keys)
 }
 
-/// Copies the WAL into the database file now and then (PASSIVE: it never blocks the writer), so
-/// the WAL stays small without the writer ever pausing for a checkpoint.
+/// Copies the WAL into the database file now and then (PASSIVE: it never blocks the writer; once
+/// the WAL is long, RESTART, which waits for a gap between commits), so the WAL stays small.
 /// It also prunes the request log to its retention every few seconds.
+/// The WAL length (in pages) past which the checkpointer restarts it rather than letting it grow.
+const WAL_RESTART_FRAMES: i64 = 4096;
+
 fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Retention) {
     let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
     let mut ticks = 0u64;
@@ -783,8 +789,22 @@ fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Rete
         if inner.upgrade().is_none() {
             return;
         }
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "WAL checkpoint failed");
+        // (busy, frames in the WAL, frames checkpointed)
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        }) {
+            // A passive checkpoint never makes the writer start the WAL over while it keeps
+            // writing, so under steady load the WAL would grow without end (and every commit
+            // write further into a file the page cache no longer holds). Past a bound, wait for a
+            // gap between the writer's commits and restart it; the hot path never waits for
+            // the writer, so the pause costs it nothing.
+            Ok((_, frames)) if frames > WAL_RESTART_FRAMES => {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint (restart) failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
         }
         ticks += 1;
         if ticks.is_multiple_of(10) {
