@@ -769,8 +769,9 @@ fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
     })
 }
 
+/// Every key, in creation order.
 fn load_keys(conn: &Connection) -> Result<Vec<StoredKey>, StoreError> {
-    let mut stmt = conn.prepare(KEY_COLUMNS)?;
+    let mut stmt = conn.prepare(&format!("{KEY_COLUMNS} ORDER BY rowid"))?;
     let keys = stmt.query_map([], key_from_row)?.collect::<Result<Vec<_>, _>>()?;
     Ok(keys)
 }
