@@ -2,7 +2,7 @@
 //! the host's checks on what it returns.
 
 use wasmtime::Store;
-use wasmtime::component::InstancePre;
+use wasmtime::component::{ComponentExportIndex, ComponentType, Func, InstancePre, Lower, TypedFunc};
 
 use super::sandbox::{Failure, Host, World};
 use super::{Limits, Loaded, Role};
@@ -13,26 +13,88 @@ mod bindings {
 }
 
 use bindings::exports::tollgate::policy::pricing;
-use bindings::tollgate::policy::types::{Call, KeySnapshot, KeyStatus};
+use bindings::tollgate::policy::types::KeyStatus;
 
 /// The `pricing-plugin` world.
 pub struct PricingWorld;
 
+/// A pre-instantiated pricing plugin, and where its `price` export is.
+pub struct PricingPre {
+    pre: bindings::PricingPluginPre<Host>,
+    price: ComponentExportIndex,
+}
+
+/// An instance's bindings, and its `price` typed for arguments lowered from borrowed data.
+pub struct PricingBindings {
+    bindings: bindings::PricingPlugin,
+    price: TypedFunc<(CallArg<'static>, KeyArg<'static>), (PriceResult,)>,
+}
+
+type PriceResult = Result<pricing::Charge, pricing::Denial>;
+
+/// The WIT `call` record, lowered straight from the request's own strings (no copies).
+#[derive(ComponentType, Lower)]
+#[component(record)]
+struct CallArg<'a> {
+    method: &'a str,
+    tool: Option<&'a str>,
+    #[component(name = "argument-bytes")]
+    argument_bytes: u64,
+    arguments: Option<&'a str>,
+    #[component(name = "now-ms")]
+    now_ms: i64,
+    #[component(name = "request-id")]
+    request_id: &'a str,
+}
+
+/// The WIT `key-snapshot` record, lowered straight from the key's own fields.
+#[derive(ComponentType, Lower)]
+#[component(record)]
+struct KeyArg<'a> {
+    id: &'a str,
+    name: &'a str,
+    tags: &'a [String],
+    namespace: Option<&'a str>,
+    credits: i64,
+    spent: i64,
+    calls: u64,
+    status: KeyStatus,
+    #[component(name = "created-ms")]
+    created_ms: i64,
+    #[component(name = "expires-ms")]
+    expires_ms: Option<i64>,
+}
+
 impl World for PricingWorld {
-    type Pre = bindings::PricingPluginPre<Host>;
-    type Bindings = bindings::PricingPlugin;
+    type Pre = PricingPre;
+    type Bindings = PricingBindings;
     const ROLE: Role = Role::Pricing;
 
     fn pre(instance_pre: InstancePre<Host>) -> wasmtime::Result<Self::Pre> {
-        bindings::PricingPluginPre::new(instance_pre)
+        let component = instance_pre.component();
+        let price = component
+            .get_export_index(None, &format!("tollgate:policy/pricing@{}", super::WIT_VERSION))
+            .and_then(|i| component.get_export_index(Some(&i), "price"))
+            .ok_or_else(|| wasmtime::format_err!("no export named price"))?;
+        Ok(PricingPre {
+            pre: bindings::PricingPluginPre::new(instance_pre)?,
+            price,
+        })
     }
 
     fn instantiate(pre: &Self::Pre, store: &mut Store<Host>) -> wasmtime::Result<Self::Bindings> {
-        pre.instantiate(store)
+        let instance = pre.pre.instance_pre().instantiate(&mut *store)?;
+        let bindings = bindings::PricingPlugin::new(&mut *store, &instance)?;
+        let func: Func = instance
+            .get_func(&mut *store, pre.price)
+            .ok_or_else(|| wasmtime::format_err!("no export named price"))?;
+        // Checked against the component's types once, here.
+        let price = func.typed(&*store)?;
+        Ok(PricingBindings { bindings, price })
     }
 
     fn configure(b: &Self::Bindings, store: &mut Store<Host>, config: &str) -> wasmtime::Result<Result<(), String>> {
-        b.tollgate_policy_lifecycle().call_configure(store, config)
+        b.bindings.tollgate_policy_lifecycle().call_configure(store, config)
     }
 }
 
@@ -94,22 +156,54 @@ impl Loaded<PricingWorld> {
     /// Prices `input` for `key` (None: no key, as when `tools/list` is called without one).
     pub fn price(&self, limits: &Limits, input: &CallInput<'_>, key: Option<&Key>) -> Priced {
         let argument_bytes = input.arguments.map_or(0, str::len);
-        let call = Call {
-            method: input.method.to_string(),
-            tool: input.tool.map(str::to_string),
+        let call = CallArg {
+            method: input.method,
+            tool: input.tool,
             argument_bytes: argument_bytes as u64,
-            arguments: input
-                .arguments
-                .filter(|a| a.len() <= limits.max_argument_bytes)
-                .map(str::to_string),
+            arguments: input.arguments.filter(|a| a.len() <= limits.max_argument_bytes),
             now_ms: input.now_ms,
-            request_id: input.request_id.to_string(),
+            request_id: input.request_id,
         };
-        let snapshot = snapshot(key, input.now_ms);
+        let settings = key.map(|k| k.settings());
+        let snapshot = match (key, &settings) {
+            (Some(key), Some(settings)) => KeyArg {
+                id: &key.id,
+                name: &key.name,
+                tags: &settings.tags,
+                namespace: settings.namespace.as_deref(),
+                credits: key.credits(),
+                spent: key.spent(),
+                calls: key.calls(),
+                status: match key.status() {
+                    Status::Active => KeyStatus::Active,
+                    Status::Suspended => KeyStatus::Suspended,
+                    Status::Revoked => KeyStatus::Revoked,
+                },
+                created_ms: key.created_at,
+                expires_ms: settings.expires_at,
+            },
+            _ => KeyArg {
+                id: "",
+                name: "",
+                tags: &[],
+                namespace: None,
+                credits: 0,
+                spent: 0,
+                calls: 0,
+                status: KeyStatus::Active,
+                created_ms: input.now_ms,
+                expires_ms: None,
+            },
+        };
         let answer = self
             .pool
             .call(limits.pricing_deadline, limits.pricing_fuel, |b, store| {
-                b.tollgate_policy_pricing().call_price(store, &call, &snapshot)
+                // SAFETY: the same function type as `b.price`, which was checked against the
+                // component when the instance was made; the records differ only in the lifetime
+                // of the borrowed data they are lowered from, which outlives the call.
+                let price =
+                    unsafe { TypedFunc::<(CallArg<'_>, KeyArg<'_>), (PriceResult,)>::new_unchecked(*b.price.func()) };
+                price.call(store, (call, snapshot)).map(|(r,)| r)
             });
         match answer {
             Err(f) => Priced::Failed(f),
@@ -150,39 +244,5 @@ fn accept(c: &pricing::Charge, cap: u64) -> Result<Price, String> {
             "a price of {} credits (surcharge up to {max}) is above the cap of {cap}",
             c.credits
         )),
-    }
-}
-
-fn snapshot(key: Option<&Key>, now_ms: i64) -> KeySnapshot {
-    let Some(key) = key else {
-        return KeySnapshot {
-            id: String::new(),
-            name: String::new(),
-            tags: Vec::new(),
-            namespace: None,
-            credits: 0,
-            spent: 0,
-            calls: 0,
-            status: KeyStatus::Active,
-            created_ms: now_ms,
-            expires_ms: None,
-        };
-    };
-    let settings = key.settings();
-    KeySnapshot {
-        id: key.id.clone(),
-        name: key.name.clone(),
-        tags: settings.tags.clone(),
-        namespace: settings.namespace.clone(),
-        credits: key.credits(),
-        spent: key.spent(),
-        calls: key.calls(),
-        status: match key.status() {
-            Status::Active => KeyStatus::Active,
-            Status::Suspended => KeyStatus::Suspended,
-            Status::Revoked => KeyStatus::Revoked,
-        },
-        created_ms: key.created_at,
-        expires_ms: settings.expires_at,
     }
 }
