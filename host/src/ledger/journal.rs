@@ -1,32 +1,41 @@
-//! The charge journal: an append-only file that makes a charge or refund durable with one `write`
-//! on the caller's thread, so the hot path never waits for a database commit or wakes the writer.
-//! The database catches up in batches behind it; at start-up, whatever the database had not yet
-//! committed is replayed from the journal (a ledger row cannot be applied twice, so replaying a
-//! committed one changes nothing), and segments whose records are all committed are deleted.
+//! The charge journal: an append-only file that makes a settled call (its charge, refund and
+//! request-log row) durable on the caller's thread, with no system call: segments are mapped into
+//! memory, so an append is a copy into the page cache. The hot path never waits for a database
+//! commit or wakes the writer. The database catches up in batches behind it; at start-up, whatever
+//! the database had not yet committed is replayed from the journal (a ledger row cannot be applied
+//! twice, so replaying a committed one changes nothing), and segments whose records are all
+//! committed are deleted.
 //!
-//! A call's request-log row (written when it is settled) is journaled too: it is what usage webhooks
-//! deliver, so a settled call's event survives a kill as its charge does. Replayed rows are skipped
-//! by their request id.
+//! A call's request-log row is journaled with its charge: it is what usage webhooks deliver, so a
+//! settled call's event survives a kill as its charge does. Replayed rows are skipped by their
+//! request id.
 //!
-//! A written record survives the process being killed: it is in the kernel's page cache. It does
-//! not survive a power loss; `durability = "power"` therefore does not use the journal.
+//! A written record survives the process being killed: it is in the kernel's page cache (a
+//! shared file mapping), which the kernel writes back as it does any file. It does not survive a
+//! power loss; `durability = "power"` therefore does not use the journal. Each segment's blocks
+//! are reserved (`posix_fallocate`) before it is mapped, so a full disk fails the segment's
+//! creation, never a write into the mapping.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{Ordering, fence};
 
 use super::sqlite::{Entry, Op};
 
-/// A segment is closed once it holds this many bytes.
-const SEGMENT_BYTES: u64 = 8 << 20;
+/// The size of a segment (one bigger record gets a segment of its own size).
+const SEGMENT_BYTES: usize = 8 << 20;
 
 /// The open segment.
 pub struct Journal {
     dir: PathBuf,
-    file: File,
     path: PathBuf,
     number: u64,
-    bytes: u64,
+    map: memmap2::MmapMut,
+    /// Bytes written so far; the rest of the mapping is zeros.
+    len: usize,
+    /// Full segments, waiting for the database to commit their records.
+    retired: Vec<Retired>,
+    _file: File,
 }
 
 /// A closed segment, deleted once every record in it is committed.
@@ -41,40 +50,62 @@ impl Journal {
     pub fn open(dir: &Path) -> std::io::Result<Journal> {
         std::fs::create_dir_all(dir)?;
         let next = segments(dir)?.last().map_or(1, |(n, _)| n + 1);
-        Journal::create(dir, next)
+        Journal::create(dir, next, SEGMENT_BYTES)
     }
 
-    fn create(dir: &Path, number: u64) -> std::io::Result<Journal> {
+    fn create(dir: &Path, number: u64, size: usize) -> std::io::Result<Journal> {
+        use std::os::fd::AsRawFd;
         let path = dir.join(format!("{number:020}.log"));
-        let file = OpenOptions::new().create_new(true).append(true).open(&path)?;
+        let file = OpenOptions::new().create_new(true).read(true).write(true).open(&path)?;
+        // SAFETY: a plain call on a file descriptor we own.
+        let reserved = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, size as libc::off_t) };
+        if reserved != 0 {
+            let _ = std::fs::remove_file(&path);
+            return Err(std::io::Error::from_raw_os_error(reserved));
+        }
+        // SAFETY: the file was created by this call (create_new) in the gateway's own data
+        // directory; nothing else writes or truncates it while it is mapped, and its blocks are
+        // reserved, so no access to the mapping can fault.
+        let map = unsafe { memmap2::MmapOptions::new().len(size).populate().map_mut(&file)? };
         Ok(Journal {
             dir: dir.to_path_buf(),
-            file,
             path,
             number,
-            bytes: 0,
+            map,
+            len: 0,
+            retired: Vec::new(),
+            _file: file,
         })
     }
 
-    /// Appends one record (a whole line, in one `write`).
-    pub fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(line)?;
-        self.bytes += line.len() as u64;
+    /// Appends records (whole lines). `last_seq`: the store sequence number of the last record
+    /// already in the journal, which closes the segment if this one starts a new one.
+    pub fn append(&mut self, lines: &[u8], last_seq: u64) -> std::io::Result<()> {
+        let Some((&newline, body)) = lines.split_last() else {
+            return Ok(());
+        };
+        debug_assert_eq!(newline, b'\n');
+        if self.len + lines.len() > self.map.len() {
+            let next = Journal::create(&self.dir, self.number + 1, SEGMENT_BYTES.max(lines.len()))?;
+            let old = std::mem::replace(self, next);
+            self.retired = old.retired;
+            self.retired.push(Retired {
+                path: old.path,
+                last_seq,
+            });
+        }
+        // The body first, then its final newline: a kill part-way leaves a last line without
+        // one, which is not a record (its caller never saw the call succeed).
+        self.map[self.len..self.len + body.len()].copy_from_slice(body);
+        fence(Ordering::Release);
+        self.map[self.len + body.len()] = b'\n';
+        self.len += lines.len();
         Ok(())
     }
 
-    /// Starts a new segment if this one is full; returns the closed one, whose last record has
-    /// sequence number `last_seq`.
-    pub fn rotate_if_full(&mut self, last_seq: u64) -> std::io::Result<Option<Retired>> {
-        if self.bytes < SEGMENT_BYTES {
-            return Ok(None);
-        }
-        let next = Journal::create(&self.dir, self.number + 1)?;
-        let old = std::mem::replace(self, next);
-        Ok(Some(Retired {
-            path: old.path,
-            last_seq,
-        }))
+    /// Takes the segments closed since the last call.
+    pub fn take_retired(&mut self) -> Vec<Retired> {
+        std::mem::take(&mut self.retired)
     }
 }
 
@@ -161,18 +192,20 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
 }
 
 /// The records of one segment. A last line cut short by a crash mid-write is not a record (its
-/// caller never saw the charge succeed); any other unreadable line is an error.
+/// caller never saw the charge succeed), nor is the unwritten (zero) rest of the segment; any
+/// other unreadable line is an error.
 pub fn read(path: &Path) -> std::io::Result<Vec<Op>> {
-    let text = std::fs::read_to_string(path)?;
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..=i],
-        None => "",
+    let bytes = std::fs::read(path)?;
+    // Everything up to (not including) the last newline.
+    let complete = match bytes.iter().rposition(|b| *b == b'\n') {
+        Some(i) => &bytes[..i],
+        None => return Ok(Vec::new()),
     };
     complete
-        .lines()
+        .split(|b| *b == b'\n')
         .enumerate()
         .map(|(i, l)| {
-            parse(l).ok_or_else(|| {
+            std::str::from_utf8(l).ok().and_then(parse).ok_or_else(|| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     format!("{}: line {} is not a journal record", path.display(), i + 1),
@@ -200,14 +233,44 @@ mod tests {
     fn records_read_back_as_written_and_a_torn_last_line_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
-        j.append(line(&charge("req_a", 3)).unwrap().as_bytes()).unwrap();
-        j.append(line(&charge("req_b", 4)).unwrap().as_bytes()).unwrap();
-        j.append(b"refund req_b key_1 4 17").unwrap(); // no newline: cut by a crash
+        j.append(line(&charge("req_a", 3)).unwrap().as_bytes(), 0).unwrap();
+        j.append(line(&charge("req_b", 4)).unwrap().as_bytes(), 1).unwrap();
+        // A kill part-way through the next record: its body, not its newline.
+        let torn = b"refund req_b key_1 4 17";
+        j.map[j.len..j.len + torn.len()].copy_from_slice(torn);
         let segs = segments(dir.path()).unwrap();
         assert_eq!(segs.len(), 1);
         let ops = read(&segs[0].1).unwrap();
         assert_eq!(ops.len(), 2);
         assert_eq!(line(&ops[1]), line(&charge("req_b", 4)));
+    }
+
+    #[test]
+    fn a_full_segment_is_retired_with_its_last_sequence_number_and_both_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::create(dir.path(), 1, 64).unwrap();
+        let a = line(&charge("req_a", 3)).unwrap();
+        let b = line(&charge("req_b", 4)).unwrap();
+        j.append(a.as_bytes(), 0).unwrap();
+        assert!(j.take_retired().is_empty());
+        j.append(b.as_bytes(), 1).unwrap(); // does not fit in 64 bytes
+        let retired = j.take_retired();
+        assert_eq!(retired.len(), 1);
+        assert_eq!(retired[0].last_seq, 1, "the old segment ends with the record before");
+        let segs = segments(dir.path()).unwrap();
+        assert_eq!(segs.len(), 2);
+        assert_eq!(read(&segs[0].1).unwrap().len(), 1);
+        assert_eq!(line(&read(&segs[1].1).unwrap()[0]).unwrap(), b);
+    }
+
+    #[test]
+    fn a_record_bigger_than_a_segment_gets_a_segment_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::create(dir.path(), 1, 16).unwrap();
+        let a = line(&charge("req_with_a_long_id", 3)).unwrap();
+        j.append(a.as_bytes(), 0).unwrap();
+        let segs = segments(dir.path()).unwrap();
+        assert_eq!(line(&read(&segs.last().unwrap().1).unwrap()[0]).unwrap(), a);
     }
 
     #[test]
@@ -226,8 +289,8 @@ mod tests {
             duration_us: 120,
             created_at: 17,
         });
-        j.append(line(&row).unwrap().as_bytes()).unwrap();
-        j.append(line(&charge("req_d", 1)).unwrap().as_bytes()).unwrap();
+        j.append(line(&row).unwrap().as_bytes(), 0).unwrap();
+        j.append(line(&charge("req_d", 1)).unwrap().as_bytes(), 1).unwrap();
         let ops = read(&segments(dir.path()).unwrap()[0].1).unwrap();
         assert_eq!(ops.len(), 2);
         assert_eq!(line(&ops[0]), line(&row));
@@ -237,7 +300,7 @@ mod tests {
     fn a_garbled_record_is_an_error_not_a_silent_loss() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
-        j.append(b"charge req_a key_1 three 0\n").unwrap();
+        j.append(b"charge req_a key_1 three 0\n", 0).unwrap();
         assert!(read(&segments(dir.path()).unwrap()[0].1).is_err());
     }
 

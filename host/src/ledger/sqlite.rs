@@ -431,25 +431,25 @@ impl Store {
     }
 
     /// Hands charges, refunds and settled calls' request rows to the writer and makes them durable
-    /// now: written to the journal (one `write` for all of them), they survive the process being
-    /// killed before the database commits them. Returns the sequence number to wait for with
-    /// [`Store::durable`]: 0 (nothing to wait for) once journaled; without a journal
+    /// now: appended to the journal (one copy into its mapping for all of them), they survive the
+    /// process being killed before the database commits them. Returns the sequence number to wait
+    /// for with [`Store::durable`]: 0 (nothing to wait for) once journaled; without a journal
     /// (`durability = "power"`), the last one's commit.
     pub fn submit_money<const N: usize>(&self, ops: [Op; N]) -> Result<u64, StoreError> {
         if self.inner.failed.load(Ordering::Acquire) {
             return Err(StoreError::WriterFailed);
         }
+        // Formatted before taking the lock.
+        let mut lines = Vec::with_capacity(256 * N);
+        let mut all = true;
+        for op in &ops {
+            all &= super::journal::write_line(op, &mut lines);
+        }
         let mut guard = self.inner.submit.lock().unwrap();
+        let last_seq = guard.seq;
         let journaled = match guard.journal.as_mut() {
             Some(j) => {
-                let mut lines = Vec::with_capacity(256 * N);
-                let mut all = true;
-                for op in &ops {
-                    all &= super::journal::write_line(op, &mut lines);
-                }
-                if !lines.is_empty()
-                    && let Err(e) = j.append(&lines)
-                {
+                if let Err(e) = j.append(&lines, last_seq) {
                     tracing::error!(error = %e, "the charge journal cannot be written; the ledger stops accepting changes");
                     self.inner.failed.store(true, Ordering::Release);
                     return Err(StoreError::WriterFailed);
@@ -893,17 +893,9 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<(u64, Op)>, inner: Arc<Inner>
             return;
         }
         if journaled {
-            // Close a full segment; delete closed ones whose records are all committed.
-            {
-                let mut guard = inner.submit.lock().unwrap();
-                let last_seq = guard.seq;
-                if let Some(j) = guard.journal.as_mut() {
-                    match j.rotate_if_full(last_seq) {
-                        Ok(Some(r)) => retired.push(r),
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(error = %e, "could not start a new journal segment"),
-                    }
-                }
+            // Delete closed segments whose records are all committed.
+            if let Some(j) = inner.submit.lock().unwrap().journal.as_mut() {
+                retired.extend(j.take_retired());
             }
             let committed = inner.committed.load(Ordering::Acquire);
             retired.retain(|r| {

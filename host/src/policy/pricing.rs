@@ -73,7 +73,7 @@ impl World for PricingWorld {
     fn pre(instance_pre: InstancePre<Host>) -> wasmtime::Result<Self::Pre> {
         let component = instance_pre.component();
         let price = component
-            .get_export_index(None, &format!("tollgate:policy/pricing@{}", super::WIT_VERSION))
+            .get_export_index(None, &format!("tollgate:policy/pricing@{}", super::WIT_VERSION)[..])
             .and_then(|i| component.get_export_index(Some(&i), "price"))
             .ok_or_else(|| wasmtime::format_err!("no export named price"))?;
         Ok(PricingPre {
