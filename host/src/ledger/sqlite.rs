@@ -776,15 +776,14 @@ fn load_keys(conn: &Connection) -> Result<Vec<StoredKey>, StoreError> {
     Ok(keys)
 }
 
-/// Copies the WAL into the database file now and then (PASSIVE: it never blocks the writer; once
-/// the WAL is long, RESTART, which waits for a gap between commits), so the WAL stays small.
-/// It also prunes the request log to its retention every few seconds.
 /// The WAL length (in pages) past which the checkpointer restarts it rather than letting it grow.
 const WAL_RESTART_FRAMES: i64 = 4096;
 
+/// Copies the WAL into the database file every 500 ms (PASSIVE: it never blocks the writer; once
+/// the WAL is long, RESTART, which waits for a gap between commits), so the WAL stays small.
+/// Each tick it also prunes the request log towards its retention.
 fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Retention) {
     let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
-    let mut ticks = 0u64;
     loop {
         std::thread::sleep(std::time::Duration::from_millis(500));
         if inner.upgrade().is_none() {
@@ -798,39 +797,56 @@ fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Rete
             // writing, so under steady load the WAL would grow without end (and every commit
             // write further into a file the page cache no longer holds). Past a bound, wait for a
             // gap between the writer's commits and restart it; the hot path never waits for
-            // the writer, so the pause costs it nothing.
+            // the writer, so the pause costs it nothing. A pending restart holds the writer off
+            // while it waits for readers on older snapshots, so it waits at most 50 ms (far
+            // below the writer's own busy timeout) and is tried again next tick.
             Ok((_, frames)) if frames > WAL_RESTART_FRAMES => {
+                let _ = conn.busy_timeout(std::time::Duration::from_millis(50));
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "WAL checkpoint (restart) failed");
+                    tracing::debug!(error = %e, "WAL restart deferred");
                 }
+                let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
         }
-        ticks += 1;
-        if ticks.is_multiple_of(10) {
-            let cutoff = super::now_ms() - retention.max_age_ms;
-            // Rows a webhook destination has not delivered yet stay.
-            let pruned = conn
-                .execute(
-                    "DELETE FROM requests WHERE (created_at < ?1 OR seq <= (SELECT MAX(seq) FROM requests) - ?2)
-                        AND seq <= COALESCE((SELECT MIN(request_seq) FROM webhook_cursors), 9223372036854775807)",
-                    params![cutoff, retention.max_rows],
-                )
-                .and_then(|n| {
-                    Ok(n + conn.execute(
-                        "DELETE FROM events WHERE created_at < ?1
-                            AND seq <= COALESCE((SELECT MIN(event_seq) FROM webhook_cursors), 9223372036854775807)",
-                        params![cutoff],
-                    )?)
-                });
-            match pruned {
-                Ok(n) if n > 0 => tracing::debug!(rows = n, "request log pruned"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "pruning the request log failed"),
-            }
+        match prune(&conn, super::now_ms() - retention.max_age_ms, retention.max_rows) {
+            Ok(n) if n > 0 => tracing::debug!(rows = n, "request log pruned"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning the request log failed"),
         }
     }
+}
+
+/// Deletes request-log rows past the retention (older than `cutoff`, or beyond the newest
+/// `max_rows`) and admin events older than `cutoff`, except what a webhook destination has not
+/// delivered yet. Oldest first, a few hundred rows per transaction with pauses between: one big
+/// delete would hold the write lock for as long as it takes (~30 µs a row), and every admin
+/// change (and every admin read that waits for the database to catch up) would wait behind it.
+fn prune(conn: &Connection, cutoff: i64, max_rows: i64) -> rusqlite::Result<usize> {
+    // Up to 5,000 rows per tick (10,000 a second), between the checkpoints on the same thread.
+    const CHUNK: i64 = 500;
+    const MAX_CHUNKS: usize = 10;
+    let mut total = 0;
+    for _ in 0..MAX_CHUNKS {
+        let n = conn.execute(
+            "DELETE FROM requests WHERE seq <= (SELECT MIN(seq) FROM requests) + ?3
+                AND (created_at < ?1 OR seq <= (SELECT MAX(seq) FROM requests) - ?2)
+                AND seq <= COALESCE((SELECT MIN(request_seq) FROM webhook_cursors), 9223372036854775807)",
+            params![cutoff, max_rows, CHUNK - 1],
+        )?;
+        total += n;
+        if n == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    total += conn.execute(
+        "DELETE FROM events WHERE created_at < ?1
+            AND seq <= COALESCE((SELECT MIN(event_seq) FROM webhook_cursors), 9223372036854775807)",
+        params![cutoff],
+    )?;
+    Ok(total)
 }
 
 /// The writer thread: takes everything queued, applies it in one transaction, commits, publishes.
@@ -1046,4 +1062,64 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
         }
     }
     tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(i: usize, created_at: i64) -> RequestRow {
+        RequestRow {
+            seq: 0,
+            request_id: format!("req_{i:08}"),
+            key_id: Some("key_1".into()),
+            method: "tools/call".into(),
+            tool: Some("echo".into()),
+            outcome: "allowed".into(),
+            reason: None,
+            credits: 1,
+            duration_us: 10,
+            created_at,
+        }
+    }
+
+    fn seqs(conn: &Connection) -> (i64, i64, i64) {
+        conn.query_row("SELECT COUNT(*), MIN(seq), MAX(seq) FROM requests", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_newest_rows_and_what_a_webhook_has_not_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep_all = Retention {
+            max_age_ms: i64::MAX / 4,
+            max_rows: i64::MAX / 4,
+        };
+        let (store, _) = Store::open(dir.path(), false, keep_all).unwrap();
+        let now = crate::ledger::now_ms();
+        for i in 0..2_300 {
+            store.submit(Op::Request(row(i, now))).unwrap();
+        }
+        store.sync().await.unwrap();
+        let conn = Connection::open(dir.path().join("tollgate.db")).unwrap();
+
+        // Past 1,000 rows, the oldest go, in one pass of a few small transactions.
+        assert_eq!(prune(&conn, 0, 1_000).unwrap(), 1_300);
+        assert_eq!(seqs(&conn), (1_000, 1_301, 2_300));
+
+        // A destination that has delivered up to seq 1,500 holds the rest, whatever their age.
+        store
+            .write(Op::WebhookCursor {
+                destination: "d".into(),
+                request_seq: 1_500,
+                event_seq: 0,
+                delivered: 0,
+            })
+            .await
+            .unwrap();
+        assert_eq!(prune(&conn, now + 1, 1_000).unwrap(), 200);
+        assert_eq!(seqs(&conn), (800, 1_501, 2_300));
+    }
 }
