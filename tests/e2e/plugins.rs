@@ -257,10 +257,12 @@ async fn a_reload_under_concurrent_load_fails_zero_requests() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_config_file_reload_changes_prices_and_an_invalid_file_changes_nothing() {
+    let data = tempfile::tempdir().unwrap();
     let config = |price: &str| {
         format!(
             "[upstream]\ncommand = [{FIXTURE:?}, \"--stdio\"]\n[billing]\nadmin_key = {ADMIN_KEY:?}\n\
-             data_dir = \"data\"\n[plugins.pricing.config]\ndefault_price = {price}\n"
+             data_dir = {:?}\n[plugins.pricing.config]\ndefault_price = {price}\n",
+            data.path()
         )
     };
     let g = Gateway::serve(&config("3")).ready().await;

@@ -211,10 +211,12 @@ impl Ledger {
 
     /// Takes `amount` credits for the call `request_id`, atomically, in memory. Nothing is written
     /// yet: the charge row is written with the call's settlement ([`Ledger::settle`]), in the same
-    /// journal record as the refund (if any) and the request-log row, so a call costs one `write`.
+    /// journal record as the refund (if any) and the request-log row, so a call costs one append.
     /// If the gateway dies before settling, the call was never answered and is not charged (as
     /// a timed-out call is refunded by default); the restored balance comes from the store.
+    /// Refused once the store has failed: a call that could not be recorded is not forwarded.
     pub fn reserve(&self, key: &Arc<Key>, amount: i64, request_id: &str) -> Result<Reservation, LedgerError> {
+        self.inner.store.check()?;
         let at = now_ms();
         key.charge(amount, at)?;
         Ok(Reservation {
@@ -227,7 +229,7 @@ impl Ledger {
 
     /// Settles a reservation: records its charge, keeps `kept` of it and refunds the rest (a
     /// refund row; keeping nothing cancels the call in the quotas too), and records the call's
-    /// request-log row with them — journaled together, in one `write` (the row is what usage
+    /// request-log row with them — journaled together, in one record (the row is what usage
     /// webhooks deliver). Returns the sequence number to wait for before answering the client
     /// (0 once journaled; the commit's without a journal).
     pub fn settle(&self, r: Reservation, kept: i64, row: RequestRow) -> Result<u64, LedgerError> {

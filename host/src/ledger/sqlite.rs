@@ -418,11 +418,18 @@ impl Store {
         Ok((Store { inner }, keys))
     }
 
-    /// Hands an operation to the writer; returns its sequence number.
-    pub fn submit(&self, op: Op) -> Result<u64, StoreError> {
+    /// Refuses once the store has failed (a commit or a journal append did): nothing more can be
+    /// recorded, so nothing more may be sold.
+    pub fn check(&self) -> Result<(), StoreError> {
         if self.inner.failed.load(Ordering::Acquire) {
             return Err(StoreError::WriterFailed);
         }
+        Ok(())
+    }
+
+    /// Hands an operation to the writer; returns its sequence number.
+    pub fn submit(&self, op: Op) -> Result<u64, StoreError> {
+        self.check()?;
         let mut guard = self.inner.submit.lock().unwrap();
         guard.seq += 1;
         let seq = guard.seq;
@@ -436,9 +443,7 @@ impl Store {
     /// for with [`Store::durable`]: 0 (nothing to wait for) once journaled; without a journal
     /// (`durability = "power"`), the last one's commit.
     pub fn submit_money<const N: usize>(&self, ops: [Op; N]) -> Result<u64, StoreError> {
-        if self.inner.failed.load(Ordering::Acquire) {
-            return Err(StoreError::WriterFailed);
-        }
+        self.check()?;
         // Formatted before taking the lock.
         let mut lines = Vec::with_capacity(256 * N);
         let mut all = true;
