@@ -23,19 +23,52 @@ use std::sync::atomic::{Ordering, fence};
 use super::sqlite::{Entry, Op};
 
 /// The size of a segment (one bigger record gets a segment of its own size).
-const SEGMENT_BYTES: usize = 8 << 20;
+pub const SEGMENT_BYTES: usize = 8 << 20;
 
-/// The open segment.
+/// The journal: the open segment, the next one (made ahead of time, off the hot path), and the
+/// full ones not yet committed.
 pub struct Journal {
     dir: PathBuf,
+    seg: Segment,
+    /// Bytes written to `seg` so far; the rest of its mapping is zeros.
+    len: usize,
+    next: Option<Segment>,
+    /// Full segments, waiting for the database to commit their records.
+    retired: Vec<Retired>,
+}
+
+/// One segment file, its blocks reserved and mapped.
+pub struct Segment {
     path: PathBuf,
     number: u64,
     map: memmap2::MmapMut,
-    /// Bytes written so far; the rest of the mapping is zeros.
-    len: usize,
-    /// Full segments, waiting for the database to commit their records.
-    retired: Vec<Retired>,
     _file: File,
+}
+
+impl Segment {
+    /// Creates segment `number` in `dir`, `size` bytes long. Takes a few milliseconds (the blocks
+    /// are reserved and the mapping populated), so the writer thread makes them ahead of time.
+    pub fn create(dir: &Path, number: u64, size: usize) -> std::io::Result<Segment> {
+        use std::os::fd::AsRawFd;
+        let path = dir.join(format!("{number:020}.log"));
+        let file = OpenOptions::new().create_new(true).read(true).write(true).open(&path)?;
+        // SAFETY: a plain call on a file descriptor we own.
+        let reserved = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, size as libc::off_t) };
+        if reserved != 0 {
+            let _ = std::fs::remove_file(&path);
+            return Err(std::io::Error::from_raw_os_error(reserved));
+        }
+        // SAFETY: the file was created by this call (create_new) in the gateway's own data
+        // directory; nothing else writes or truncates it while it is mapped, and its blocks are
+        // reserved, so no access to the mapping can fault.
+        let map = unsafe { memmap2::MmapOptions::new().len(size).populate().map_mut(&file)? };
+        Ok(Segment {
+            path,
+            number,
+            map,
+            _file: file,
+        })
+    }
 }
 
 /// A closed segment, deleted once every record in it is committed.
@@ -50,31 +83,16 @@ impl Journal {
     pub fn open(dir: &Path) -> std::io::Result<Journal> {
         std::fs::create_dir_all(dir)?;
         let next = segments(dir)?.last().map_or(1, |(n, _)| n + 1);
-        Journal::create(dir, next, SEGMENT_BYTES)
+        Journal::starting_at(dir, next, SEGMENT_BYTES)
     }
 
-    fn create(dir: &Path, number: u64, size: usize) -> std::io::Result<Journal> {
-        use std::os::fd::AsRawFd;
-        let path = dir.join(format!("{number:020}.log"));
-        let file = OpenOptions::new().create_new(true).read(true).write(true).open(&path)?;
-        // SAFETY: a plain call on a file descriptor we own.
-        let reserved = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, size as libc::off_t) };
-        if reserved != 0 {
-            let _ = std::fs::remove_file(&path);
-            return Err(std::io::Error::from_raw_os_error(reserved));
-        }
-        // SAFETY: the file was created by this call (create_new) in the gateway's own data
-        // directory; nothing else writes or truncates it while it is mapped, and its blocks are
-        // reserved, so no access to the mapping can fault.
-        let map = unsafe { memmap2::MmapOptions::new().len(size).populate().map_mut(&file)? };
+    fn starting_at(dir: &Path, number: u64, size: usize) -> std::io::Result<Journal> {
         Ok(Journal {
             dir: dir.to_path_buf(),
-            path,
-            number,
-            map,
+            seg: Segment::create(dir, number, size)?,
             len: 0,
+            next: None,
             retired: Vec::new(),
-            _file: file,
         })
     }
 
@@ -85,10 +103,14 @@ impl Journal {
             return Ok(());
         };
         debug_assert_eq!(newline, b'\n');
-        if self.len + lines.len() > self.map.len() {
-            let next = Journal::create(&self.dir, self.number + 1, SEGMENT_BYTES.max(lines.len()))?;
-            let old = std::mem::replace(self, next);
-            self.retired = old.retired;
+        // At most twice: the next segment made ahead may be too small for one huge record.
+        while self.len + lines.len() > self.seg.map.len() {
+            let next = match self.next.take() {
+                Some(s) => s,
+                None => Segment::create(&self.dir, self.seg.number + 1, SEGMENT_BYTES.max(lines.len()))?,
+            };
+            let old = std::mem::replace(&mut self.seg, next);
+            self.len = 0;
             self.retired.push(Retired {
                 path: old.path,
                 last_seq,
@@ -96,16 +118,37 @@ impl Journal {
         }
         // The body first, then its final newline: a kill part-way leaves a last line without
         // one, which is not a record (its caller never saw the call succeed).
-        self.map[self.len..self.len + body.len()].copy_from_slice(body);
+        self.map_mut()[..body.len()].copy_from_slice(body);
         fence(Ordering::Release);
-        self.map[self.len + body.len()] = b'\n';
+        self.map_mut()[body.len()] = b'\n';
         self.len += lines.len();
         Ok(())
+    }
+
+    /// The unwritten rest of the open segment.
+    fn map_mut(&mut self) -> &mut [u8] {
+        &mut self.seg.map[self.len..]
     }
 
     /// Takes the segments closed since the last call.
     pub fn take_retired(&mut self) -> Vec<Retired> {
         std::mem::take(&mut self.retired)
+    }
+
+    /// Where and which segment to make ahead of time, once the open one is three quarters full
+    /// and none is waiting.
+    pub fn next_wanted(&self) -> Option<(PathBuf, u64)> {
+        (self.next.is_none() && self.len > self.seg.map.len() / 4 * 3).then(|| (self.dir.clone(), self.seg.number + 1))
+    }
+
+    /// Takes a segment made ahead of time, if it is still the next one (a full segment may have
+    /// rolled over meanwhile); otherwise it is deleted.
+    pub fn offer_next(&mut self, s: Segment) {
+        if self.next.is_none() && s.number == self.seg.number + 1 {
+            self.next = Some(s);
+        } else if let Err(e) = std::fs::remove_file(&s.path) {
+            tracing::warn!(path = %s.path.display(), error = %e, "could not delete an unused journal segment");
+        }
     }
 }
 
@@ -237,7 +280,7 @@ mod tests {
         j.append(line(&charge("req_b", 4)).unwrap().as_bytes(), 1).unwrap();
         // A kill part-way through the next record: its body, not its newline.
         let torn = b"refund req_b key_1 4 17";
-        j.map[j.len..j.len + torn.len()].copy_from_slice(torn);
+        j.map_mut()[..torn.len()].copy_from_slice(torn);
         let segs = segments(dir.path()).unwrap();
         assert_eq!(segs.len(), 1);
         let ops = read(&segs[0].1).unwrap();
@@ -248,7 +291,7 @@ mod tests {
     #[test]
     fn a_full_segment_is_retired_with_its_last_sequence_number_and_both_read_back() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::create(dir.path(), 1, 64).unwrap();
+        let mut j = Journal::starting_at(dir.path(), 1, 64).unwrap();
         let a = line(&charge("req_a", 3)).unwrap();
         let b = line(&charge("req_b", 4)).unwrap();
         j.append(a.as_bytes(), 0).unwrap();
@@ -264,9 +307,29 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_made_ahead_of_time_is_the_one_a_full_segment_rolls_over_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::starting_at(dir.path(), 1, 80).unwrap();
+        let a = line(&charge("req_a", 3)).unwrap(); // 35 bytes
+        j.append(a.as_bytes(), 0).unwrap();
+        assert!(j.next_wanted().is_none(), "not three quarters full yet");
+        j.append(a.as_bytes(), 1).unwrap();
+        let (at, number) = j.next_wanted().expect("three quarters full");
+        j.offer_next(Segment::create(&at, number, 80).unwrap());
+        assert!(j.next_wanted().is_none(), "one is waiting");
+        // A stale offer (not the next number) is deleted, not used.
+        j.offer_next(Segment::create(&at, number + 5, 80).unwrap());
+        j.append(a.as_bytes(), 2).unwrap(); // rolls over
+        assert_eq!(j.seg.number, number);
+        assert_eq!(j.take_retired()[0].last_seq, 2);
+        let segs: Vec<u64> = segments(dir.path()).unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(segs, vec![1, 2], "the stale segment was deleted");
+    }
+
+    #[test]
     fn a_record_bigger_than_a_segment_gets_a_segment_of_its_own() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::create(dir.path(), 1, 16).unwrap();
+        let mut j = Journal::starting_at(dir.path(), 1, 16).unwrap();
         let a = line(&charge("req_with_a_long_id", 3)).unwrap();
         j.append(a.as_bytes(), 0).unwrap();
         let segs = segments(dir.path()).unwrap();
@@ -309,6 +372,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Journal::open(dir.path()).unwrap();
         let b = Journal::open(dir.path()).unwrap();
-        assert_eq!(b.number, a.number + 1);
+        assert_eq!(b.seg.number, a.seg.number + 1);
     }
 }

@@ -914,9 +914,23 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<(u64, Op)>, inner: Arc<Inner>
             return;
         }
         if journaled {
-            // Delete closed segments whose records are all committed.
-            if let Some(j) = inner.submit.lock().unwrap().journal.as_mut() {
+            // Make the next segment ahead of time, without holding the lock (it takes a few
+            // milliseconds); delete closed segments whose records are all committed.
+            let wanted = inner.submit.lock().unwrap().journal.as_mut().and_then(|j| {
                 retired.extend(j.take_retired());
+                j.next_wanted()
+            });
+            if let Some((dir, number)) = wanted {
+                match super::journal::Segment::create(&dir, number, super::journal::SEGMENT_BYTES) {
+                    Ok(s) => {
+                        if let Some(j) = inner.submit.lock().unwrap().journal.as_mut() {
+                            j.offer_next(s);
+                        }
+                    }
+                    // A segment rolled over meanwhile made it inline; or the disk is full, which
+                    // the append that needs a segment will report.
+                    Err(e) => tracing::debug!(error = %e, "could not make the next journal segment ahead"),
+                }
             }
             let committed = inner.committed.load(Ordering::Acquire);
             retired.retain(|r| {
