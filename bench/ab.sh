@@ -24,8 +24,7 @@ for spec in $1; do
   # shellcheck disable=SC2086
   url[$n]=$(TOLLGATE_ADMIN_KEY=$admin_key start "$n" "${spec#*=}" --log-level warn wrap --listen 127.0.0.1:0 \
     --data-dir "$work/$n-data" --remote-url "$fixture" ${EXTRA:-})
-  key[$n]=$(curl -sf -X POST "${url[$n]%/mcp}/admin/keys" -H "x-admin-key: $admin_key" -H 'content-type: application/json' \
-    -d '{"name":"bench","credits":1000000000000}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+  key[$n]=$(new_key "${url[$n]}" "$admin_key")
 done
 results="$work/results.jsonl"
 for r in $(seq 1 "$ROUNDS"); do

@@ -19,3 +19,9 @@ start() {
 
 # Stops everything start() started.
 stop_all() { for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; true; }
+
+# new_key MCP_URL ADMIN_KEY : creates a key with 10^12 credits on that gateway and prints its secret.
+new_key() {
+  curl -sf -X POST "${1%/mcp}/admin/keys" -H "x-admin-key: $2" -H 'content-type: application/json' \
+    -d '{"name":"bench","credits":1000000000000}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])'
+}

@@ -52,12 +52,8 @@ allow_networks = ["127.0.0.0/8"]
 TOML
 hooks=$(start tollgate-hooks "$bin/tollgate" --log-level warn serve --config "$work/hooks.toml" --listen 127.0.0.1:0)
 sleep 1
-new_key() {
-  curl -sf -X POST "${1%/mcp}/admin/keys" -H "x-admin-key: $admin_key" -H 'content-type: application/json' \
-    -d '{"name":"bench","credits":1000000000000}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])'
-}
-api_key=$(new_key "$billed")
-hooks_key=$(new_key "$hooks")
+api_key=$(new_key "$billed" "$admin_key")
+hooks_key=$(new_key "$hooks" "$admin_key")
 
 results="$work/results.jsonl"
 orders=("direct yardstick tollgate billed hooks" "yardstick tollgate billed hooks direct" "tollgate billed hooks direct yardstick")

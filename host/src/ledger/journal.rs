@@ -183,12 +183,6 @@ pub fn write_line(op: &Op, out: &mut Vec<u8>) -> bool {
     }
 }
 
-/// The journal line of a money operation, or `None` if it is not one the journal carries.
-pub fn line(op: &Op) -> Option<String> {
-    let mut out = Vec::new();
-    write_line(op, &mut out).then(|| String::from_utf8(out).expect("journal lines are UTF-8"))
-}
-
 fn parse(line: &str) -> Option<Op> {
     if let Some(row) = line.strip_prefix("request ") {
         return serde_json::from_str(row).ok().map(Op::Request);
@@ -261,6 +255,12 @@ pub fn read(path: &Path) -> std::io::Result<Vec<Op>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The journal line of a money operation, or `None` if it is not one the journal carries.
+    fn line(op: &Op) -> Option<String> {
+        let mut out = Vec::new();
+        write_line(op, &mut out).then(|| String::from_utf8(out).expect("journal lines are UTF-8"))
+    }
 
     fn charge(id: &str, amount: i64) -> Op {
         Op::Ledger {
@@ -341,16 +341,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
         let row = Op::Request(super::super::sqlite::RequestRow {
-            seq: 0,
-            request_id: "req_c".into(),
-            key_id: Some("key_1".into()),
-            method: "tools/call".into(),
             tool: Some("two words\nand a line".into()),
-            outcome: "allowed".into(),
-            reason: None,
             credits: 3,
-            duration_us: 120,
             created_at: 17,
+            ..super::super::sqlite::RequestRow::sample("req_c")
         });
         j.append(line(&row).unwrap().as_bytes(), 0).unwrap();
         j.append(line(&charge("req_d", 1)).unwrap().as_bytes(), 1).unwrap();

@@ -234,53 +234,44 @@ impl Ledger {
     /// (0 once journaled; the commit's without a journal).
     pub fn settle(&self, r: Reservation, kept: i64, row: RequestRow) -> Result<u64, LedgerError> {
         let refund = r.amount - kept.clamp(0, r.amount);
-        let charge = Op::Ledger {
+        let now = now_ms();
+        let ledger_row = |entry, amount, at| Op::Ledger {
             request_id: r.request_id.clone(),
             key_id: r.key.id.clone(),
-            entry: Entry::Charge,
-            amount: r.amount,
-            at: r.at,
+            entry,
+            amount,
+            at,
         };
-        let now = now_ms();
-        let entry = if refund == r.amount {
-            Entry::Refund
-        } else {
-            Entry::PartialRefund
-        };
-        let submitted = if refund == 0 {
-            self.inner.store.submit_money([charge, Op::Request(row)])
-        } else {
-            self.inner.store.submit_money([
-                charge,
-                Op::Ledger {
-                    request_id: r.request_id,
-                    key_id: r.key.id.clone(),
-                    entry,
-                    amount: refund,
-                    at: now,
-                },
-                Op::Request(row),
-            ])
-        };
-        match submitted {
-            Ok(seq) => {
-                match (refund, entry) {
-                    (0, _) => {}
-                    (_, Entry::Refund) => {
-                        r.key.refund(refund, r.at, now);
-                    }
-                    _ => {
-                        r.key.refund_part(refund, r.at, now);
-                    }
-                }
-                Ok(seq)
+        let charge = ledger_row(Entry::Charge, r.amount, r.at);
+        let submitted = match refund {
+            0 => self.inner.store.submit_money([charge, Op::Request(row)]),
+            _ if refund == r.amount => {
+                let refund_row = ledger_row(Entry::Refund, refund, now);
+                self.inner.store.submit_money([charge, refund_row, Op::Request(row)])
             }
+            _ => {
+                let refund_row = ledger_row(Entry::PartialRefund, refund, now);
+                self.inner.store.submit_money([charge, refund_row, Op::Request(row)])
+            }
+        };
+        let seq = match submitted {
+            Ok(seq) => seq,
             Err(e) => {
                 // Nothing was recorded: the call is not charged.
                 r.key.refund(r.amount, r.at, now);
-                Err(e.into())
+                return Err(e.into());
+            }
+        };
+        match refund {
+            0 => {}
+            _ if refund == r.amount => {
+                r.key.refund(refund, r.at, now);
+            }
+            _ => {
+                r.key.refund_part(refund, r.at, now);
             }
         }
+        Ok(seq)
     }
 
     /// Waits until store operation `seq` is committed.
@@ -385,16 +376,9 @@ mod tests {
     /// The request-log row a settlement records with it.
     fn row(request_id: &str, credits: i64) -> RequestRow {
         RequestRow {
-            seq: 0,
-            request_id: request_id.into(),
-            key_id: None,
-            method: "tools/call".into(),
-            tool: None,
-            outcome: "allowed".into(),
-            reason: None,
             credits,
-            duration_us: 1,
             created_at: now_ms(),
+            ..RequestRow::sample(request_id)
         }
     }
 

@@ -1084,13 +1084,13 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(i: usize, created_at: i64) -> RequestRow {
+impl RequestRow {
+    /// An allowed `tools/call` of `echo` by `key_1` for 1 credit, for tests (change fields with
+    /// `..RequestRow::sample(id)`).
+    pub fn sample(request_id: &str) -> RequestRow {
         RequestRow {
             seq: 0,
-            request_id: format!("req_{i:08}"),
+            request_id: request_id.into(),
             key_id: Some("key_1".into()),
             method: "tools/call".into(),
             tool: Some("echo".into()),
@@ -1098,7 +1098,19 @@ mod tests {
             reason: None,
             credits: 1,
             duration_us: 10,
+            created_at: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(i: usize, created_at: i64) -> RequestRow {
+        RequestRow {
             created_at,
+            ..RequestRow::sample(&format!("req_{i:08}"))
         }
     }
 
