@@ -59,7 +59,8 @@ pub struct WrapArgs {
     /// Address to listen on (port 0 picks a free port; the address is printed when ready).
     #[arg(long, default_value = "127.0.0.1:3402")]
     pub listen: String,
-    /// A remote Streamable HTTP MCP endpoint to wrap instead of a command (http://host:port/mcp).
+    /// A remote Streamable HTTP MCP endpoint to wrap instead of a command (https://host/mcp or
+    /// http://host:port/mcp; https trusts the public web roots, or `[upstream] ca_file` in a config).
     #[arg(long, conflicts_with = "command")]
     pub remote_url: Option<String>,
     /// How long one call may take before the client gets a timeout error, in milliseconds.

@@ -169,7 +169,12 @@ pub enum UpstreamKind {
         cwd: Option<PathBuf>,
     },
     /// A remote MCP server spoken to over Streamable HTTP.
-    Http { url: hyper::Uri },
+    Http {
+        url: hyper::Uri,
+        /// For `https://`: the certificates (DER) of the CA the server's certificate must chain to,
+        /// from `ca_file`; `None`: the public web roots.
+        ca: Option<Vec<Vec<u8>>>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -308,21 +313,7 @@ impl RawWebhook {
             Some(_) if uri.scheme_str() != Some("https") => {
                 return Err(invalid(&at("ca_file"), "applies only to an https:// url"));
             }
-            Some(path) => {
-                use rustls_pki_types::pem::PemObject;
-                let certs: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_file_iter(path)
-                    .map_err(|e| invalid(&at("ca_file"), format!("{}: {e}", path.display())))?
-                    .map(|c| c.map(|c| c.to_vec()))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| invalid(&at("ca_file"), format!("{}: {e}", path.display())))?;
-                if certs.is_empty() {
-                    return Err(invalid(
-                        &at("ca_file"),
-                        format!("{} holds no PEM certificate", path.display()),
-                    ));
-                }
-                Some(certs)
-            }
+            Some(path) => Some(crate::tls::read_ca_file(path).map_err(|e| invalid(&at("ca_file"), e))?),
         };
         if uri.host().is_none() {
             return Err(invalid(&at("url"), format!("{url:?} has no host")));
@@ -563,6 +554,9 @@ pub struct RawUpstream {
     /// Variables copied from the gateway's own environment (default: PATH, HOME, LANG, TMPDIR).
     pub env_passthrough: Option<Vec<String>>,
     pub cwd: Option<PathBuf>,
+    /// For an `https://` url: a PEM file of CA certificates the server's certificate must chain to
+    /// (default: the public web roots).
+    pub ca_file: Option<PathBuf>,
     pub call_timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
     pub restart_backoff_max_ms: Option<u64>,
@@ -650,6 +644,9 @@ impl RawConfig {
                 ));
             }
             (Some(command), None) => {
+                if u.ca_file.is_some() {
+                    return Err(invalid("upstream.ca_file", "applies only to an https:// url upstream"));
+                }
                 let mut parts = command.into_iter();
                 let program = parts
                     .next()
@@ -698,19 +695,25 @@ impl RawConfig {
                     .parse()
                     .map_err(|e| invalid("upstream.url", format!("{url:?} is not a URL: {e}")))?;
                 match uri.scheme_str() {
-                    Some("http") => {}
-                    Some("https") => {
+                    Some("http" | "https") => {}
+                    _ => {
                         return Err(invalid(
                             "upstream.url",
-                            "https upstreams are not supported yet; use http:// (e.g. behind a local TLS terminator)",
+                            format!("{url:?} must start with https:// or http://"),
                         ));
                     }
-                    _ => return Err(invalid("upstream.url", format!("{url:?} must start with http://"))),
                 }
                 if uri.host().is_none() {
                     return Err(invalid("upstream.url", format!("{url:?} has no host")));
                 }
-                UpstreamKind::Http { url: uri }
+                let ca = match &u.ca_file {
+                    None => None,
+                    Some(_) if uri.scheme_str() != Some("https") => {
+                        return Err(invalid("upstream.ca_file", "applies only to an https:// url"));
+                    }
+                    Some(path) => Some(crate::tls::read_ca_file(path).map_err(|e| invalid("upstream.ca_file", e))?),
+                };
+                UpstreamKind::Http { url: uri, ca }
             }
         };
         let upstream = UpstreamConfig {
@@ -942,8 +945,24 @@ mod tests {
         assert!(parse("").unwrap_err().to_string().starts_with("upstream:"));
         let both = "[upstream]\ncommand = [\"sh\"]\nurl = \"http://127.0.0.1:1/mcp\"";
         assert!(parse(both).unwrap_err().to_string().starts_with("upstream:"));
-        let https = "[upstream]\nurl = \"https://example.com/mcp\"";
-        assert!(parse(https).unwrap_err().to_string().starts_with("upstream.url:"));
+        let ftp = "[upstream]\nurl = \"ftp://example.com/mcp\"";
+        assert!(parse(ftp).unwrap_err().to_string().starts_with("upstream.url:"));
+    }
+
+    #[test]
+    fn an_https_upstream_trusts_the_web_roots_or_a_named_ca_file() {
+        let web = parse("[upstream]\nurl = \"https://example.com/mcp\"").unwrap();
+        assert!(matches!(web.upstream.kind, UpstreamKind::Http { ca: None, .. }));
+        let missing = "[upstream]\nurl = \"https://example.com/mcp\"\nca_file = \"/nonexistent/ca.pem\"";
+        let e = parse(missing).unwrap_err().to_string();
+        assert!(
+            e.starts_with("upstream.ca_file:") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+        let plain = "[upstream]\nurl = \"http://example.com/mcp\"\nca_file = \"/etc/hostname\"";
+        assert!(parse(plain).unwrap_err().to_string().starts_with("upstream.ca_file:"));
+        let stdio = "[upstream]\ncommand = [\"sh\"]\nca_file = \"/etc/hostname\"";
+        assert!(parse(stdio).unwrap_err().to_string().starts_with("upstream.ca_file:"));
     }
 
     #[test]

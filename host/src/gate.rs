@@ -147,6 +147,8 @@ pub enum GateError {
     },
     #[error("loading the policy plugins: {0}")]
     Policy(#[from] PolicyError),
+    #[error("setting up the upstream's TLS client: {0}")]
+    UpstreamTls(String),
 }
 
 /// The gate and its ledger; cheap to clone.

@@ -38,6 +38,7 @@ pub mod server;
 pub mod session;
 pub mod sse;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod webhooks;
 pub mod window;

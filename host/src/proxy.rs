@@ -66,7 +66,7 @@ impl AppState {
             None => (None, None),
         };
         let sessions = Sessions::new(config.sessions.max, config.sessions.idle_timeout);
-        let upstream = Upstream::start(&config, sessions.clone());
+        let upstream = Upstream::start(&config, sessions.clone()).map_err(GateError::UpstreamTls)?;
         let webhooks = gate
             .as_ref()
             .map(|g| crate::webhooks::Webhooks::start(g.ledger().clone(), &config.webhooks));

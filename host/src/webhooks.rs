@@ -702,26 +702,10 @@ async fn send_with_retries(
 /// The TLS client of an `https://` destination (its own CA, or the public web roots); `None`
 /// for `http://`.
 fn tls_connector(c: &WebhookConfig) -> Result<Option<tokio_rustls::TlsConnector>, String> {
-    use tokio_rustls::rustls;
     if c.url.scheme_str() != Some("https") {
         return Ok(None);
     }
-    let mut roots = rustls::RootCertStore::empty();
-    match &c.ca {
-        Some(certs) => {
-            for der in certs {
-                roots
-                    .add(rustls_pki_types::CertificateDer::from(der.clone()))
-                    .map_err(|e| format!("ca_file: {e}"))?;
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = crate::tls::client_config(c.ca.as_deref())?;
     Ok(Some(tokio_rustls::TlsConnector::from(Arc::new(config))))
 }
 

@@ -283,3 +283,114 @@ async fn an_upstream_answering_garbage_gives_a_clean_error_not_a_500() {
         "upstream detail stays in the log"
     );
 }
+
+/// A TLS terminator in front of a plain HTTP server, with a certificate for `localhost` from a CA
+/// of its own: what an `https://` MCP server looks like to the gateway.
+struct TlsFront {
+    port: u16,
+    ca_pem: String,
+    handshakes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TlsFront {
+    async fn start(target: &str) -> TlsFront {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio_rustls::rustls;
+        let target: std::net::SocketAddr = target
+            .trim_start_matches("http://")
+            .trim_end_matches("/mcp")
+            .parse()
+            .unwrap();
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let counted = handshakes.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (acceptor, counted) = (acceptor.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let mut plain = tokio::net::TcpStream::connect(target).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        TlsFront {
+            port,
+            ca_pem: cert.pem(),
+            handshakes,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://localhost:{}/mcp", self.port)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_upstream_is_called_over_tls_and_its_certificate_is_verified() {
+    let fx = HttpFixture::start();
+    let front = TlsFront::start(&fx.url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &front.ca_pem).unwrap();
+
+    let trusting = Gateway::serve(&format!(
+        "[upstream]\nurl = {:?}\nca_file = {:?}\n",
+        front.url(),
+        ca.display().to_string()
+    ))
+    .ready()
+    .await;
+    let mut c = trusting.client();
+    assert_eq!(c.initialize().await["serverInfo"]["name"], "tollgate-fixture");
+    assert_eq!(c.call_text("echo", json!({"text": "over tls"})).await, "over tls");
+    let resp = c
+        .post(&json!({"jsonrpc":"2.0","id":"p1","method":"tools/call","params":{
+            "name":"progress","arguments":{"steps":2,"ms":10},"_meta":{"progressToken":1}}}))
+        .send()
+        .await
+        .unwrap();
+    let msgs = sse_messages(&resp.text().await.unwrap());
+    assert_eq!(
+        msgs.iter().filter(|m| m["method"] == "notifications/progress").count(),
+        2,
+        "a streamed answer crosses TLS event by event: {msgs:?}"
+    );
+    assert_eq!(msgs.last().unwrap()["id"], "p1");
+    assert!(
+        front.handshakes.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the calls went through the TLS front"
+    );
+
+    // On the public web roots, the server's private CA is not trusted: a clean error, no answer.
+    let public = Gateway::serve(&format!("[upstream]\nurl = {:?}\n", front.url()));
+    let v = public
+        .client()
+        .post(&json!({"jsonrpc":"2.0","id":7,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = v.json().await.unwrap();
+    assert_eq!(v["id"], 7);
+    assert_eq!(v["error"]["code"], -32030, "an untrusted certificate is refused: {v}");
+    assert!(
+        public.proc.stderr().contains("certificate"),
+        "the log says why: {}",
+        public.proc.stderr()
+    );
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -35,27 +36,35 @@ struct Peek {
     error: Option<serde::de::IgnoredAny>,
 }
 
-/// A pooled client for one remote MCP endpoint.
+/// A pooled client for one remote MCP endpoint (`http://`, or `https://` over rustls).
 pub struct HttpUpstream {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     url: hyper::Uri,
     connect_timeout: Duration,
 }
 
 impl HttpUpstream {
-    pub fn new(url: hyper::Uri, cfg: &UpstreamConfig) -> HttpUpstream {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
+    /// A client for `url`; an `https://` server's certificate must chain to `ca` (DER
+    /// certificates), or to the public web roots when `None`.
+    pub fn new(url: hyper::Uri, ca: Option<&[Vec<u8>]>, cfg: &UpstreamConfig) -> Result<HttpUpstream, String> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.enforce_http(false);
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(crate::tls::client_config(ca)?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .build(connector);
-        HttpUpstream {
+        Ok(HttpUpstream {
             client,
             url,
             connect_timeout: cfg.connect_timeout,
-        }
+        })
     }
 
     fn build(
@@ -92,7 +101,16 @@ impl HttpUpstream {
 
     async fn call(&self, req: Request<Full<Bytes>>) -> Result<http::Response<hyper::body::Incoming>, Error> {
         self.client.request(req).await.map_err(|e| {
-            tracing::warn!(error = %e, url = %self.url, "HTTP upstream request failed");
+            // hyper-util's error says only "client error (Connect)"; the cause (refused, TLS
+            // certificate not trusted, ...) is in its sources.
+            let mut error = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                error.push_str(": ");
+                error.push_str(&s.to_string());
+                source = s.source();
+            }
+            tracing::warn!(%error, url = %self.url, "HTTP upstream request failed");
             Error::Unavailable(format!("cannot reach {}", self.url))
         })
     }
@@ -209,7 +227,8 @@ impl HttpUpstream {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let port = self.url.port_u16().unwrap_or(80);
+        let https = self.url.scheme_str() == Some("https");
+        let port = self.url.port_u16().unwrap_or(if https { 443 } else { 80 });
         matches!(
             tokio::time::timeout(
                 Duration::from_secs(2),

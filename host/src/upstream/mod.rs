@@ -66,14 +66,16 @@ pub enum Upstream {
 
 impl Upstream {
     /// Starts the upstream named by the config (a stdio child is spawned and initialized in the
-    /// background; `is_ready` says when it is up).
-    pub fn start(config: &Config, sessions: Sessions) -> Upstream {
-        match &config.upstream.kind {
+    /// background; `is_ready` says when it is up). Fails only if an https client cannot be set up.
+    pub fn start(config: &Config, sessions: Sessions) -> Result<Upstream, String> {
+        Ok(match &config.upstream.kind {
             UpstreamKind::Stdio { .. } => Upstream::Stdio(stdio::StdioUpstream::start(&config.upstream, sessions)),
-            UpstreamKind::Http { url } => {
-                Upstream::Http(Box::new(http::HttpUpstream::new(url.clone(), &config.upstream)))
-            }
-        }
+            UpstreamKind::Http { url, ca } => Upstream::Http(Box::new(http::HttpUpstream::new(
+                url.clone(),
+                ca.as_deref(),
+                &config.upstream,
+            )?)),
+        })
     }
 
     /// Answers a client's `initialize` on a new session.
