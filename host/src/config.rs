@@ -174,6 +174,9 @@ pub enum UpstreamKind {
         /// For `https://`: the certificates (DER) of the CA the server's certificate must chain to,
         /// from `ca_file`; `None`: the public web roots.
         ca: Option<Vec<Vec<u8>>>,
+        /// Sent with every request to the server (e.g. its `Authorization`); values are marked
+        /// sensitive, so they print as `Sensitive`.
+        headers: Vec<(http::HeaderName, http::HeaderValue)>,
     },
 }
 
@@ -557,6 +560,11 @@ pub struct RawUpstream {
     /// For an `https://` url: a PEM file of CA certificates the server's certificate must chain to
     /// (default: the public web roots).
     pub ca_file: Option<PathBuf>,
+    /// For a url: headers sent with every request to the server, e.g. `Authorization`.
+    pub headers: Option<BTreeMap<String, String>>,
+    /// For a url: headers whose values are read from the gateway's environment at start
+    /// (header name → variable name), for secrets kept out of the file.
+    pub headers_env: Option<BTreeMap<String, String>>,
     pub call_timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
     pub restart_backoff_max_ms: Option<u64>,
@@ -647,6 +655,12 @@ impl RawConfig {
                 if u.ca_file.is_some() {
                     return Err(invalid("upstream.ca_file", "applies only to an https:// url upstream"));
                 }
+                if u.headers.is_some() || u.headers_env.is_some() {
+                    return Err(invalid(
+                        "upstream",
+                        "`headers` and `headers_env` apply only to a `url` upstream",
+                    ));
+                }
                 let mut parts = command.into_iter();
                 let program = parts
                     .next()
@@ -713,7 +727,8 @@ impl RawConfig {
                     }
                     Some(path) => Some(crate::tls::read_ca_file(path).map_err(|e| invalid("upstream.ca_file", e))?),
                 };
-                UpstreamKind::Http { url: uri, ca }
+                let headers = upstream_headers(u.headers.unwrap_or_default(), u.headers_env.unwrap_or_default())?;
+                UpstreamKind::Http { url: uri, ca, headers }
             }
         };
         let upstream = UpstreamConfig {
@@ -895,6 +910,58 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
+/// Headers the gateway sets itself on upstream requests; the config may not set them.
+const MANAGED_HEADERS: &[&str] = &[
+    "accept",
+    "connection",
+    "content-length",
+    "content-type",
+    "host",
+    "last-event-id",
+    "mcp-protocol-version",
+    "mcp-session-id",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The upstream's extra headers, from literal values and from environment variables; values are
+/// marked sensitive and never appear in an error.
+fn upstream_headers(
+    literal: BTreeMap<String, String>,
+    from_env: BTreeMap<String, String>,
+) -> Result<Vec<(http::HeaderName, http::HeaderValue)>, ConfigError> {
+    let mut out: Vec<(http::HeaderName, http::HeaderValue)> = Vec::new();
+    let named = |table: &str, name: &str| -> Result<http::HeaderName, ConfigError> {
+        let at = format!("upstream.{table}.{name}");
+        let header = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| invalid(&at, format!("{name:?} is not a header name")))?;
+        if MANAGED_HEADERS.contains(&header.as_str()) {
+            return Err(invalid(&at, "is set by the gateway itself"));
+        }
+        Ok(header)
+    };
+    for (name, value) in &literal {
+        let header = named("headers", name)?;
+        let mut value = http::HeaderValue::from_str(value)
+            .map_err(|_| invalid(&format!("upstream.headers.{name}"), "is not a valid header value"))?;
+        value.set_sensitive(true);
+        out.push((header, value));
+    }
+    for (name, var) in &from_env {
+        let at = format!("upstream.headers_env.{name}");
+        let header = named("headers_env", name)?;
+        if out.iter().any(|(h, _)| *h == header) {
+            return Err(invalid(&at, "is also set in upstream.headers"));
+        }
+        let value = std::env::var(var).map_err(|_| invalid(&at, format!("the variable {var} is not set")))?;
+        let mut value = http::HeaderValue::from_str(&value)
+            .map_err(|_| invalid(&at, format!("the variable {var} does not hold a valid header value")))?;
+        value.set_sensitive(true);
+        out.push((header, value));
+    }
+    Ok(out)
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -947,6 +1014,46 @@ mod tests {
         assert!(parse(both).unwrap_err().to_string().starts_with("upstream:"));
         let ftp = "[upstream]\nurl = \"ftp://example.com/mcp\"";
         assert!(parse(ftp).unwrap_err().to_string().starts_with("upstream.url:"));
+    }
+
+    #[test]
+    fn upstream_headers_come_from_the_file_or_the_environment_and_never_show() {
+        // SAFETY: only this test reads or writes this variable.
+        unsafe { std::env::set_var("TOLLGATE_TEST_UPSTREAM_TOKEN", "Bearer from-env") };
+        let c = parse(
+            "[upstream]\nurl = \"https://example.com/mcp\"\nheaders = { X-Team = \"blue\" }\n\
+             headers_env = { Authorization = \"TOLLGATE_TEST_UPSTREAM_TOKEN\" }",
+        )
+        .unwrap();
+        let UpstreamKind::Http { headers, .. } = &c.upstream.kind else {
+            panic!("a url upstream")
+        };
+        assert_eq!(headers.len(), 2);
+        assert_eq!(headers[1].0, "authorization");
+        assert_eq!(headers[1].1, "Bearer from-env");
+        assert!(
+            !format!("{:?}", c.upstream).contains("from-env"),
+            "a header value never prints"
+        );
+
+        let err = |extra: &str| {
+            parse(&format!("[upstream]\nurl = \"http://x/mcp\"\n{extra}"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("headers = { Content-Type = \"text/plain\" }").starts_with("upstream.headers.Content-Type:"));
+        assert!(err("headers = { \"bad name\" = \"x\" }").starts_with("upstream.headers.bad name:"));
+        let bad_value = err("headers = { X-A = \"secret\\nline\" }");
+        assert!(
+            bad_value.starts_with("upstream.headers.X-A:") && !bad_value.contains("secret"),
+            "{bad_value}"
+        );
+        assert!(
+            err("headers_env = { X-A = \"TOLLGATE_TEST_NOT_SET_ANYWHERE\" }")
+                .contains("TOLLGATE_TEST_NOT_SET_ANYWHERE is not set")
+        );
+        let stdio = "[upstream]\ncommand = [\"sh\"]\nheaders = { X-A = \"1\" }";
+        assert!(parse(stdio).unwrap_err().to_string().starts_with("upstream:"));
     }
 
     #[test]

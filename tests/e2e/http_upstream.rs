@@ -394,3 +394,52 @@ async fn an_https_upstream_is_called_over_tls_and_its_certificate_is_verified() 
         public.proc.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_needs_credentials_gets_the_configured_header_and_never_the_clients_key() {
+    let fx = HttpFixture::start_with(&["--require-auth", "Bearer upstream-secret"]);
+    let dir = tempfile::tempdir().unwrap();
+    let g = Gateway::serve(&format!(
+        "[upstream]\nurl = {:?}\nheaders = {{ Authorization = \"Bearer upstream-secret\" }}\n\
+         [billing]\nadmin_key = {ADMIN_KEY:?}\ndata_dir = {:?}\n",
+        fx.url,
+        dir.path().display().to_string()
+    ))
+    .ready()
+    .await;
+    let (_, secret) = g.admin().create_key("agent", 10).await;
+    let mut c = g.client();
+    c.initialize().await;
+    // The client authenticates to the gateway with its own Authorization; the upstream insists on
+    // exactly its own credentials, so the call passing means only the configured header went on.
+    let v = read_answer(
+        c.post(
+            &json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hi"}}}),
+        )
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(v["result"]["content"][0]["text"], "hi", "{v}");
+
+    // Without the header the upstream refuses; the client gets a clean JSON-RPC error, its own id.
+    let bare = Gateway::wrap(&["--remote-url", &fx.url]);
+    let v: serde_json::Value = bare
+        .client()
+        .post(&json!({"jsonrpc":"2.0","id":"i1","method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["id"], "i1");
+    assert_eq!(v["error"]["code"], -32032, "{v}");
+    assert!(
+        bare.proc.stderr().contains("HTTP 401"),
+        "the log names the upstream's refusal: {}",
+        bare.proc.stderr()
+    );
+}

@@ -244,8 +244,13 @@ pub struct HttpFixture {
 
 impl HttpFixture {
     pub fn start() -> HttpFixture {
+        HttpFixture::start_with(&[])
+    }
+
+    /// The fixture over HTTP with more arguments (e.g. `--require-auth VALUE`).
+    pub fn start_with(args: &[&str]) -> HttpFixture {
         let mut cmd = Command::new(FIXTURE);
-        cmd.args(["--http", "127.0.0.1:0"]);
+        cmd.args(["--http", "127.0.0.1:0"]).args(args);
         let (proc, url) = Proc::spawn(cmd, "listening on ", Duration::from_secs(10));
         HttpFixture { proc, url }
     }

@@ -40,13 +40,20 @@ struct Peek {
 pub struct HttpUpstream {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     url: hyper::Uri,
+    /// Sent with every request (from `[upstream] headers`), e.g. the server's own credentials.
+    headers: Vec<(HeaderName, HeaderValue)>,
     connect_timeout: Duration,
 }
 
 impl HttpUpstream {
-    /// A client for `url`; an `https://` server's certificate must chain to `ca` (DER
-    /// certificates), or to the public web roots when `None`.
-    pub fn new(url: hyper::Uri, ca: Option<&[Vec<u8>]>, cfg: &UpstreamConfig) -> Result<HttpUpstream, String> {
+    /// A client for `url` that sends `headers` with every request; an `https://` server's
+    /// certificate must chain to `ca` (DER certificates), or to the public web roots when `None`.
+    pub fn new(
+        url: hyper::Uri,
+        ca: Option<&[Vec<u8>]>,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        cfg: &UpstreamConfig,
+    ) -> Result<HttpUpstream, String> {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
@@ -63,6 +70,7 @@ impl HttpUpstream {
         Ok(HttpUpstream {
             client,
             url,
+            headers,
             connect_timeout: cfg.connect_timeout,
         })
     }
@@ -95,6 +103,9 @@ impl HttpUpstream {
         }
         if let Some(id) = session.and_then(|s| s.upstream_session.get()) {
             h.insert(SESSION_HEADER, id.clone());
+        }
+        for (name, value) in &self.headers {
+            h.append(name.clone(), value.clone());
         }
         req
     }
@@ -167,7 +178,12 @@ impl HttpUpstream {
             };
         }
         match serde_json::from_slice::<Value>(&body) {
-            Ok(Value::Object(mut obj)) if obj.contains_key("error") => {
+            // (Only a JSON-RPC error object: `{"error": "unauthorized"}` is not one.)
+            Ok(Value::Object(mut obj))
+                if obj
+                    .get("error")
+                    .is_some_and(|e| e.get("code").is_some_and(Value::is_i64)) =>
+            {
                 // An error answered at a non-2xx status: keep the upstream's error, with our id.
                 obj.insert("id".into(), client_id);
                 obj.insert("jsonrpc".into(), Value::from("2.0"));

@@ -70,9 +70,10 @@ impl Upstream {
     pub fn start(config: &Config, sessions: Sessions) -> Result<Upstream, String> {
         Ok(match &config.upstream.kind {
             UpstreamKind::Stdio { .. } => Upstream::Stdio(stdio::StdioUpstream::start(&config.upstream, sessions)),
-            UpstreamKind::Http { url, ca } => Upstream::Http(Box::new(http::HttpUpstream::new(
+            UpstreamKind::Http { url, ca, headers } => Upstream::Http(Box::new(http::HttpUpstream::new(
                 url.clone(),
                 ca.as_deref(),
+                headers.clone(),
                 &config.upstream,
             )?)),
         })
