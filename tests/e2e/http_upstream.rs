@@ -424,6 +424,21 @@ async fn an_upstream_that_needs_credentials_gets_the_configured_header_and_never
     .await;
     assert_eq!(v["result"]["content"][0]["text"], "hi", "{v}");
 
+    // A new credential in the file needs a restart (and is reported so), though values never print.
+    let path = g.dir.path().join("tollgate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("Bearer upstream-secret", "Bearer rotated")).unwrap();
+    let report: serde_json::Value = g
+        .admin()
+        .post("/admin/config/reload", &json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["restartRequired"], json!(["upstream"]), "{report}");
+
     // Without the header the upstream refuses; the client gets a clean JSON-RPC error, its own id.
     let bare = Gateway::wrap(&["--remote-url", &fx.url]);
     let v: serde_json::Value = bare
