@@ -962,6 +962,7 @@ fn upstream_headers(
     }
     Ok(out)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1018,21 +1019,23 @@ mod tests {
 
     #[test]
     fn upstream_headers_come_from_the_file_or_the_environment_and_never_show() {
-        // SAFETY: only this test reads or writes this variable.
-        unsafe { std::env::set_var("TOLLGATE_TEST_UPSTREAM_TOKEN", "Bearer from-env") };
-        let c = parse(
-            "[upstream]\nurl = \"https://example.com/mcp\"\nheaders = { X-Team = \"blue\" }\n\
-             headers_env = { Authorization = \"TOLLGATE_TEST_UPSTREAM_TOKEN\" }",
-        )
+        // A variable the test process already has (setting one would race other tests' reads).
+        let (var, secret) = std::env::vars()
+            .find(|(_, v)| v.len() >= 16 && http::HeaderValue::from_str(v).is_ok())
+            .expect("some environment variable");
+        let c = parse(&format!(
+            "[upstream]\nurl = \"https://example.com/mcp\"\nheaders = {{ X-Team = \"blue\" }}\n\
+             headers_env = {{ Authorization = {var:?} }}"
+        ))
         .unwrap();
         let UpstreamKind::Http { headers, .. } = &c.upstream.kind else {
             panic!("a url upstream")
         };
         assert_eq!(headers.len(), 2);
         assert_eq!(headers[1].0, "authorization");
-        assert_eq!(headers[1].1, "Bearer from-env");
+        assert_eq!(headers[1].1, secret.as_str());
         assert!(
-            !format!("{:?}", c.upstream).contains("from-env"),
+            !format!("{:?}", c.upstream).contains(&secret),
             "a header value never prints"
         );
 

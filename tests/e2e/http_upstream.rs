@@ -296,22 +296,12 @@ impl TlsFront {
     async fn start(target: &str) -> TlsFront {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicUsize, Ordering};
-        use tokio_rustls::rustls;
         let target: std::net::SocketAddr = target
             .trim_start_matches("http://")
             .trim_end_matches("/mcp")
             .parse()
             .unwrap();
-        let rcgen::CertifiedKey { cert, signing_key } =
-            rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.der().clone()], key)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (acceptor, ca_pem) = localhost_tls();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let handshakes = Arc::new(AtomicUsize::new(0));
@@ -331,7 +321,7 @@ impl TlsFront {
         });
         TlsFront {
             port,
-            ca_pem: cert.pem(),
+            ca_pem,
             handshakes,
         }
     }

@@ -62,18 +62,8 @@ impl Receiver {
     /// A receiver behind TLS, with a certificate for `localhost` from a CA of its own; returns it
     /// and that CA's certificate (PEM).
     async fn start_tls() -> (Receiver, String) {
-        use tokio_rustls::rustls;
-        let rcgen::CertifiedKey { cert, signing_key } =
-            rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.der().clone()], key)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        (Receiver::start_with(true, Some(acceptor)).await, cert.pem())
+        let (acceptor, ca_pem) = localhost_tls();
+        (Receiver::start_with(true, Some(acceptor)).await, ca_pem)
     }
 
     async fn start_with(up: bool, tls: Option<tokio_rustls::TlsAcceptor>) -> Receiver {

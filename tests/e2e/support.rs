@@ -256,6 +256,23 @@ impl HttpFixture {
     }
 }
 
+/// A TLS acceptor for `localhost` with a certificate from a CA of its own, and that certificate
+/// (PEM) for a client to trust.
+pub fn localhost_tls() -> (tokio_rustls::TlsAcceptor, String) {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), cert.pem())
+}
+
 /// A free loopback port (for servers that cannot report the port they bound).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
