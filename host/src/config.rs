@@ -147,7 +147,9 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
-#[derive(Debug, Clone)]
+// PartialEq: a reload compares the running upstream with the file's (header values print as
+// `Sensitive`, so they are compared as values, not as text).
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub kind: UpstreamKind,
     /// How long one call may take, end to end, before the client gets a timeout error.
@@ -158,7 +160,7 @@ pub struct UpstreamConfig {
     pub restart_backoff_max: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum UpstreamKind {
     /// A child process spoken to over stdio.
     Stdio {
@@ -311,13 +313,7 @@ impl RawWebhook {
                 ));
             }
         }
-        let ca = match &self.ca_file {
-            None => None,
-            Some(_) if uri.scheme_str() != Some("https") => {
-                return Err(invalid(&at("ca_file"), "applies only to an https:// url"));
-            }
-            Some(path) => Some(crate::tls::read_ca_file(path).map_err(|e| invalid(&at("ca_file"), e))?),
-        };
+        let ca = ca_file(&uri, self.ca_file.as_deref(), &at("ca_file"))?;
         if uri.host().is_none() {
             return Err(invalid(&at("url"), format!("{url:?} has no host")));
         }
@@ -720,13 +716,7 @@ impl RawConfig {
                 if uri.host().is_none() {
                     return Err(invalid("upstream.url", format!("{url:?} has no host")));
                 }
-                let ca = match &u.ca_file {
-                    None => None,
-                    Some(_) if uri.scheme_str() != Some("https") => {
-                        return Err(invalid("upstream.ca_file", "applies only to an https:// url"));
-                    }
-                    Some(path) => Some(crate::tls::read_ca_file(path).map_err(|e| invalid("upstream.ca_file", e))?),
-                };
+                let ca = ca_file(&uri, u.ca_file.as_deref(), "upstream.ca_file")?;
                 let headers = upstream_headers(u.headers.unwrap_or_default(), u.headers_env.unwrap_or_default())?;
                 UpstreamKind::Http { url: uri, ca, headers }
             }
@@ -908,6 +898,16 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())
+}
+
+/// The CA certificates `path` names for an `https://` `url` (config field `at`); `None` without
+/// one. A CA file for an `http://` url is an error.
+fn ca_file(url: &hyper::Uri, path: Option<&Path>, at: &str) -> Result<Option<Vec<Vec<u8>>>, ConfigError> {
+    match path {
+        None => Ok(None),
+        Some(_) if url.scheme_str() != Some("https") => Err(invalid(at, "applies only to an https:// url")),
+        Some(path) => crate::tls::read_ca_file(path).map(Some).map_err(|e| invalid(at, e)),
+    }
 }
 
 /// Headers the gateway sets itself on upstream requests; the config may not set them.

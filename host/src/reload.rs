@@ -7,7 +7,7 @@
 
 use serde_json::{Value, json};
 
-use crate::config::{BillingConfig, Config, RawConfig, UpstreamKind};
+use crate::config::{BillingConfig, RawConfig};
 use crate::proxy::AppState;
 
 /// Why a reload changed nothing.
@@ -42,11 +42,7 @@ pub async fn reload(state: &AppState) -> Result<Value, ReloadError> {
     let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     for (name, d) in [
         ("server", differs(&old.server, &new.server)),
-        // Header values print as `Sensitive`, so they are compared as values.
-        (
-            "upstream",
-            differs(&old.upstream, &new.upstream) || upstream_headers(&old) != upstream_headers(&new),
-        ),
+        ("upstream", old.upstream != new.upstream),
         ("sessions", differs(&old.sessions, &new.sessions)),
         ("metrics.listen", old.metrics_listen != new.metrics_listen),
     ] {
@@ -172,13 +168,5 @@ pub async fn on_sighup(state: AppState) {
             Ok(report) => tracing::info!(%report, "SIGHUP: config reloaded"),
             Err(e) => tracing::error!(error = %e, "SIGHUP: config reload refused"),
         }
-    }
-}
-
-/// The headers a url upstream is sent (none for a stdio one).
-fn upstream_headers(c: &Config) -> &[(http::HeaderName, http::HeaderValue)] {
-    match &c.upstream.kind {
-        UpstreamKind::Http { headers, .. } => headers.as_slice(),
-        UpstreamKind::Stdio { .. } => &[],
     }
 }

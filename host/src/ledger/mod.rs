@@ -242,15 +242,16 @@ impl Ledger {
             amount,
             at,
         };
+        let refund_entry = match refund {
+            0 => None,
+            _ if refund == r.amount => Some(Entry::Refund),
+            _ => Some(Entry::PartialRefund),
+        };
         let charge = ledger_row(Entry::Charge, r.amount, r.at);
-        let submitted = match refund {
-            0 => self.inner.store.submit_money([charge, Op::Request(row)]),
-            _ if refund == r.amount => {
-                let refund_row = ledger_row(Entry::Refund, refund, now);
-                self.inner.store.submit_money([charge, refund_row, Op::Request(row)])
-            }
-            _ => {
-                let refund_row = ledger_row(Entry::PartialRefund, refund, now);
+        let submitted = match refund_entry {
+            None => self.inner.store.submit_money([charge, Op::Request(row)]),
+            Some(entry) => {
+                let refund_row = ledger_row(entry, refund, now);
                 self.inner.store.submit_money([charge, refund_row, Op::Request(row)])
             }
         };
@@ -262,12 +263,12 @@ impl Ledger {
                 return Err(e.into());
             }
         };
-        match refund {
-            0 => {}
-            _ if refund == r.amount => {
+        match refund_entry {
+            None => {}
+            Some(Entry::Refund) => {
                 r.key.refund(refund, r.at, now);
             }
-            _ => {
+            Some(_) => {
                 r.key.refund_part(refund, r.at, now);
             }
         }
