@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The scale benchmark: the full billing chain with 10 keys and with 1,000,000 keys (and a
 # 1,000,000-row request log), each seeded straight into a fresh database by bench/src/bin/seed.rs.
-# For each: start-up time and resident memory, throughput and latency at c=32 (one key). With a
-# million keys: GET /admin/consumer-insights and GET /admin/system-health latency, and the proxy's
-# p50/p99 at c=8 with and without those reports running back to back beside it.
+# For each: start-up time and resident memory, throughput and latency at c=32 (one key; medians of
+# ROUNDS interleaved rounds, default 3). With a million keys: GET /admin/consumer-insights and
+# GET /admin/system-health latency, and the proxy's p50/p99 at c=8 with and without those reports
+# running back to back beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
+ROUNDS=${ROUNDS:-3}
 KEYS=${KEYS:-1000000}
 ROWS=${ROWS:-1000000}
 
@@ -22,42 +24,51 @@ rss_mib() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$(cat "$work/$1.pid"
 fixture=$(start fixture "$bin/tollgate-fixture" --http 127.0.0.1:0)
 admin_key="bench-admin-key-$RANDOM$RANDOM"
 results="$work/results.jsonl"
+declare -A url
 
+# Both gateways run side by side, and the c=32 load alternates between them round by round: single
+# readings one after the other moved by ±20 % here, as much as the target's margin.
 for n in 10 "$KEYS"; do
   rows=0; [ "$n" = "$KEYS" ] && rows=$ROWS
   "$bin/seed" --data-dir "$work/d$n" --keys "$n" --requests "$rows" --known 16 >&2
   t0=$(date +%s%N)
-  url=$(TOLLGATE_ADMIN_KEY=$admin_key start "g$n" "$bin/tollgate" --log-level warn wrap --listen 127.0.0.1:0 \
+  url[$n]=$(TOLLGATE_ADMIN_KEY=$admin_key start "g$n" "$bin/tollgate" --log-level warn wrap --listen 127.0.0.1:0 \
     --data-dir "$work/d$n" --remote-url "$fixture")
   startup_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-  base=${url%/mcp}
   sleep 1
-  "$bin/loadgen" --url "$url" --concurrency 32 --seconds "$SECS" --label "keys=$n" --header "x-api-key: tg_bench_0" >>"$results"
   echo "{\"label\":\"memory\",\"keys\":$n,\"rows\":$rows,\"rss_mib\":$(rss_mib "g$n"),\"startup_ms\":$startup_ms}" >>"$results"
-  tail -2 "$results" >&2
-  if [ "$n" = "$KEYS" ]; then
-    # Reports alone, three times each (the first warms nothing: both read memory, not the log).
-    for report in consumer-insights system-health; do
-      for i in 1 2 3; do
-        t=$(curl -sf -o /dev/null -w '%{time_total}' -H "x-admin-key: $admin_key" "$base/admin/$report")
-        echo "{\"label\":\"report\",\"report\":\"$report\",\"ms\":$(python3 -c "print($t*1000)")}" >>"$results"
-      done
-    done
-    "$bin/loadgen" --url "$url" --concurrency 8 --seconds "$SECS" --label "c8 quiet" --header "x-api-key: tg_bench_0" >>"$results"
-    "$bin/loadgen" --url "$url" --concurrency 8 --seconds "$SECS" --label "c8 with reports" --header "x-api-key: tg_bench_0" >>"$results" &
-    lg=$!
-    sleep 1.2
-    end=$(( $(date +%s) + SECS - 1 ))
-    while [ "$(date +%s)" -lt "$end" ]; do
-      for report in consumer-insights system-health; do
-        t=$(curl -sf -o /dev/null -w '%{time_total}' -H "x-admin-key: $admin_key" "$base/admin/$report")
-        echo "{\"label\":\"report under load\",\"report\":\"$report\",\"ms\":$(python3 -c "print($t*1000)")}" >>"$results"
-      done
-    done
-    wait $lg
-  fi
-  kill "$(cat "$work/g$n.pid")"; rm -f "$work/g$n.pid"
+  tail -1 "$results" >&2
 done
+for round in $(seq 1 "$ROUNDS"); do
+  order=(10 "$KEYS"); [ $((round % 2)) = 0 ] && order=("$KEYS" 10)
+  for n in "${order[@]}"; do
+    "$bin/loadgen" --url "${url[$n]}" --concurrency 32 --seconds "$SECS" --label "keys=$n" --header "x-api-key: tg_bench_0" >>"$results"
+    tail -1 "$results" >&2
+  done
+done
+kill "$(cat "$work/g10.pid")"; rm -f "$work/g10.pid"
+
+# Reports alone, three times each (the first warms nothing: both read memory, not the log).
+big=${url[$KEYS]}
+base=${big%/mcp}
+for report in consumer-insights system-health; do
+  for i in 1 2 3; do
+    t=$(curl -sf -o /dev/null -w '%{time_total}' -H "x-admin-key: $admin_key" "$base/admin/$report")
+    echo "{\"label\":\"report\",\"report\":\"$report\",\"ms\":$(python3 -c "print($t*1000)")}" >>"$results"
+  done
+done
+"$bin/loadgen" --url "$big" --concurrency 8 --seconds "$SECS" --label "c8 quiet" --header "x-api-key: tg_bench_0" >>"$results"
+"$bin/loadgen" --url "$big" --concurrency 8 --seconds "$SECS" --label "c8 with reports" --header "x-api-key: tg_bench_0" >>"$results" &
+lg=$!
+sleep 1.2
+end=$(( $(date +%s) + SECS - 1 ))
+while [ "$(date +%s)" -lt "$end" ]; do
+  for report in consumer-insights system-health; do
+    t=$(curl -sf -o /dev/null -w '%{time_total}' -H "x-admin-key: $admin_key" "$base/admin/$report")
+    echo "{\"label\":\"report under load\",\"report\":\"$report\",\"ms\":$(python3 -c "print($t*1000)")}" >>"$results"
+  done
+done
+wait $lg
 
 python3 - "$results" "$KEYS" <<'PY'
 import json, statistics, sys
@@ -66,11 +77,14 @@ keys = sys.argv[2]
 by = lambda label: [r for r in rows if r["label"] == label]
 print("| keys | request-log rows | start-up | RSS | calls/s (c=32) | p50 µs | p99 µs |")
 print("|---|---|---|---|---|---|---|")
+med = lambda label, f: statistics.median(r[f] for r in by(label))
 for m in by("memory"):
-    l = by(f"keys={m['keys']}")[0]
-    print(f"| {m['keys']:,} | {m['rows']:,} | {m['startup_ms']} ms | {m['rss_mib']} MiB | {l['rps']:.0f} | {l['p50_us']:.0f} | {l['p99_us']:.0f} |")
-small, big = by("keys=10")[0], by(f"keys={keys}")[0]
-print(f"\nThroughput at {int(keys):,} keys: {100 * big['rps'] / small['rps']:.0f} % of that at 10 keys.\n")
+    l = f"keys={m['keys']}"
+    print(f"| {m['keys']:,} | {m['rows']:,} | {m['startup_ms']} ms | {m['rss_mib']} MiB | {med(l, 'rps'):.0f} | {med(l, 'p50_us'):.0f} | {med(l, 'p99_us'):.0f} |")
+small, big = by("keys=10"), by(f"keys={keys}")
+ratios = ", ".join(f"{100 * b['rps'] / s['rps']:.0f} %" for s, b in zip(small, big))
+print(f"\nThroughput at {int(keys):,} keys: {100 * med(f'keys={keys}', 'rps') / med('keys=10', 'rps'):.0f} % of that at 10 keys"
+      f" (medians of {len(small)} rounds; round by round: {ratios}).\n")
 print("| report | alone (median of 3) | beside c=8 load (median, max) |")
 print("|---|---|---|")
 for rep in ("consumer-insights", "system-health"):

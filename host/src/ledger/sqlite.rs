@@ -98,7 +98,7 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL
      );",
     // 7: the same ledger, cheaper to append to (measured with `storebench`: the database writer's
-    // CPU per settled call 15.2 -> 10.4 us). A CHECK of `kind IN (five values)` builds a temporary
+    // CPU per settled call 15.2 -> 10.1 us). A CHECK of `kind IN (five values)` builds a temporary
     // b-tree of the values on every insert; the same test written with OR does not. No
     // AUTOINCREMENT: it updates `sqlite_sequence` on every insert, and only matters where the
     // newest rows can be deleted — ledger rows never are, so a plain rowid is already never reused.
