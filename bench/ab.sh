@@ -12,7 +12,7 @@ cargo build --release --locked -p tollgate -p tollgate-bench >&2
 bin=target/release
 work=$(mktemp -d)
 source bench/lib.sh
-trap stop_all EXIT
+trap finish EXIT
 admin_key="bench-admin-key-$RANDOM$RANDOM"
 fixture=$(start fixture "$bin/tollgate-fixture" --http 127.0.0.1:0)
 declare -A url key

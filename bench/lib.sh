@@ -20,6 +20,13 @@ start() {
 # Stops everything start() started.
 stop_all() { for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; true; }
 
+# Stops everything and deletes the scratch directory (databases, journals and logs: hundreds of MB
+# a run), unless KEEP=1 asks to keep it for a look. The scripts trap it on exit.
+finish() {
+  stop_all
+  if [ -n "${KEEP:-}" ]; then echo "scratch directory kept: $work" >&2; else rm -rf "$work"; fi
+}
+
 # new_key MCP_URL ADMIN_KEY : creates a key with 10^12 credits on that gateway and prints its secret.
 new_key() {
   curl -sf -X POST "${1%/mcp}/admin/keys" -H "x-admin-key: $2" -H 'content-type: application/json' \

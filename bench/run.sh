@@ -20,8 +20,7 @@ cargo build --release --locked -p tollgate -p tollgate-bench >&2
 bin=target/release
 work=$(mktemp -d)
 source bench/lib.sh
-cleanup() { stop_all; }
-trap cleanup EXIT
+trap finish EXIT
 
 fixture=$(start fixture "$bin/tollgate-fixture" --http 127.0.0.1:0)
 yardstick=$(start yardstick "$bin/yardstick" --upstream "$fixture")

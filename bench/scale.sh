@@ -16,8 +16,7 @@ cargo build --release --locked -p tollgate -p tollgate-bench >&2
 bin=target/release
 work=$(mktemp -d)
 source bench/lib.sh
-cleanup() { stop_all; rm -rf "$work"; }
-trap cleanup EXIT
+trap finish EXIT
 
 rss_mib() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$(cat "$work/$1.pid")/status"; }
 
