@@ -88,12 +88,8 @@ async fn a_key_pays_for_calls_until_it_runs_out_and_a_topup_restores_it() {
     let balance: Value = reqwest::Client::new()
         .get(format!("{}/balance", g.base))
         .header("authorization", format!("Bearer {secret}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     assert_eq!(balance["credits"], 8);
     assert_eq!(balance["spent"], 7);
     assert_eq!(balance["calls"], 3);
@@ -378,7 +374,7 @@ async fn the_admin_api_refuses_bad_input_with_a_clear_error_and_changes_nothing(
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let ledger: Value = admin.get("/admin/ledger").send().await.unwrap().json().await.unwrap();
+    let ledger: Value = admin.get("/admin/ledger").send_json().await;
     assert_eq!(
         ledger["entries"].as_array().unwrap().len(),
         1,
@@ -877,12 +873,8 @@ async fn quotas_and_spending_limits_hold_across_a_restart() {
     let balance: Value = reqwest::Client::new()
         .get(format!("{}/balance", g.base))
         .header("x-api-key", &q_secret)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     assert_eq!(balance["quotaUsage"]["dailyCalls"], 2);
     assert_eq!(balance["quota"]["dailyCalls"], 2);
     drop(g);
@@ -1007,14 +999,7 @@ async fn the_request_log_and_consumer_insights_report_what_was_actually_charged(
         400
     );
 
-    let insights: Value = admin
-        .get("/admin/consumer-insights")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let insights: Value = admin.get("/admin/consumer-insights").send_json().await;
     assert_eq!(insights["summary"]["totalConsumers"], 2);
     assert_eq!(insights["summary"]["totalCreditsSpent"], 4);
     assert_eq!(insights["topSpenders"][0]["id"], a_id.as_str());

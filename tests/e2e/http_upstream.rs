@@ -418,28 +418,15 @@ async fn an_upstream_that_needs_credentials_gets_the_configured_header_and_never
     let path = g.dir.path().join("tollgate.toml");
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("Bearer upstream-secret", "Bearer rotated")).unwrap();
-    let report: serde_json::Value = g
-        .admin()
-        .post("/admin/config/reload", &json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report = g.admin().post("/admin/config/reload", &json!({})).send_json().await;
     assert_eq!(report["restartRequired"], json!(["upstream"]), "{report}");
 
     // Without the header the upstream refuses; the client gets a clean JSON-RPC error, its own id.
     let bare = Gateway::wrap(&["--remote-url", &fx.url]);
-    let v: serde_json::Value = bare
+    let v = bare
         .client()
         .post(&json!({"jsonrpc":"2.0","id":"i1","method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json().await;
     assert_eq!(v["id"], "i1");
     assert_eq!(v["error"]["code"], -32032, "{v}");
     assert!(

@@ -145,7 +145,7 @@ async fn a_reload_to_pricing_surge_takes_effect_on_the_next_call() {
     c.call_text("echo", json!({"text": "b"})).await;
     assert_eq!(credits(&admin, &id).await, 98 - 6, "surge: 2 × 300 %");
 
-    let plugins: Value = admin.get("/admin/plugins").send().await.unwrap().json().await.unwrap();
+    let plugins: Value = admin.get("/admin/plugins").send_json().await;
     let pricing = &plugins["plugins"][0];
     assert_eq!(pricing["role"], "pricing");
     assert_eq!(pricing["file"], surge.display().to_string());
@@ -328,14 +328,7 @@ async fn system_health_is_the_reference_formula_and_weights_change_it() {
     // creditUtilization: 10 spent of 715 (revoked keys left out) → 100.
     // score = 0.4 × 60 + 0.35 × 33.33 + 0.25 × 100 = 60.67 → 61, "good".
     let health = eventually(Duration::from_secs(5), "the request log to hold 15 calls", || async {
-        let v: Value = admin
-            .get("/admin/system-health")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = admin.get("/admin/system-health").send_json().await;
         (v["components"]["errorRate"]["score"] == 33.33).then_some(v)
     })
     .await;
@@ -353,14 +346,7 @@ async fn system_health_is_the_reference_formula_and_weights_change_it() {
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    let v: Value = admin
-        .get("/admin/system-health")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = admin.get("/admin/system-health").send_json().await;
     assert_eq!(
         (v["score"].clone(), v["level"].clone()),
         (json!(89.0), json!("healthy"))
@@ -437,7 +423,7 @@ async fn hostile_pricing_plugins_deny_only_their_calls_charge_nothing_and_stay_b
         let rss = rss_kib(p.gateway.proc.pid());
         assert!(rss < 400 * 1024, "{mode}: the gateway grew to {rss} KiB");
         if mode != "huge" {
-            let plugins: Value = admin.get("/admin/plugins").send().await.unwrap().json().await.unwrap();
+            let plugins: Value = admin.get("/admin/plugins").send_json().await;
             assert_eq!(plugins["plugins"][0]["failures"], 5, "{mode}: failures are counted");
         }
     }

@@ -402,6 +402,18 @@ impl McpClient {
 }
 
 /// The JSON-RPC response in an answer, whether it came as JSON or as SSE (last message wins).
+/// Sends a request and reads its answer's body as JSON (a transport error or a body that is not
+/// JSON fails the test).
+pub trait SendJson {
+    fn send_json(self) -> impl std::future::Future<Output = Value>;
+}
+
+impl SendJson for reqwest::RequestBuilder {
+    async fn send_json(self) -> Value {
+        self.send().await.unwrap().json().await.unwrap()
+    }
+}
+
 pub async fn read_answer(resp: reqwest::Response) -> Value {
     let status = resp.status();
     let sse = resp
