@@ -943,6 +943,10 @@ fn upstream_headers(
     };
     for (name, value) in &literal {
         let header = named("headers", name)?;
+        if out.iter().any(|(h, _)| *h == header) {
+            // Names differing only in case (`Authorization`, `authorization`) are one header.
+            return Err(invalid(&format!("upstream.headers.{name}"), "is set twice"));
+        }
         let mut value = http::HeaderValue::from_str(value)
             .map_err(|_| invalid(&format!("upstream.headers.{name}"), "is not a valid header value"))?;
         value.set_sensitive(true);
@@ -1055,6 +1059,7 @@ mod tests {
             err("headers_env = { X-A = \"TOLLGATE_TEST_NOT_SET_ANYWHERE\" }")
                 .contains("TOLLGATE_TEST_NOT_SET_ANYWHERE is not set")
         );
+        assert!(err("headers = { X-A = \"1\", x-a = \"2\" }").contains("is set twice"));
         let stdio = "[upstream]\ncommand = [\"sh\"]\nheaders = { X-A = \"1\" }";
         assert!(parse(stdio).unwrap_err().to_string().starts_with("upstream:"));
     }
