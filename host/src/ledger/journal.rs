@@ -42,6 +42,8 @@ pub struct Segment {
     path: PathBuf,
     number: u64,
     map: memmap2::MmapMut,
+    /// Its pages were faulted in writable when it was made (no fault on the first append).
+    prefaulted: bool,
     _file: File,
 }
 
@@ -62,10 +64,25 @@ impl Segment {
         // directory; nothing else writes or truncates it while it is mapped, and its blocks are
         // reserved, so no access to the mapping can fault.
         let map = unsafe { memmap2::MmapOptions::new().len(size).populate().map_mut(&file)? };
+        // A shared file mapping is populated read-only: the first write to each page would
+        // fault, and the file system's write fault (ext4: block checks, the inode's time) ran
+        // on the request path, ~2 us a call. Taken here instead, ahead of time. Linux 5.14
+        // and later; elsewhere the pages fault on first write as before.
+        #[cfg(target_os = "linux")]
+        let prefaulted = match map.advise(memmap2::Advice::PopulateWrite) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "journal segment not prefaulted for writing");
+                false
+            }
+        };
+        #[cfg(not(target_os = "linux"))]
+        let prefaulted = false;
         Ok(Segment {
             path,
             number,
             map,
+            prefaulted,
             _file: file,
         })
     }
@@ -359,6 +376,36 @@ mod tests {
         let mut j = Journal::open(dir.path()).unwrap();
         j.append(b"charge req_a key_1 three 0\n", 0).unwrap();
         assert!(read(&segments(dir.path()).unwrap()[0].1).is_err());
+    }
+
+    /// Minor page faults taken by this thread so far.
+    fn minor_faults() -> i64 {
+        // SAFETY: getrusage writes into the zeroed struct we pass.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) }, 0);
+        usage.ru_minflt
+    }
+
+    #[test]
+    fn appending_to_a_new_segment_takes_no_page_faults() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::starting_at(dir.path(), 1, 1 << 20).unwrap();
+        if !j.seg.prefaulted {
+            eprintln!("skipped: this kernel cannot prefault a shared mapping for writing");
+            return;
+        }
+        let record = line(&charge("req_a", 3)).unwrap();
+        let before = minor_faults();
+        // 256 pages' worth of records.
+        for i in 0..(1 << 20) / record.len() - 1 {
+            j.append(record.as_bytes(), i as u64).unwrap();
+        }
+        let faults = minor_faults() - before;
+        assert!(faults < 16, "{faults} page faults while filling 256 pages");
+        assert_eq!(
+            read(&segments(dir.path()).unwrap()[0].1).unwrap().len(),
+            (1 << 20) / record.len() - 1
+        );
     }
 
     #[test]
