@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# CPU per call, by thread: a billing-off and a billed gateway in front of one fixture, each loaded
+# at concurrency C (default 32) for SECS seconds (default 6) after a 2 s warm-up; prints each
+# gateway thread group's CPU time (from /proc) divided by the calls answered. PERF=1 also records
+# the gateway with perf (call graphs) into /tmp/perf-free.data and /tmp/perf-billed.data.
+# BILLED_BIN: another build to run as the billed gateway (an A/B of one change's CPU cost).
+#   C=1 bench/cpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked -p tollgate -p tollgate-bench >&2
+bin=target/release
+work=$(mktemp -d)
+source bench/lib.sh
+trap finish EXIT
+C=${C:-32}; SECS=${SECS:-6}
+admin_key="bench-admin-key-$RANDOM$RANDOM"
+fixture=$(start fixture "$bin/tollgate-fixture" --http 127.0.0.1:0)
+free=$(start free "$bin/tollgate" --log-level warn wrap --free --listen 127.0.0.1:0 --remote-url "$fixture")
+billed=$(TOLLGATE_ADMIN_KEY=$admin_key start billed "${BILLED_BIN:-$bin/tollgate}" --log-level warn wrap \
+  --listen 127.0.0.1:0 --data-dir "$work/data" --remote-url "$fixture")
+key=$(new_key "$billed" "$admin_key")
+# CPU ticks (USER_HZ: 100 a second, 10,000 us each) per thread name, summed over the threads of process $1.
+threads() {
+  for t in /proc/"$1"/task/*; do
+    local c s
+    c=$(cat "$t/comm"); s=$(cat "$t/stat"); s=${s##*) }
+    # shellcheck disable=SC2086
+    set -- $s
+    echo "$c $(( ${12} + ${13} ))"
+  done | awk '{a[$1]+=$2} END {for (k in a) print k, a[k]}' | sort
+}
+for n in free billed; do
+  pid=$(cat "$work/$n.pid")
+  url=$free; h=()
+  if [ "$n" = billed ]; then url=$billed; h=(--header "x-api-key: $key"); fi
+  "$bin/loadgen" --url "$url" --concurrency "$C" --seconds 2 --label warm "${h[@]}" >/dev/null
+  threads "$pid" >"$work/before"
+  if [ -n "${PERF:-}" ]; then
+    perf record --call-graph dwarf,16384 -F 999 -o "/tmp/perf-$n.data" -p "$pid" -- sleep "$SECS" >/dev/null 2>&1 &
+  fi
+  out=$("$bin/loadgen" --url "$url" --concurrency "$C" --seconds "$SECS" --label "$n" "${h[@]}")
+  wait || true
+  threads "$pid" >"$work/after"
+  calls=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
+  echo "$n: $out"
+  join "$work/before" "$work/after" | awk -v calls="$calls" '
+    {d = ($3 - $2) * 10000 / calls; if (d > 0.05) printf "  %-20s %.1f us/call\n", $1, d; tot += d}
+    END {printf "  total                %.1f us/call\n", tot}'
+done
