@@ -62,7 +62,7 @@ impl Segment {
         }
         // SAFETY: the file was created by this call (create_new) in the gateway's own data
         // directory; nothing else writes or truncates it while it is mapped, and its blocks are
-        // reserved, so no access to the mapping can fault.
+        // reserved, so no access to the mapping can fail (no SIGBUS).
         let map = unsafe { memmap2::MmapOptions::new().len(size).populate().map_mut(&file)? };
         // A shared file mapping is populated read-only: the first write to each page would
         // fault, and the file system's write fault (ext4: block checks, the inode's time) ran
@@ -203,27 +203,40 @@ pub fn write_line(op: &Op, out: &mut Vec<u8>) -> bool {
         }
         // JSON escapes every newline, so a row is one line.
         Op::Request(row) => {
+            // Every field, by name: a field added to the row cannot be left out of its record.
+            let super::sqlite::RequestRow {
+                seq,
+                request_id,
+                key_id,
+                method,
+                tool,
+                outcome,
+                reason,
+                credits,
+                duration_us,
+                created_at,
+            } = row;
             let mut n = itoa::Buffer::new();
             out.extend_from_slice(b"request {\"seq\":");
-            out.extend_from_slice(n.format(row.seq).as_bytes());
+            out.extend_from_slice(n.format(*seq).as_bytes());
             out.extend_from_slice(b",\"request_id\":");
-            json_string(out, &row.request_id);
+            json_string(out, request_id);
             out.extend_from_slice(b",\"key_id\":");
-            json_option(out, row.key_id.as_deref());
+            json_option(out, key_id.as_deref());
             out.extend_from_slice(b",\"method\":");
-            json_string(out, &row.method);
+            json_string(out, method);
             out.extend_from_slice(b",\"tool\":");
-            json_option(out, row.tool.as_deref());
+            json_option(out, tool.as_deref());
             out.extend_from_slice(b",\"outcome\":");
-            json_string(out, &row.outcome);
+            json_string(out, outcome);
             out.extend_from_slice(b",\"reason\":");
-            json_option(out, row.reason.as_deref());
+            json_option(out, reason.as_deref());
             out.extend_from_slice(b",\"credits\":");
-            out.extend_from_slice(n.format(row.credits).as_bytes());
+            out.extend_from_slice(n.format(*credits).as_bytes());
             out.extend_from_slice(b",\"duration_us\":");
-            out.extend_from_slice(n.format(row.duration_us).as_bytes());
+            out.extend_from_slice(n.format(*duration_us).as_bytes());
             out.extend_from_slice(b",\"created_at\":");
-            out.extend_from_slice(n.format(row.created_at).as_bytes());
+            out.extend_from_slice(n.format(*created_at).as_bytes());
             out.extend_from_slice(b"}\n");
             true
         }
