@@ -127,8 +127,7 @@ impl exports::tollgate::policy::health::Guest for Plugin {
     }
 }
 
-// Exported only in the component: on the build machine's own target the export names (`tollgate:policy/...`) are
-// not valid linker symbols, and `cargo build` there would fail to link; the unit tests call
-// `Plugin` directly.
+// Exported only in the component: on the build machine's own target the export names
+// (`tollgate:policy/...`) are not valid linker symbols, and `cargo build` there would fail to link.
 #[cfg(target_arch = "wasm32")]
 export!(Plugin);
