@@ -47,13 +47,19 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 kill "$(cat "$work/g10.pid")"; rm -f "$work/g10.pid"
 
+# time_report LABEL REPORT : times one GET /admin/REPORT on the big gateway into the results.
+time_report() {
+  local t
+  t=$(curl -sf -o /dev/null -w '%{time_total}' -H "x-admin-key: $admin_key" "$base/admin/$2")
+  echo "{\"label\":\"$1\",\"report\":\"$2\",\"ms\":$(python3 -c "print($t*1000)")}" >>"$results"
+}
+
 # Reports alone, three times each (the first warms nothing: both read memory, not the log).
 big=${url[$KEYS]}
 base=${big%/mcp}
 for report in consumer-insights system-health; do
   for i in 1 2 3; do
-    t=$(curl -sf -o /dev/null -w '%{time_total}' -H "x-admin-key: $admin_key" "$base/admin/$report")
-    echo "{\"label\":\"report\",\"report\":\"$report\",\"ms\":$(python3 -c "print($t*1000)")}" >>"$results"
+    time_report report "$report"
   done
 done
 "$bin/loadgen" --url "$big" --concurrency 8 --seconds "$SECS" --label "c8 quiet" --header "x-api-key: tg_bench_0" >>"$results"
@@ -63,8 +69,7 @@ sleep 1.2
 end=$(( $(date +%s) + SECS - 1 ))
 while [ "$(date +%s)" -lt "$end" ]; do
   for report in consumer-insights system-health; do
-    t=$(curl -sf -o /dev/null -w '%{time_total}' -H "x-admin-key: $admin_key" "$base/admin/$report")
-    echo "{\"label\":\"report under load\",\"report\":\"$report\",\"ms\":$(python3 -c "print($t*1000)")}" >>"$results"
+    time_report "report under load" "$report"
   done
 done
 wait $lg

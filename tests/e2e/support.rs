@@ -401,7 +401,6 @@ impl McpClient {
     }
 }
 
-/// The JSON-RPC response in an answer, whether it came as JSON or as SSE (last message wins).
 /// Sends a request and reads its answer's body as JSON (a transport error or a body that is not
 /// JSON fails the test).
 pub trait SendJson {
@@ -414,6 +413,7 @@ impl SendJson for reqwest::RequestBuilder {
     }
 }
 
+/// The JSON-RPC response in an answer, whether it came as JSON or as SSE (last message wins).
 pub async fn read_answer(resp: reqwest::Response) -> Value {
     let status = resp.status();
     let sse = resp

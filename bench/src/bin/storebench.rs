@@ -29,15 +29,7 @@ fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let ledger = Ledger::open(
-        dir.path(),
-        false,
-        Retention {
-            max_age_ms: i64::MAX / 4,
-            max_rows: i64::MAX / 4,
-        },
-    )
-    .unwrap();
+    let ledger = Ledger::open(dir.path(), false, Retention::keep_all()).unwrap();
     let (key, _) = rt
         .block_on(ledger.create_key("bench", 1_000_000_000_000, KeySettings::default()))
         .unwrap();

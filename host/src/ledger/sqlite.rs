@@ -125,6 +125,16 @@ pub struct Retention {
     pub max_rows: i64,
 }
 
+impl Retention {
+    /// A retention that never prunes (tests and benchmarks).
+    pub const fn keep_all() -> Retention {
+        Retention {
+            max_age_ms: i64::MAX / 4,
+            max_rows: i64::MAX / 4,
+        }
+    }
+}
+
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -1153,14 +1163,6 @@ mod tests {
         }
     }
 
-    /// A retention that never prunes.
-    fn keep_all() -> Retention {
-        Retention {
-            max_age_ms: i64::MAX / 4,
-            max_rows: i64::MAX / 4,
-        }
-    }
-
     fn seqs(conn: &Connection) -> (i64, i64, i64) {
         conn.query_row("SELECT COUNT(*), MIN(seq), MAX(seq) FROM requests", [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -1171,7 +1173,7 @@ mod tests {
     #[tokio::test]
     async fn pruning_keeps_the_newest_rows_and_what_a_webhook_has_not_delivered() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), false, keep_all()).unwrap();
+        let (store, _) = Store::open(dir.path(), false, Retention::keep_all()).unwrap();
         let now = crate::ledger::now_ms();
         for i in 0..2_300 {
             store.submit(Op::Request(row(i, now))).unwrap();
@@ -1200,7 +1202,7 @@ mod tests {
     #[tokio::test]
     async fn unique_tools_counts_each_keys_distinct_successful_tools_as_count_distinct_does() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), false, keep_all()).unwrap();
+        let (store, _) = Store::open(dir.path(), false, Retention::keep_all()).unwrap();
         let calls: &[(&str, Option<&str>, &str)] = &[
             ("key_1", Some("search"), "allowed"),
             ("key_1", Some("echo"), "allowed"),
@@ -1263,7 +1265,7 @@ mod tests {
             )
             .unwrap();
         }
-        let (store, keys) = Store::open(dir.path(), false, keep_all()).unwrap();
+        let (store, keys) = Store::open(dir.path(), false, Retention::keep_all()).unwrap();
         assert_eq!((keys[0].credits, keys[0].spent, keys[0].calls), (95, 5, 2));
         let before: Vec<(i64, String, String, i64)> = store
             .ledger(None)
