@@ -1,6 +1,7 @@
-//! One pricing call through the plugin host: on a warm pooled instance (the hot path), and on a
-//! fresh instance every time (the cold path: new `Store`, instantiate, configure, call). Also one
-//! health score over a full day of request-log buckets.
+//! One pricing call through the plugin host: on a warm pooled instance, on a fresh instance every
+//! time (the cold path: new `Store`, instantiate, configure, call), and a charge reused without a
+//! call (the gateway's path for a plugin that allows it). Also one health score over a full day of
+//! request-log buckets.
 //!
 //! `cargo bench -p tollgate-bench --bench plugin`
 
@@ -57,6 +58,14 @@ fn pricing(c: &mut Criterion) {
     let warm = policy(Limits::default());
     c.bench_function("price/warm instance", |b| {
         let plugin = warm.default_tenant().pricing.load();
+        b.iter(|| match plugin.price_by_call(warm.limits(), &input, Some(&key)) {
+            Priced::Charge(p) => assert_eq!(p.credits, 6),
+            other => panic!("{other:?}"),
+        })
+    });
+    // What the gateway does for pricing-table, which lets the host reuse its charges: a lookup.
+    c.bench_function("price/reused charge", |b| {
+        let plugin = warm.default_tenant().pricing.load();
         b.iter(|| match plugin.price(warm.limits(), &input, Some(&key)) {
             Priced::Charge(p) => assert_eq!(p.credits, 6),
             other => panic!("{other:?}"),
@@ -68,7 +77,7 @@ fn pricing(c: &mut Criterion) {
     });
     c.bench_function("price/fresh instance", |b| {
         let plugin = cold.default_tenant().pricing.load();
-        b.iter(|| match plugin.price(cold.limits(), &input, Some(&key)) {
+        b.iter(|| match plugin.price_by_call(cold.limits(), &input, Some(&key)) {
             Priced::Charge(p) => assert_eq!(p.credits, 6),
             other => panic!("{other:?}"),
         })

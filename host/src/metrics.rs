@@ -261,6 +261,7 @@ pub fn latency(total: Duration, upstream: Option<Duration>) {
 pub struct PluginMetrics {
     ok: Counter,
     failed: Counter,
+    reused: Counter,
     latency: Histogram,
 }
 
@@ -269,6 +270,7 @@ impl PluginMetrics {
         PluginMetrics {
             ok: counter!("tollgate_plugin_calls_total", "role" => role, "result" => "ok"),
             failed: counter!("tollgate_plugin_calls_total", "role" => role, "result" => "failed"),
+            reused: counter!("tollgate_plugin_reused_total", "role" => role),
             latency: histogram!("tollgate_plugin_latency_seconds", "role" => role),
         }
     }
@@ -277,6 +279,11 @@ impl PluginMetrics {
     pub fn record(&self, elapsed: Duration, failed: bool) {
         if failed { &self.failed } else { &self.ok }.increment(1);
         self.latency.record(elapsed.as_secs_f64());
+    }
+
+    /// One answer reused instead of a call.
+    pub fn reused(&self) {
+        self.reused.increment(1);
     }
 }
 

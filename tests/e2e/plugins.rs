@@ -125,6 +125,53 @@ async fn prices_from_the_pricing_table_config_are_charged_exactly() {
     assert_eq!(p.upstream_calls(), 3);
 }
 
+/// The pricing plugin's figures in `GET /admin/plugins`: calls made, and charges reused instead.
+async fn pricing_calls(admin: &Admin) -> (u64, u64) {
+    let plugins: Value = admin.get("/admin/plugins").send_json().await;
+    let p = &plugins["plugins"][0];
+    assert_eq!(p["role"], "pricing");
+    (p["calls"].as_u64().unwrap(), p["reused"].as_u64().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tables_prices_are_reused_until_the_keys_settings_change() {
+    let config = json!({"default_price": 2, "per_kib_input": 1, "tag_percent": {"partner": 50}});
+    let p = Priced::start(&["--pricing-config", &config.to_string()]).await;
+    let admin = p.gateway.admin();
+    let (id, secret) = admin.create_key("gina", 1000).await;
+    let c = p.client(&secret).await;
+
+    // Three calls of one tool and size: the plugin prices the first, the host reuses its charge.
+    for text in ["a", "b", "c"] {
+        c.call_text("echo", json!({"text": text})).await;
+    }
+    assert_eq!(
+        credits(&admin, &id).await,
+        1000 - 3 * 3,
+        "2, and 1 for a started KiB of arguments"
+    );
+    assert_eq!(pricing_calls(&admin).await, (1, 2));
+    // Another size in KiB is another price.
+    c.call_text("echo", json!({"text": "x".repeat(2000)})).await;
+    assert_eq!(credits(&admin, &id).await, 1000 - 9 - 4);
+    assert_eq!(pricing_calls(&admin).await, (2, 2));
+
+    // New tags are new settings: the next call is priced again, at the partner's half.
+    let r = admin
+        .http
+        .patch(format!("{}/admin/keys/{id}", p.gateway.base))
+        .header("x-admin-key", ADMIN_KEY)
+        .header("content-type", "application/json")
+        .body(json!({"tags": ["partner"]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    c.call_text("echo", json!({"text": "d"})).await;
+    assert_eq!(credits(&admin, &id).await, 1000 - 13 - 2, "(2 + 1) × 50 %, rounded up");
+    assert_eq!(pricing_calls(&admin).await, (3, 2));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_to_pricing_surge_takes_effect_on_the_next_call() {
     let p = Priced::start(&["--price", "2"]).await;
@@ -152,6 +199,10 @@ async fn a_reload_to_pricing_surge_takes_effect_on_the_next_call() {
     assert_eq!(pricing["witVersion"], "0.1.0");
     assert_eq!(pricing["sha256"].as_str().unwrap().len(), 64);
     assert_eq!(pricing["calls"], 1, "the new plugin counts its own calls");
+    // pricing-surge does not let the host reuse its prices (they follow the clock): every call
+    // reaches it.
+    c.call_text("echo", json!({"text": "c"})).await;
+    assert_eq!(pricing_calls(&admin).await, (2, 0));
     assert_eq!(plugins["plugins"][1]["file"], "embedded:health-weighted");
 }
 

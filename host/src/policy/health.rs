@@ -33,7 +33,12 @@ impl World for HealthWorld {
         pre.instantiate(store)
     }
 
-    fn configure(b: &Self::Bindings, store: &mut Store<Host>, config: &str) -> wasmtime::Result<Result<(), String>> {
+    fn configure(
+        _: &Self::Pre,
+        b: &Self::Bindings,
+        store: &mut Store<Host>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>> {
         b.tollgate_policy_lifecycle().call_configure(store, config)
     }
 }

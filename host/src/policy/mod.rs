@@ -4,6 +4,7 @@
 
 pub mod health;
 pub mod pricing;
+pub mod reuse;
 pub mod sandbox;
 
 use std::collections::HashMap;

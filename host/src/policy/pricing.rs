@@ -4,9 +4,12 @@
 use wasmtime::Store;
 use wasmtime::component::{ComponentExportIndex, ComponentType, Func, InstancePre, Lower, TypedFunc};
 
+use std::sync::{Arc, OnceLock};
+
+use super::reuse::{Inputs, ReuseCache};
 use super::sandbox::{Failure, Host, World};
 use super::{Limits, Loaded, Role};
-use crate::ledger::{Key, Status};
+use crate::ledger::{Key, KeySettings, Status};
 
 mod bindings {
     wasmtime::component::bindgen!({ world: "pricing-plugin", path: "../wit" });
@@ -18,16 +21,23 @@ use bindings::tollgate::policy::types::KeyStatus;
 /// The `pricing-plugin` world.
 pub struct PricingWorld;
 
-/// A pre-instantiated pricing plugin, and where its `price` export is.
+/// A pre-instantiated pricing plugin, where its exports are, and the charges it lets the host reuse.
 pub struct PricingPre {
     pre: bindings::PricingPluginPre<Host>,
     price: ComponentExportIndex,
+    /// `pricing-reuse`'s `reuse-ms`, if the plugin exports it.
+    reuse_ms: Option<ComponentExportIndex>,
+    /// What `reuse-ms` answered, asked of the first instance configured.
+    reuse_window: OnceLock<u32>,
+    reused: ReuseCache,
 }
 
-/// An instance's bindings, and its `price` typed for arguments lowered from borrowed data.
+/// An instance's bindings, its `price` typed for arguments lowered from borrowed data, and its
+/// `reuse-ms` where it has one.
 pub struct PricingBindings {
     bindings: bindings::PricingPlugin,
     price: TypedFunc<(CallArg<'static>, KeyArg<'static>), (PriceResult,)>,
+    reuse_ms: Option<TypedFunc<(), (u32,)>>,
 }
 
 type PriceResult = Result<pricing::Charge, pricing::Denial>;
@@ -72,13 +82,19 @@ impl World for PricingWorld {
 
     fn pre(instance_pre: InstancePre<Host>) -> wasmtime::Result<Self::Pre> {
         let component = instance_pre.component();
-        let price = component
-            .get_export_index(None, &format!("tollgate:policy/pricing@{}", super::WIT_VERSION)[..])
-            .and_then(|i| component.get_export_index(Some(&i), "price"))
-            .ok_or_else(|| wasmtime::format_err!("no export named price"))?;
+        let export = |interface: &str, name: &str| {
+            component
+                .get_export_index(None, &format!("tollgate:policy/{interface}@{}", super::WIT_VERSION)[..])
+                .and_then(|i| component.get_export_index(Some(&i), name))
+        };
+        let price = export("pricing", "price").ok_or_else(|| wasmtime::format_err!("no export named price"))?;
+        let reuse_ms = export("pricing-reuse", "reuse-ms");
         Ok(PricingPre {
             pre: bindings::PricingPluginPre::new(instance_pre)?,
             price,
+            reuse_ms,
+            reuse_window: OnceLock::new(),
+            reused: ReuseCache::default(),
         })
     }
 
@@ -90,11 +106,40 @@ impl World for PricingWorld {
             .ok_or_else(|| wasmtime::format_err!("no export named price"))?;
         // Checked against the component's types once, here.
         let price = func.typed(&*store)?;
-        Ok(PricingBindings { bindings, price })
+        let reuse_ms = match pre.reuse_ms {
+            Some(i) => Some(
+                instance
+                    .get_func(&mut *store, i)
+                    .ok_or_else(|| wasmtime::format_err!("no export named reuse-ms"))?
+                    .typed(&*store)?,
+            ),
+            None => None,
+        };
+        Ok(PricingBindings {
+            bindings,
+            price,
+            reuse_ms,
+        })
     }
 
-    fn configure(b: &Self::Bindings, store: &mut Store<Host>, config: &str) -> wasmtime::Result<Result<(), String>> {
-        b.bindings.tollgate_policy_lifecycle().call_configure(store, config)
+    fn configure(
+        pre: &Self::Pre,
+        b: &Self::Bindings,
+        store: &mut Store<Host>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>> {
+        let configured = b
+            .bindings
+            .tollgate_policy_lifecycle()
+            .call_configure(&mut *store, config)?;
+        if configured.is_ok()
+            && let Some(f) = &b.reuse_ms
+            && pre.reuse_window.get().is_none()
+        {
+            let (ms,) = f.call(&mut *store, ())?;
+            let _ = pre.reuse_window.set(ms);
+        }
+        Ok(configured)
     }
 }
 
@@ -156,6 +201,61 @@ impl Loaded<PricingWorld> {
     /// Prices `input` for `key` (None: no key, as when `tools/list` is called without one).
     pub fn price(&self, limits: &Limits, input: &CallInput<'_>, key: Option<&Key>) -> Priced {
         let argument_bytes = input.arguments.map_or(0, str::len);
+        let settings = key.map(|k| k.settings());
+        // A plugin that allows it has its charges reused for the same key, method, tool and size.
+        let reuse = match (self.reuse_ms(), key, &settings) {
+            (Some(ms), Some(key), Some(settings)) => Some((
+                ms,
+                Inputs {
+                    key,
+                    settings,
+                    method: input.method,
+                    tool: input.tool,
+                    kib: (argument_bytes as u64).div_ceil(1024),
+                },
+            )),
+            _ => None,
+        };
+        if let Some((_, inputs)) = &reuse
+            && let Some(price) = self.pool.pre().reused.get(inputs, input.now_ms)
+        {
+            self.pool.stats.count_reused();
+            return Priced::Charge(price);
+        }
+        let priced = self.call_plugin(limits, input, argument_bytes, key, settings.as_ref());
+        if let (Some((ms, inputs)), Priced::Charge(price)) = (&reuse, &priced) {
+            let until = input.now_ms.saturating_add(i64::from(*ms));
+            self.pool.pre().reused.put(inputs, *price, until);
+        }
+        priced
+    }
+
+    /// How long this plugin's charges may be reused (None: not at all).
+    pub fn reuse_ms(&self) -> Option<u32> {
+        self.pool.pre().reuse_window.get().copied().filter(|ms| *ms > 0)
+    }
+
+    /// Reused charges held now.
+    pub fn reused_entries(&self) -> usize {
+        self.pool.pre().reused.len()
+    }
+
+    /// Prices `input` by calling the plugin, whether or not it lets the host reuse its charges
+    /// (what the benchmark of a plugin call measures).
+    pub fn price_by_call(&self, limits: &Limits, input: &CallInput<'_>, key: Option<&Key>) -> Priced {
+        let settings = key.map(|k| k.settings());
+        let argument_bytes = input.arguments.map_or(0, str::len);
+        self.call_plugin(limits, input, argument_bytes, key, settings.as_ref())
+    }
+
+    fn call_plugin(
+        &self,
+        limits: &Limits,
+        input: &CallInput<'_>,
+        argument_bytes: usize,
+        key: Option<&Key>,
+        settings: Option<&Arc<KeySettings>>,
+    ) -> Priced {
         let call = CallArg {
             method: input.method,
             tool: input.tool,
@@ -164,8 +264,7 @@ impl Loaded<PricingWorld> {
             now_ms: input.now_ms,
             request_id: input.request_id,
         };
-        let settings = key.map(|k| k.settings());
-        let snapshot = match (key, &settings) {
+        let snapshot = match (key, settings) {
             (Some(key), Some(settings)) => KeyArg {
                 id: &key.id,
                 name: &key.name,

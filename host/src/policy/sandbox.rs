@@ -169,7 +169,13 @@ pub trait World: 'static {
     const ROLE: super::Role;
     fn pre(instance_pre: InstancePre<Host>) -> wasmtime::Result<Self::Pre>;
     fn instantiate(pre: &Self::Pre, store: &mut Store<Host>) -> wasmtime::Result<Self::Bindings>;
-    fn configure(b: &Self::Bindings, store: &mut Store<Host>, config: &str) -> wasmtime::Result<Result<(), String>>;
+    /// Configures a fresh instance (called once per instance, before any other call).
+    fn configure(
+        pre: &Self::Pre,
+        b: &Self::Bindings,
+        store: &mut Store<Host>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>>;
 }
 
 struct Warm<W: World> {
@@ -183,6 +189,7 @@ pub struct Stats {
     metrics: crate::metrics::PluginMetrics,
     calls: AtomicU64,
     failures: AtomicU64,
+    reused: AtomicU64,
     total_ns: AtomicU64,
     histogram: Mutex<hdrhistogram::Histogram<u64>>,
 }
@@ -193,6 +200,8 @@ pub struct Stats {
 pub struct StatsView {
     pub calls: u64,
     pub failures: u64,
+    /// Answers reused without calling the plugin (pricing plugins that allow it).
+    pub reused: u64,
     pub mean_us: f64,
     pub p99_us: f64,
 }
@@ -203,6 +212,7 @@ impl Stats {
             metrics: crate::metrics::PluginMetrics::new(role),
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
             total_ns: AtomicU64::new(0),
             histogram: Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 600_000_000_000, 2).unwrap()),
         }
@@ -226,6 +236,7 @@ impl Stats {
         StatsView {
             calls,
             failures: self.failures.load(Ordering::Relaxed),
+            reused: self.reused.load(Ordering::Relaxed),
             mean_us: if calls == 0 {
                 0.0
             } else {
@@ -238,6 +249,12 @@ impl Stats {
     /// Counts a failure that happened outside a call (an answer the host refused).
     pub fn count_failure(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an answer reused instead of a call.
+    pub fn count_reused(&self) {
+        self.reused.fetch_add(1, Ordering::Relaxed);
+        self.metrics.reused();
     }
 }
 
@@ -252,6 +269,11 @@ pub struct Pool<W: World> {
 }
 
 impl<W: World> Pool<W> {
+    /// What every instance was made from (the world's own per-plugin state lives here too).
+    pub fn pre(&self) -> &W::Pre {
+        &self.pre
+    }
+
     /// Pre-instantiates `component` and warms `limits.pool_size` instances, each configured with
     /// `config`: a component of the wrong world, or one that refuses its configuration, fails here.
     pub fn new(sandbox: &Sandbox, component: &Component, config: String, limits: Limits) -> Result<Self, PolicyError> {
@@ -302,7 +324,7 @@ impl<W: World> Pool<W> {
             .map_err(|e| FreshError::Failed(Failure::Instantiate(format!("{e:#}"))))?;
         let bindings =
             W::instantiate(&self.pre, &mut store).map_err(|e| FreshError::Failed(classify(e, &store, true)))?;
-        match W::configure(&bindings, &mut store, &self.config) {
+        match W::configure(&self.pre, &bindings, &mut store, &self.config) {
             Ok(Ok(())) => Ok(Warm {
                 store,
                 bindings,

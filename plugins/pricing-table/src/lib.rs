@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-wit_bindgen::generate!({ world: "pricing-plugin", path: "../../wit" });
+// The reusable world: a table's price depends only on the method, the tool, the started KiB of
+// arguments and the key's tags, so the host may reuse it (`pricing-reuse`).
+wit_bindgen::generate!({ world: "reusable-pricing-plugin", path: "../../wit" });
 
 use exports::tollgate::policy::pricing::{Charge, Denial, OutputSurcharge};
 use tollgate::policy::types::{Call, KeySnapshot};
@@ -107,6 +109,14 @@ impl exports::tollgate::policy::pricing::Guest for Plugin {
                 }),
             })
         })
+    }
+}
+
+impl exports::tollgate::policy::pricing_reuse::Guest for Plugin {
+    /// As long as the host keeps this configuration loaded: a reload or swap drops every reused
+    /// charge, and a key's new settings are priced afresh.
+    fn reuse_ms() -> u32 {
+        u32::MAX
     }
 }
 
