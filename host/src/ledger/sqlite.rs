@@ -344,9 +344,31 @@ struct Inner {
     commit_signal: Notify,
 }
 
+/// What one submission hands the writer: up to three operations (a settled call's charge, refund
+/// and request-log row go together: one channel send instead of three), numbered from `first`.
+struct Submission {
+    first: u64,
+    ops: [Option<Op>; 3],
+}
+
+impl Submission {
+    fn one(seq: u64, op: Op) -> Submission {
+        Submission {
+            first: seq,
+            ops: [Some(op), None, None],
+        }
+    }
+
+    /// The operations, each with its sequence number.
+    fn numbered(self) -> impl Iterator<Item = (u64, Op)> {
+        let first = self.first;
+        self.ops.into_iter().flatten().zip(first..).map(|(op, seq)| (seq, op))
+    }
+}
+
 struct Submit {
     seq: u64,
-    tx: mpsc::Sender<(u64, Op)>,
+    tx: mpsc::Sender<Submission>,
     /// `None` with `durability = "power"`: every change then waits for its fsynced commit.
     journal: Option<super::journal::Journal>,
 }
@@ -462,7 +484,10 @@ impl Store {
         let mut guard = self.inner.submit.lock().unwrap();
         guard.seq += 1;
         let seq = guard.seq;
-        guard.tx.send((seq, op)).map_err(|_| StoreError::WriterFailed)?;
+        guard
+            .tx
+            .send(Submission::one(seq, op))
+            .map_err(|_| StoreError::WriterFailed)?;
         Ok(seq)
     }
 
@@ -492,12 +517,18 @@ impl Store {
             }
             None => false,
         };
-        let mut seq = 0;
-        for op in ops {
-            guard.seq += 1;
-            seq = guard.seq;
-            guard.tx.send((seq, op)).map_err(|_| StoreError::WriterFailed)?;
+        const { assert!(N >= 1 && N <= 3, "a submission holds one to three operations") };
+        let first = guard.seq + 1;
+        guard.seq += N as u64;
+        let seq = guard.seq;
+        let mut slots = [None, None, None];
+        for (slot, op) in slots.iter_mut().zip(ops) {
+            *slot = Some(op);
         }
+        guard
+            .tx
+            .send(Submission { first, ops: slots })
+            .map_err(|_| StoreError::WriterFailed)?;
         Ok(if journaled { 0 } else { seq })
     }
 
@@ -899,7 +930,7 @@ fn prune(conn: &Connection, cutoff: i64, max_rows: i64) -> rusqlite::Result<usiz
 /// With the journal, nothing on the hot path waits for a commit, so the writer polls: callers
 /// never pay for waking it, and a busy millisecond's charges share one commit. Without it, every
 /// charge waits for its commit, so the writer wakes at once.
-fn writer(mut conn: Connection, rx: mpsc::Receiver<(u64, Op)>, inner: Arc<Inner>, journaled: bool) {
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Submission>, inner: Arc<Inner>, journaled: bool) {
     const MAX_BATCH: usize = 4096;
     // Each commit writes every page it dirtied to the WAL once: fewer, larger commits write far
     // fewer pages per call. Only admin changes wait for these commits.
@@ -930,11 +961,11 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<(u64, Op)>, inner: Arc<Inner>
                 Err(_) => return,
             }
         };
-        batch.push(first);
+        batch.extend(first.numbered());
         // Everything already queued goes into this commit: under load, many calls share one.
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(op) => batch.push(op),
+                Ok(s) => batch.extend(s.numbered()),
                 Err(_) => break,
             }
         }
