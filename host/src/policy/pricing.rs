@@ -1,10 +1,10 @@
 //! The pricing role: the `pricing-plugin` world's bindings, and one call priced by a plugin with
 //! the host's checks on what it returns.
 
+use std::sync::{Arc, OnceLock};
+
 use wasmtime::Store;
 use wasmtime::component::{ComponentExportIndex, ComponentType, Func, InstancePre, Lower, TypedFunc};
-
-use std::sync::{Arc, OnceLock};
 
 use super::reuse::{Inputs, ReuseCache};
 use super::sandbox::{Failure, Host, World};
@@ -233,11 +233,6 @@ impl Loaded<PricingWorld> {
     /// How long this plugin's charges may be reused (None: not at all).
     pub fn reuse_ms(&self) -> Option<u32> {
         self.pool.pre().reuse_window.get().copied().filter(|ms| *ms > 0)
-    }
-
-    /// Reused charges held now.
-    pub fn reused_entries(&self) -> usize {
-        self.pool.pre().reused.len()
     }
 
     /// Prices `input` by calling the plugin, whether or not it lets the host reuse its charges
