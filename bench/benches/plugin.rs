@@ -48,6 +48,8 @@ fn key() -> Arc<Key> {
 
 fn pricing(c: &mut Criterion) {
     let key = key();
+    let settings = key.settings();
+    let key = Some((&*key, &settings));
     let input = CallInput {
         method: "tools/call",
         tool: Some("search"),
@@ -58,7 +60,7 @@ fn pricing(c: &mut Criterion) {
     let warm = policy(Limits::default());
     c.bench_function("price/warm instance", |b| {
         let plugin = warm.default_tenant().pricing.load();
-        b.iter(|| match plugin.price_by_call(warm.limits(), &input, Some(&key)) {
+        b.iter(|| match plugin.price_by_call(warm.limits(), &input, key) {
             Priced::Charge(p) => assert_eq!(p.credits, 6),
             other => panic!("{other:?}"),
         })
@@ -66,7 +68,7 @@ fn pricing(c: &mut Criterion) {
     // What the gateway does for pricing-table, which lets the host reuse its charges: a lookup.
     c.bench_function("price/reused charge", |b| {
         let plugin = warm.default_tenant().pricing.load();
-        b.iter(|| match plugin.price(warm.limits(), &input, Some(&key)) {
+        b.iter(|| match plugin.price(warm.limits(), &input, key) {
             Priced::Charge(p) => assert_eq!(p.credits, 6),
             other => panic!("{other:?}"),
         })
@@ -77,7 +79,7 @@ fn pricing(c: &mut Criterion) {
     });
     c.bench_function("price/fresh instance", |b| {
         let plugin = cold.default_tenant().pricing.load();
-        b.iter(|| match plugin.price_by_call(cold.limits(), &input, Some(&key)) {
+        b.iter(|| match plugin.price_by_call(cold.limits(), &input, key) {
             Priced::Charge(p) => assert_eq!(p.credits, 6),
             other => panic!("{other:?}"),
         })

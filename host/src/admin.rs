@@ -144,7 +144,7 @@ async fn route(
             return Err(AdminError::MethodNotAllowed);
         }
         let key = gate.key_of(req.headers()).map_err(AdminError::Client)?;
-        gate.check_ip(&key, crate::proxy::client_ip_of(state, req.headers(), peer))
+        gate.check_ip(&key.settings(), crate::proxy::client_ip_of(state, req.headers(), peer))
             .map_err(AdminError::Client)?;
         return Ok(ok(StatusCode::OK, balance_view(&key)));
     }

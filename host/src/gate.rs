@@ -338,9 +338,9 @@ impl Gate {
         }
     }
 
-    /// Whether `key` is accepted from the client address `ip`.
-    pub fn check_ip(&self, key: &Key, ip: std::net::IpAddr) -> Result<(), Refusal> {
-        if key.settings().allows_ip(ip) {
+    /// Whether a key with `settings` is accepted from the client address `ip`.
+    pub fn check_ip(&self, settings: &KeySettings, ip: std::net::IpAddr) -> Result<(), Refusal> {
+        if settings.allows_ip(ip) {
             Ok(())
         } else {
             Err(Refusal::IpForbidden(keys::canonical(ip)))
@@ -349,14 +349,13 @@ impl Gate {
 
     /// Whether `key` may make this call (`tool`: the tool of a `tools/call`, "" if it names none):
     /// its tool lists, then its rate limits (the key's, then the key×tool one).
-    pub fn check_call(&self, key: &Key, tool: Option<&str>) -> Result<(), Refusal> {
-        let settings = key.settings();
+    pub fn check_call(&self, key: &Key, settings: &Arc<KeySettings>, tool: Option<&str>) -> Result<(), Refusal> {
         if let Some(tool) = tool
             && !settings.allows_tool(tool)
         {
             return Err(Refusal::ToolForbidden(tool.to_string()));
         }
-        let limits = self.limits_of(key, &settings);
+        let limits = self.limits_of(key, settings);
         if let Some(l) = &limits.key {
             check_limiter(l, None)?;
         }
@@ -410,6 +409,8 @@ impl Gate {
             settings.as_ref().is_none_or(|s| s.allows_tool(name))
         });
         let now_ms = crate::ledger::now_ms();
+        let plugin = self.inner.policy.default_tenant().pricing.load();
+        let key = key.zip(settings.as_ref());
         for t in tools.iter_mut() {
             let name = t.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string();
             let input = CallInput {
@@ -419,18 +420,10 @@ impl Gate {
                 request_id: "",
                 now_ms,
             };
-            let price =
-                match self
-                    .inner
-                    .policy
-                    .default_tenant()
-                    .pricing
-                    .load()
-                    .price(self.inner.policy.limits(), &input, key)
-                {
-                    Priced::Charge(p) => Some(p.credits),
-                    _ => None,
-                };
+            let price = match plugin.price(self.inner.policy.limits(), &input, key) {
+                Priced::Charge(p) => Some(p.credits),
+                _ => None,
+            };
             if let (Some(obj), Some(price)) = (t.as_object_mut(), price) {
                 let meta = obj.entry("_meta").or_insert_with(|| serde_json::json!({}));
                 if let Some(meta) = meta.as_object_mut() {
@@ -444,9 +437,9 @@ impl Gate {
 
     /// What a paid request costs, as the pricing plugin decides. A plugin that fails refuses the
     /// call (fail closed); the details go to the log only.
-    pub fn price(&self, key: &Key, input: &CallInput<'_>) -> Result<Price, Refusal> {
+    pub fn price(&self, key: &Key, settings: &Arc<KeySettings>, input: &CallInput<'_>) -> Result<Price, Refusal> {
         let plugin = self.inner.policy.default_tenant().pricing.load();
-        match plugin.price(self.inner.policy.limits(), input, Some(key)) {
+        match plugin.price(self.inner.policy.limits(), input, Some((key, settings))) {
             Priced::Charge(p) => Ok(p),
             Priced::Denied(reason) => Err(Refusal::PolicyDenied(reason)),
             Priced::Failed(f) => {

@@ -465,8 +465,10 @@ async fn post_inner(
                     let admitted = (|| {
                         let key = gate.key_of(headers)?;
                         key_id = Some(key.id.clone());
-                        gate.check_ip(&key, client_ip_of(state, headers, peer))?;
-                        gate.check_call(&key, gate_tool)?;
+                        // One read of the key's settings serves every check and the price.
+                        let settings = key.settings();
+                        gate.check_ip(&settings, client_ip_of(state, headers, peer))?;
+                        gate.check_call(&key, &settings, gate_tool)?;
                         let input = CallInput {
                             method,
                             tool: gate_tool,
@@ -474,7 +476,7 @@ async fn post_inner(
                             request_id: &request_id,
                             now_ms: crate::ledger::now_ms(),
                         };
-                        let p = gate.price(&key, &input)?;
+                        let p = gate.price(&key, &settings, &input)?;
                         price = Some(p);
                         if shadow {
                             gate.would_reserve(&key, p.reserved())?;

@@ -352,13 +352,6 @@ struct Submission {
 }
 
 impl Submission {
-    fn one(seq: u64, op: Op) -> Submission {
-        Submission {
-            first: seq,
-            ops: [Some(op), None, None],
-        }
-    }
-
     /// The operations, each with its sequence number.
     fn numbered(self) -> impl Iterator<Item = (u64, Op)> {
         let first = self.first;
@@ -371,6 +364,23 @@ struct Submit {
     tx: mpsc::Sender<Submission>,
     /// `None` with `durability = "power"`: every change then waits for its fsynced commit.
     journal: Option<super::journal::Journal>,
+}
+
+impl Submit {
+    /// Numbers `ops` and hands them to the writer in one send; returns the last number.
+    fn hand_over<const N: usize>(&mut self, ops: [Op; N]) -> Result<u64, StoreError> {
+        const { assert!(N >= 1 && N <= 3, "a submission holds one to three operations") };
+        let first = self.seq + 1;
+        self.seq += N as u64;
+        let mut slots = [None, None, None];
+        for (slot, op) in slots.iter_mut().zip(ops) {
+            *slot = Some(op);
+        }
+        self.tx
+            .send(Submission { first, ops: slots })
+            .map_err(|_| StoreError::WriterFailed)?;
+        Ok(self.seq)
+    }
 }
 
 impl Store {
@@ -481,14 +491,7 @@ impl Store {
     /// Hands an operation to the writer; returns its sequence number.
     pub fn submit(&self, op: Op) -> Result<u64, StoreError> {
         self.check()?;
-        let mut guard = self.inner.submit.lock().unwrap();
-        guard.seq += 1;
-        let seq = guard.seq;
-        guard
-            .tx
-            .send(Submission::one(seq, op))
-            .map_err(|_| StoreError::WriterFailed)?;
-        Ok(seq)
+        self.inner.submit.lock().unwrap().hand_over([op])
     }
 
     /// Hands charges, refunds and settled calls' request rows to the writer and makes them durable
@@ -517,18 +520,7 @@ impl Store {
             }
             None => false,
         };
-        const { assert!(N >= 1 && N <= 3, "a submission holds one to three operations") };
-        let first = guard.seq + 1;
-        guard.seq += N as u64;
-        let seq = guard.seq;
-        let mut slots = [None, None, None];
-        for (slot, op) in slots.iter_mut().zip(ops) {
-            *slot = Some(op);
-        }
-        guard
-            .tx
-            .send(Submission { first, ops: slots })
-            .map_err(|_| StoreError::WriterFailed)?;
+        let seq = guard.hand_over(ops)?;
         Ok(if journaled { 0 } else { seq })
     }
 

@@ -194,17 +194,20 @@ pub struct CallInput<'a> {
     pub now_ms: i64,
 }
 
+/// A key as one request sees it: the key, and the settings the request read from it once.
+pub type KeyView<'a> = (&'a Key, &'a Arc<KeySettings>);
+
 /// A denial reason is cut to this many bytes.
 pub const MAX_REASON_BYTES: usize = 512;
 
 impl Loaded<PricingWorld> {
-    /// Prices `input` for `key` (None: no key, as when `tools/list` is called without one).
-    pub fn price(&self, limits: &Limits, input: &CallInput<'_>, key: Option<&Key>) -> Priced {
+    /// Prices `input` for `key` with the settings the request read (None: no key, as when
+    /// `tools/list` is called without one).
+    pub fn price(&self, limits: &Limits, input: &CallInput<'_>, key: Option<KeyView<'_>>) -> Priced {
         let argument_bytes = input.arguments.map_or(0, str::len);
-        let settings = key.map(|k| k.settings());
         // A plugin that allows it has its charges reused for the same key, method, tool and size.
-        let reuse = match (self.reuse_ms(), key, &settings) {
-            (Some(ms), Some(key), Some(settings)) => Some((
+        let reuse = match (self.reuse_ms(), key) {
+            (Some(ms), Some((key, settings))) => Some((
                 ms,
                 Inputs {
                     key,
@@ -222,7 +225,7 @@ impl Loaded<PricingWorld> {
             self.pool.stats.count_reused();
             return Priced::Charge(price);
         }
-        let priced = self.call_plugin(limits, input, argument_bytes, key, settings.as_ref());
+        let priced = self.call_plugin(limits, input, argument_bytes, key);
         if let (Some((ms, inputs)), Priced::Charge(price)) = (&reuse, &priced) {
             let until = input.now_ms.saturating_add(i64::from(*ms));
             self.pool.pre().reused.put(inputs, *price, until);
@@ -237,10 +240,9 @@ impl Loaded<PricingWorld> {
 
     /// Prices `input` by calling the plugin, whether or not it lets the host reuse its charges
     /// (what the benchmark of a plugin call measures).
-    pub fn price_by_call(&self, limits: &Limits, input: &CallInput<'_>, key: Option<&Key>) -> Priced {
-        let settings = key.map(|k| k.settings());
+    pub fn price_by_call(&self, limits: &Limits, input: &CallInput<'_>, key: Option<KeyView<'_>>) -> Priced {
         let argument_bytes = input.arguments.map_or(0, str::len);
-        self.call_plugin(limits, input, argument_bytes, key, settings.as_ref())
+        self.call_plugin(limits, input, argument_bytes, key)
     }
 
     fn call_plugin(
@@ -248,8 +250,7 @@ impl Loaded<PricingWorld> {
         limits: &Limits,
         input: &CallInput<'_>,
         argument_bytes: usize,
-        key: Option<&Key>,
-        settings: Option<&Arc<KeySettings>>,
+        key: Option<KeyView<'_>>,
     ) -> Priced {
         let call = CallArg {
             method: input.method,
@@ -259,8 +260,8 @@ impl Loaded<PricingWorld> {
             now_ms: input.now_ms,
             request_id: input.request_id,
         };
-        let snapshot = match (key, settings) {
-            (Some(key), Some(settings)) => KeyArg {
+        let snapshot = match key {
+            Some((key, settings)) => KeyArg {
                 id: &key.id,
                 name: &key.name,
                 tags: &settings.tags,
@@ -276,7 +277,7 @@ impl Loaded<PricingWorld> {
                 created_ms: key.created_at,
                 expires_ms: settings.expires_at,
             },
-            _ => KeyArg {
+            None => KeyArg {
                 id: "",
                 name: "",
                 tags: &[],
