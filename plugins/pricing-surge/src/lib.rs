@@ -77,6 +77,12 @@ impl Surge {
     }
 }
 
+// Every string the host hands a call is one allocation here, freed when the call returns: talc
+// does those faster than the standard library's dlmalloc (about 0.1 µs less per warm call).
+#[cfg(all(not(target_feature = "atomics"), target_family = "wasm"))]
+#[global_allocator]
+static TALC: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+
 thread_local! {
     static SURGE: RefCell<Surge> = RefCell::new(Surge::default());
 }
