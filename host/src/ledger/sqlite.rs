@@ -914,9 +914,10 @@ fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Rete
 
 /// Deletes request-log rows past the retention (older than `cutoff`, or beyond the newest
 /// `max_rows`) and admin events older than `cutoff`, except what a webhook destination has not
-/// delivered yet and the newest request row. Oldest first, a few hundred rows per transaction with pauses between: one big
-/// delete would hold the write lock for as long as it takes (~30 µs a row), and every admin
-/// change (and every admin read that waits for the database to catch up) would wait behind it.
+/// delivered yet and the newest request row. Oldest first, a few hundred rows per transaction
+/// with pauses between: one big delete would hold the write lock for as long as it takes (~30 µs
+/// a row), and every admin change (and every admin read that waits for the database to catch up)
+/// would wait behind it.
 fn prune(conn: &Connection, cutoff: i64, max_rows: i64) -> rusqlite::Result<usize> {
     // Up to 5,000 rows per tick (10,000 a second), between the checkpoints on the same thread.
     const CHUNK: i64 = 500;
