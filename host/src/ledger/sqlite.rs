@@ -1223,16 +1223,33 @@ mod tests {
         .unwrap()
     }
 
-    #[tokio::test]
-    async fn pruning_keeps_the_newest_rows_and_what_a_webhook_has_not_delivered() {
+    /// A store holding `n` request-log rows made at `created_at`, committed, and a connection to
+    /// its database (the directory lives as long as the first value).
+    async fn log_of(n: usize, created_at: i64) -> (tempfile::TempDir, Store, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), false, Retention::keep_all()).unwrap();
-        let now = crate::ledger::now_ms();
-        for i in 0..2_300 {
-            store.submit(Op::Request(row(i, now))).unwrap();
+        for i in 0..n {
+            store.submit(Op::Request(row(i, created_at))).unwrap();
         }
         store.sync().await.unwrap();
         let conn = Connection::open(dir.path().join("tollgate.db")).unwrap();
+        (dir, store, conn)
+    }
+
+    /// A database in `dir` as schema version `version` left it, before any newer migration.
+    fn database_at(dir: &Path, version: usize) -> Connection {
+        let conn = Connection::open(dir.join("tollgate.db")).unwrap();
+        for sql in &MIGRATIONS[..version] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", version as i64).unwrap();
+        conn
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_newest_rows_and_what_a_webhook_has_not_delivered() {
+        let now = crate::ledger::now_ms();
+        let (_dir, store, conn) = log_of(2_300, now).await;
 
         // Past 1,000 rows, the oldest go, in one pass of a few small transactions.
         assert_eq!(prune(&conn, 0, 1_000).unwrap(), 1_300);
@@ -1254,14 +1271,8 @@ mod tests {
 
     #[tokio::test]
     async fn pruning_a_whole_idle_log_keeps_its_newest_row_so_seqs_never_go_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), false, Retention::keep_all()).unwrap();
         let now = crate::ledger::now_ms();
-        for i in 0..10 {
-            store.submit(Op::Request(row(i, now))).unwrap();
-        }
-        store.sync().await.unwrap();
-        let conn = Connection::open(dir.path().join("tollgate.db")).unwrap();
+        let (_dir, store, conn) = log_of(10, now).await;
 
         // Every row is past its age; the newest stays, so the next one is numbered after it.
         assert_eq!(prune(&conn, now + 1, 1_000).unwrap(), 9);
@@ -1275,10 +1286,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             // Version 7, with AUTOINCREMENT: rows 1-3 kept, 4-5 pruned, a destination at 5.
-            let conn = Connection::open(dir.path().join("tollgate.db")).unwrap();
-            for sql in &MIGRATIONS[..7] {
-                conn.execute_batch(sql).unwrap();
-            }
+            let conn = database_at(dir.path(), 7);
             for i in 1..=5 {
                 conn.execute(
                     "INSERT INTO requests (request_id, method, outcome, credits, duration_us, created_at, key_id)
@@ -1289,8 +1297,7 @@ mod tests {
             }
             conn.execute_batch(
                 "DELETE FROM requests WHERE seq > 3;
-                 INSERT INTO webhook_cursors (destination, request_seq, event_seq) VALUES ('d', 5, 0);
-                 PRAGMA user_version = 7;",
+                 INSERT INTO webhook_cursors (destination, request_seq, event_seq) VALUES ('d', 5, 0);",
             )
             .unwrap();
         }
@@ -1355,10 +1362,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             // A database as version 6 left it: a key with a grant, a charge and a refund.
-            let conn = Connection::open(dir.path().join("tollgate.db")).unwrap();
-            for sql in &MIGRATIONS[..6] {
-                conn.execute_batch(sql).unwrap();
-            }
+            let conn = database_at(dir.path(), 6);
             conn.execute_batch(
                 "INSERT INTO keys (id, name, hash, prefix, status, credits, spent, calls, created_at)
                     VALUES ('key_1', 'old', x'00', 'tg_', 'active', 95, 5, 2, 0);
@@ -1366,8 +1370,7 @@ mod tests {
                     ('grant-key_1', 'key_1', 'grant', 100, 0),
                     ('req_1', 'key_1', 'charge', 5, 1),
                     ('req_2', 'key_1', 'charge', 3, 2),
-                    ('req_2', 'key_1', 'refund', 3, 3);
-                 PRAGMA user_version = 6;",
+                    ('req_2', 'key_1', 'refund', 3, 3);",
             )
             .unwrap();
         }
