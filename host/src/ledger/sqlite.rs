@@ -428,6 +428,7 @@ impl Store {
             source,
         };
         let mut conn = Connection::open(&path).map_err(open_err)?;
+        stable_plans(&conn).map_err(open_err)?;
         // Reading the schema version is the first real read: a corrupt or foreign file fails here.
         conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
         let sync = if power_safe { "FULL" } else { "NORMAL" };
@@ -494,6 +495,7 @@ impl Store {
             .spawn(move || writer(conn, rx, writer_inner, journaled))
             .expect("spawning the database writer");
         let checkpoint_conn = Connection::open(&path).map_err(open_err)?;
+        stable_plans(&checkpoint_conn).map_err(open_err)?;
         checkpoint_conn
             .pragma_update(None, "journal_size_limit", 64 << 20)
             .map_err(open_err)?;
@@ -589,6 +591,7 @@ impl Store {
             &self.inner.path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
+        .and_then(|conn| stable_plans(&conn).map(|()| conn))
         .map_err(|source| StoreError::Open {
             path: self.inner.path.clone(),
             source,
@@ -719,11 +722,7 @@ impl Store {
     /// Settled calls (request rows with a charge kept or refunded; not shadow mode's, which charge
     /// nothing) after `seq`, oldest first.
     pub fn usage_after(conn: &Connection, seq: i64, limit: i64) -> Result<Vec<RequestRow>, StoreError> {
-        let mut stmt = conn.prepare_cached(&format!(
-            "{REQUEST_COLUMNS} WHERE seq > ?1 AND outcome IN ('allowed', 'refunded') AND key_id IS NOT NULL
-               AND (reason IS NULL OR reason NOT LIKE 'shadow:%')
-             ORDER BY seq LIMIT ?2"
-        ))?;
+        let mut stmt = conn.prepare_cached(USAGE_AFTER)?;
         let rows = stmt
             .query_map(params![seq, limit], request_from_row)?
             .collect::<Result<Vec<_>, _>>()?;
@@ -824,8 +823,28 @@ impl Store {
     }
 }
 
-const REQUEST_COLUMNS: &str =
-    "SELECT seq, request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at FROM requests";
+macro_rules! request_columns {
+    () => {
+        "SELECT seq, request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at FROM requests"
+    };
+}
+const REQUEST_COLUMNS: &str = request_columns!();
+
+/// The usage outbox after a seq: settled charges and refunds of keys, not shadow-mode rows.
+const USAGE_AFTER: &str = concat!(
+    request_columns!(),
+    " WHERE seq > ?1 AND outcome IN ('allowed', 'refunded') AND key_id IS NOT NULL
+       AND (reason IS NULL OR reason NOT LIKE 'shadow:%')
+     ORDER BY seq LIMIT ?2"
+);
+
+/// Every connection plans each statement once. SQLite (built with STAT4, as rusqlite bundles it)
+/// otherwise treats a bound `LIMIT ?` as a constant while planning, and so prepares a cached
+/// statement again every time that parameter is bound: once per webhook batch read, ~40 µs each.
+fn stable_plans(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    Ok(())
+}
 
 fn request_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
     Ok(RequestRow {
@@ -1279,6 +1298,23 @@ mod tests {
         assert_eq!(seqs(&conn), (1, 10, 10));
         store.write(Op::Request(row(10, now))).await.unwrap();
         assert_eq!(seqs(&conn), (2, 10, 11));
+    }
+
+    #[tokio::test]
+    async fn reading_the_usage_outbox_batch_after_batch_plans_its_statement_once() {
+        let (_dir, store, _) = log_of(250, 0).await;
+        let conn = store.reader().unwrap();
+        let mut cursor = 0;
+        let mut read = Vec::new();
+        for _ in 0..3 {
+            let batch = Store::usage_after(&conn, cursor, 100).unwrap();
+            cursor = batch.last().unwrap().seq;
+            read.extend(batch.into_iter().map(|r| r.seq));
+        }
+        assert_eq!(read, (1..=250).collect::<Vec<i64>>());
+        // A new binding of `LIMIT ?2` must not send the cached statement back to the planner.
+        let stmt = conn.prepare_cached(USAGE_AFTER).unwrap();
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
     }
 
     #[tokio::test]
