@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
 use serde_json::{Value, json};
 
 use crate::config::WebhookConfig;
@@ -307,10 +308,11 @@ impl Webhooks {
             .map_err(|_| StoreError::WriterFailed)??;
         let mut replayed = 0;
         let mut events = 0;
+        let mut kept = None;
         let mut error = None;
         for letter in &letters {
             let body = batch_body(&config.name, &letter.events);
-            match send(&config, tls.as_ref(), body).await {
+            match send(&config, tls.as_ref(), body, &mut kept).await {
                 Ok(()) => {
                     crate::metrics::webhook(&config.name, "ok", letter.count as usize);
                     progress.last_delivery_at.store(now_ms(), Ordering::Relaxed);
@@ -540,6 +542,8 @@ async fn deliver(target: Target, ledger: Ledger, mut cursor: Cursor) {
     } = target;
     let store = ledger.store().clone();
     let reader: Arc<Mutex<Option<rusqlite::Connection>>> = Arc::new(Mutex::new(None));
+    // The connection to the destination, kept open between batches.
+    let mut kept = None;
     loop {
         let (r, s, limit) = (reader.clone(), store.clone(), c.batch_size as i64);
         let read = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
@@ -605,7 +609,7 @@ async fn deliver(target: Target, ledger: Ledger, mut cursor: Cursor) {
         if count > 0 {
             let events = json_array(&batch);
             let body = batch_body(&c.name, &events);
-            match send_with_retries(&c, tls.as_ref(), &progress, body, count).await {
+            match send_with_retries(&c, tls.as_ref(), &mut kept, &progress, body, count).await {
                 Ok(()) => delivered = count as i64,
                 Err((error, attempts)) => {
                     crate::metrics::webhook(&c.name, "dead", count);
@@ -669,6 +673,7 @@ fn start_cursor(store: &Store, name: &str) -> Result<Cursor, StoreError> {
 async fn send_with_retries(
     c: &WebhookConfig,
     tls: Option<&tokio_rustls::TlsConnector>,
+    kept: &mut Option<Kept>,
     p: &Progress,
     body: Bytes,
     events: usize,
@@ -676,7 +681,7 @@ async fn send_with_retries(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match send(c, tls, body.clone()).await {
+        match send(c, tls, body.clone(), kept).await {
             Ok(()) => {
                 crate::metrics::webhook(&c.name, "ok", events);
                 p.last_delivery_at.store(now_ms(), Ordering::Relaxed);
@@ -709,15 +714,43 @@ fn tls_connector(c: &WebhookConfig) -> Result<Option<tokio_rustls::TlsConnector>
     Ok(Some(tokio_rustls::TlsConnector::from(Arc::new(config))))
 }
 
-/// One signed POST of `body` to the destination, within its timeout.
-async fn send(c: &WebhookConfig, tls: Option<&tokio_rustls::TlsConnector>, body: Bytes) -> Result<(), String> {
-    match tokio::time::timeout(c.timeout, send_once(c, tls, body)).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {} ms", c.timeout.as_millis())),
+/// A destination's open connection, kept between batches. It is used again only while the
+/// destination still resolves to the same address: every batch is resolved and checked first.
+struct Kept {
+    addr: SocketAddr,
+    sender: SendRequest<Full<Bytes>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
-async fn send_once(c: &WebhookConfig, tls: Option<&tokio_rustls::TlsConnector>, body: Bytes) -> Result<(), String> {
+/// One signed POST of `body` to the destination, within its timeout, over the connection in
+/// `kept` when it still fits (it is left there for the next batch once the exchange ends cleanly).
+async fn send(
+    c: &WebhookConfig,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    body: Bytes,
+    kept: &mut Option<Kept>,
+) -> Result<(), String> {
+    match tokio::time::timeout(c.timeout, send_once(c, tls, body, kept)).await {
+        Ok(r) => r,
+        Err(_) => {
+            *kept = None;
+            Err(format!("no answer within {} ms", c.timeout.as_millis()))
+        }
+    }
+}
+
+async fn send_once(
+    c: &WebhookConfig,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    body: Bytes,
+    kept: &mut Option<Kept>,
+) -> Result<(), String> {
     let authority = c.url.authority().ok_or("the URL has no host")?.clone();
     let host = authority
         .host()
@@ -730,35 +763,41 @@ async fn send_once(c: &WebhookConfig, tls: Option<&tokio_rustls::TlsConnector>, 
         .map_err(|e| format!("cannot resolve {host}: {e}"))?
         .collect();
     let addr = pick_address(&addrs, &c.allow_networks)?;
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    let _ = stream.set_nodelay(true);
     let t = now_ms() / 1000;
     let signature = format!("t={t},v1={}", sign(c.secret.expose(), t, &body));
     let path = c.url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let req = http::Request::post(path)
-        .header(http::header::HOST, authority.as_str())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(
-            http::header::USER_AGENT,
-            concat!("tollgate/", env!("CARGO_PKG_VERSION")),
-        )
-        .header(SIGNATURE_HEADER, signature)
-        .body(Full::new(body))
-        .map_err(|e| e.to_string())?;
-    let status = match tls {
-        Some(connector) => {
-            let name = rustls_pki_types::ServerName::try_from(host.clone())
-                .map_err(|e| format!("{host} is not a TLS server name: {e}"))?;
-            let stream = connector
-                .connect(name, stream)
-                .await
-                .map_err(|e| format!("TLS with {host} ({addr}): {e}"))?;
-            post_over(stream, req, addr).await?
-        }
-        None => post_over(stream, req, addr).await?,
+    let request = || {
+        http::Request::post(path)
+            .header(http::header::HOST, authority.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(
+                http::header::USER_AGENT,
+                concat!("tollgate/", env!("CARGO_PKG_VERSION")),
+            )
+            .header(SIGNATURE_HEADER, signature.as_str())
+            .body(Full::new(body.clone()))
+            .map_err(|e| e.to_string())
     };
+    // The kept connection, if it goes to the same address and is still open. The receiver may
+    // have closed it while it was idle, racing this batch: then the batch goes once more, over
+    // a new connection (receivers de-duplicate by event id).
+    if let Some(mut k) = kept.take()
+        && k.addr == addr
+        && k.sender.ready().await.is_ok()
+        && let Ok((status, reusable)) = exchange(&mut k.sender, request()?, addr).await
+    {
+        return answered(kept, k, status, reusable);
+    }
+    let mut k = connect(tls, &host, addr).await?;
+    let (status, reusable) = exchange(&mut k.sender, request()?, addr).await?;
+    answered(kept, k, status, reusable)
+}
+
+/// What an answered POST means; its connection is kept if it can carry the next batch.
+fn answered(kept: &mut Option<Kept>, k: Kept, status: http::StatusCode, reusable: bool) -> Result<(), String> {
+    if reusable {
+        *kept = Some(k);
+    }
     if status.is_success() {
         Ok(())
     } else {
@@ -766,21 +805,54 @@ async fn send_once(c: &WebhookConfig, tls: Option<&tokio_rustls::TlsConnector>, 
     }
 }
 
-/// One HTTP/1.1 exchange over an open connection (plain or TLS).
-async fn post_over<S>(io: S, req: http::Request<Full<Bytes>>, addr: SocketAddr) -> Result<http::StatusCode, String>
+/// A new connection to the destination at `addr` (TLS for `https://`).
+async fn connect(tls: Option<&tokio_rustls::TlsConnector>, host: &str, addr: SocketAddr) -> Result<Kept, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    match tls {
+        Some(connector) => {
+            let name = rustls_pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| format!("{host} is not a TLS server name: {e}"))?;
+            let stream = connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("TLS with {host} ({addr}): {e}"))?;
+            handshake(stream, addr).await
+        }
+        None => handshake(stream, addr).await,
+    }
+}
+
+/// HTTP/1.1 over an open connection (plain or TLS), driven by a task of its own.
+async fn handshake<S>(io: S, addr: SocketAddr) -> Result<Kept, String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
-    let conn = tokio::spawn(conn);
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(Kept { addr, sender, task })
+}
+
+/// One POST and its answer's status. The answer's body is read to its end (up to 64 KiB) so the
+/// connection can carry the next request; whether it can is the second value.
+async fn exchange(
+    sender: &mut SendRequest<Full<Bytes>>,
+    req: http::Request<Full<Bytes>>,
+    addr: SocketAddr,
+) -> Result<(http::StatusCode, bool), String> {
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|e| format!("POST to {addr}: {e}"));
-    conn.abort();
-    Ok(resp?.status())
+        .map_err(|e| format!("POST to {addr}: {e}"))?;
+    let status = resp.status();
+    let drained = Limited::new(resp.into_body(), 64 * 1024).collect().await.is_ok();
+    Ok((status, drained && !sender.is_closed()))
 }
 
 /// The first resolved address the destination may use: one outside the forbidden ranges, or

@@ -26,6 +26,8 @@ struct Receiver {
     /// When false, it answers 503.
     up: Arc<AtomicBool>,
     bad_signatures: Arc<AtomicUsize>,
+    /// Connections accepted.
+    connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -72,12 +74,14 @@ impl Receiver {
         let events = Arc::new(Mutex::new(Vec::new()));
         let up = Arc::new(AtomicBool::new(up));
         let bad_signatures = Arc::new(AtomicUsize::new(0));
-        let (e, u, b) = (events.clone(), up.clone(), bad_signatures.clone());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (e, u, b, n) = (events.clone(), up.clone(), bad_signatures.clone(), connections.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                n.fetch_add(1, Ordering::SeqCst);
                 let (e, u, b) = (e.clone(), u.clone(), b.clone());
                 let tls = tls.clone();
                 tokio::spawn(async move {
@@ -130,6 +134,7 @@ impl Receiver {
             events,
             up,
             bad_signatures,
+            connections,
             task,
         }
     }
@@ -479,6 +484,20 @@ async fn https_destinations_verify_the_receivers_certificate() {
         "{error}"
     );
     assert_eq!(rx.bad_signatures.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_to_a_destination_come_over_one_kept_connection() {
+    let rx = Receiver::start(true).await;
+    // One event a batch: twelve POSTs.
+    let h = Hooked::start(&rx, "ops", "batch_size = 1\nevents = [\"usage\"]", 12).await;
+    let usage = rx.await_usage(12, "every event, a batch each").await;
+    assert_eq!(usage.keys().cloned().collect::<HashSet<_>>(), h.made);
+    assert_eq!(
+        rx.connections.load(Ordering::SeqCst),
+        1,
+        "one connection carried every batch"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
