@@ -738,10 +738,9 @@ async fn send(
 ) -> Result<(), String> {
     match tokio::time::timeout(c.timeout, send_once(c, tls, body, kept)).await {
         Ok(r) => r,
-        Err(_) => {
-            *kept = None;
-            Err(format!("no answer within {} ms", c.timeout.as_millis()))
-        }
+        // A connection in use when time ran out was taken from `kept` and is dropped with the
+        // exchange; one still in `kept` (time ran out resolving the destination) is still good.
+        Err(_) => Err(format!("no answer within {} ms", c.timeout.as_millis())),
     }
 }
 

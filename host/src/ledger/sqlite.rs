@@ -842,8 +842,8 @@ const USAGE_AFTER: &str = concat!(
 /// otherwise treats a bound `LIMIT ?` as a constant while planning, and so prepares a cached
 /// statement again every time that parameter is bound: once per webhook batch read, ~40 µs each.
 fn stable_plans(conn: &Connection) -> rusqlite::Result<()> {
-    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
-    Ok(())
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map(drop)
 }
 
 fn request_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
