@@ -480,6 +480,61 @@ mod tests {
     }
 
     #[test]
+    fn a_restart_replays_the_charge_journal_without_logging_a_call_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key_id, credits) = rt().block_on(async {
+            let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
+            let (key, _) = ledger.create_key("carol", 100, KeySettings::default()).await.unwrap();
+            // Kept, refunded, kept in part.
+            for (id, kept) in [("r1", 2), ("r2", 0), ("r3", 1)] {
+                let r = ledger.reserve(&key, 2, id).unwrap();
+                ledger.settle(r, kept, row(id, kept)).unwrap();
+            }
+            ledger.store().sync().await.unwrap();
+            (key.id.clone(), key.credits())
+        });
+        assert_eq!(
+            journaled_calls(dir.path()),
+            3,
+            "the journal still holds the three committed calls"
+        );
+        // Each opening replays the journal's records, all of them committed already.
+        for _ in 0..2 {
+            let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
+            let rows = ledger
+                .store()
+                .requests(&RequestFilter {
+                    limit: 100,
+                    ..Default::default()
+                })
+                .unwrap();
+            let mut ids: Vec<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+            ids.sort();
+            assert_eq!(ids, ["r1", "r2", "r3"], "each call is in the request log once");
+            let kinds: Vec<String> = ledger
+                .store()
+                .ledger(None)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.kind)
+                .collect();
+            assert_eq!(kinds.iter().filter(|k| *k == "charge").count(), 3);
+            assert_eq!(
+                ledger.get(&key_id).map(|k| k.credits()),
+                Some(credits),
+                "and charged once"
+            );
+        }
+    }
+
+    /// How many settled calls the charge journal in `dir` holds (one request row each).
+    fn journaled_calls(dir: &std::path::Path) -> usize {
+        let segments = journal::segments(&dir.join("journal")).unwrap();
+        let ops = segments.iter().flat_map(|(_, path)| journal::read(path).unwrap());
+        ops.filter(|op| matches!(op, Op::Request(_))).count()
+    }
+
+    #[test]
     fn the_same_request_cannot_be_charged_twice() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();

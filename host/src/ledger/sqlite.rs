@@ -142,6 +142,11 @@ const MIGRATIONS: &[&str] = &[
      CREATE UNIQUE INDEX requests_by_request_id ON requests (request_id);
      UPDATE webhook_cursors SET request_seq = (SELECT COALESCE(MAX(seq), 0) FROM requests)
         WHERE request_seq > (SELECT COALESCE(MAX(seq), 0) FROM requests);",
+    // 9: no unique index on the request log's request id. It only kept a journal record replayed
+    // after its commit from logging its call twice; a settled call's request row is the last op
+    // of the record that holds its charge, always committed with it, so `apply` skips the row
+    // when the charge row is already there. One index fewer to insert into per paid call.
+    "DROP INDEX requests_by_request_id;",
 ];
 
 /// How long and how many request-log rows are kept.
@@ -1082,10 +1087,12 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
         )?;
         let mut set_status = tx.prepare_cached("UPDATE keys SET status = ?2 WHERE id = ?1")?;
         let mut insert_request = tx.prepare_cached(
-            // A settled call's row is journaled: replaying it again changes nothing.
             "INSERT INTO requests (request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (request_id) DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
+        // A journal record replayed after its commit: the request id whose charge row was already
+        // there. Its request row, the record's last op, was committed with it and is skipped.
+        let mut replayed: Option<&str> = None;
         for (_, op) in batch {
             match op {
                 Op::CreateKey {
@@ -1110,7 +1117,11 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
                     at,
                 } => {
                     // A row already there (same request and kind) changes nothing: no double charge.
-                    if insert_row.execute(params![request_id, key_id, entry.as_str(), amount, at])? == 1 {
+                    if insert_row.execute(params![request_id, key_id, entry.as_str(), amount, at])? == 0 {
+                        if *entry == Entry::Charge {
+                            replayed = Some(request_id);
+                        }
+                    } else {
                         // (credits, spent, calls)
                         let m = moves.entry(key_id.as_str()).or_default();
                         match entry {
@@ -1131,6 +1142,9 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
                     set_status.execute(params![key_id, status.as_str()])?;
                 }
                 Op::Request(r) => {
+                    if replayed.take_if(|id| *id == r.request_id).is_some() {
+                        continue;
+                    }
                     insert_request.execute(params![
                         r.request_id,
                         r.key_id,
