@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 use serde::Deserialize;
-use serde::de::IgnoredAny;
 
 use crate::config::BillingConfig;
 use crate::jsonrpc::Message;
@@ -14,6 +13,7 @@ use crate::ledger::keys::{self, KeyHash};
 use crate::ledger::{DebitError, Key, KeySettings, Ledger, LedgerError, Reservation, Status, StoreError};
 use crate::policy::pricing::{CallInput, Price, Priced};
 use crate::policy::{Policy, PolicyError};
+use crate::upstream::Answer;
 use crate::window::Window;
 
 /// Why a call is refused at the gate.
@@ -673,23 +673,25 @@ pub fn outcome_of_message(m: &Message) -> Outcome {
     }
 }
 
-/// The outcome an answer (JSON-RPC response text) stands for, and the size of its `result` text.
-pub fn outcome_of(answer: &[u8]) -> (Outcome, usize) {
-    #[derive(Deserialize)]
-    struct Answer<'a> {
-        error: Option<IgnoredAny>,
-        #[serde(borrow)]
-        result: Option<&'a serde_json::value::RawValue>,
+/// The outcome an answer (JSON-RPC response text, as the upstream's check saw it) stands for, and
+/// the size of its `result` text.
+pub fn outcome_of(body: &[u8], seen: &Answer) -> (Outcome, usize) {
+    if seen.error {
+        return (Outcome::RpcError, 0);
     }
-    match serde_json::from_slice::<Answer>(answer) {
-        Ok(Answer { error: Some(_), .. }) => (Outcome::RpcError, 0),
-        Ok(Answer { result: Some(r), .. }) => match serde_json::from_str::<ResultPeek>(r.get()) {
-            Ok(ResultPeek { is_error: Some(true) }) => (Outcome::ToolError, r.get().len()),
-            _ => (Outcome::Ok, r.get().len()),
-        },
-        Ok(_) => (Outcome::Ok, 0),
-        Err(_) => (Outcome::RpcError, 0),
-    }
+    let Some(result) = seen.result.clone().and_then(|r| body.get(r)) else {
+        return (Outcome::Ok, 0);
+    };
+    // Most results are no tool error: parsed only if the member's name (or an escape that could
+    // spell it) is in the text.
+    let may_be = memchr::memmem::find(result, b"isError").is_some() || memchr::memchr(b'\\', result).is_some();
+    let tool_error = may_be
+        && matches!(
+            serde_json::from_slice::<ResultPeek>(result),
+            Ok(ResultPeek { is_error: Some(true) })
+        );
+    let outcome = if tool_error { Outcome::ToolError } else { Outcome::Ok };
+    (outcome, result.len())
 }
 
 fn admin_key_from_file(dir: &Path) -> Result<(KeyHash, Option<String>), GateError> {
@@ -755,16 +757,29 @@ mod tests {
 
     #[test]
     fn answers_are_read_for_settlement() {
+        let outcome = |body: &str| {
+            let seen = crate::upstream::http::check_answer(body.as_bytes()).expect("a JSON-RPC response");
+            outcome_of(body.as_bytes(), &seen)
+        };
         assert_eq!(
-            outcome_of(br#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}}"#),
+            outcome(r#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}}"#),
             (Outcome::Ok, r#"{"content":[]}"#.len())
         );
         assert_eq!(
-            outcome_of(br#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":true}}"#).0,
+            outcome(r#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":true}}"#).0,
             Outcome::ToolError
         );
         assert_eq!(
-            outcome_of(br#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x"}}"#),
+            outcome(r#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"is\u0045rror":true}}"#).0,
+            Outcome::ToolError,
+            "the member's name escaped"
+        );
+        assert_eq!(
+            outcome(r#"{"id":1,"result":{"content":[{"type":"text","text":"isError"}],"isError":false}}"#).0,
+            Outcome::Ok
+        );
+        assert_eq!(
+            outcome(r#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x"}}"#),
             (Outcome::RpcError, 0)
         );
     }

@@ -706,14 +706,19 @@ async fn respond_charged(
             let credits = settle(charge, gate::outcome_of_message(&m), m.result_len()).await?;
             Ok(with_credits(one(&ToolsView::apply(&view, m), accept), credits))
         }
-        Reply::Raw(bytes) if view.is_some() => {
+        Reply::Raw(bytes, _) if view.is_some() => {
             let m = Message::parse(&bytes).map_err(|e| upstream::Error::Protocol(e.to_string()))?;
             let credits = settle(charge, gate::outcome_of_message(&m), m.result_len()).await?;
             Ok(with_credits(one(&ToolsView::apply(&view, m), accept), credits))
         }
-        Reply::Raw(bytes) => {
-            let (outcome, result_len) = gate::outcome_of(&bytes);
-            let credits = settle(charge, outcome, result_len).await?;
+        Reply::Raw(bytes, seen) => {
+            let credits = match charge {
+                Some(c) => {
+                    let (outcome, result_len) = gate::outcome_of(&bytes, &seen);
+                    Some(c.settle(outcome, result_len).await?)
+                }
+                None => None,
+            };
             Ok(with_credits(raw(bytes, accept), credits))
         }
         Reply::Stream(replies) if replies.streamable && accept.sse => {

@@ -435,3 +435,49 @@ async fn an_upstream_that_needs_credentials_gets_the_configured_header_and_never
         bare.proc.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http_upstreams_errors_and_tool_errors_are_refunded_when_configured_and_results_kept() {
+    let fx = HttpFixture::start();
+    let dir = tempfile::tempdir().unwrap();
+    let g = Gateway::serve(&format!(
+        "[upstream]\nurl = {:?}\n[billing]\nadmin_key = {ADMIN_KEY:?}\ndata_dir = {:?}\n\
+         refund_on = [\"error\", \"timeout\", \"tool_error\"]\n",
+        fx.url,
+        dir.path().display().to_string()
+    ))
+    .ready()
+    .await;
+    let admin = g.admin();
+    let (id, secret) = admin.create_key("agent", 10).await;
+    let mut c = g.client();
+    c.api_key = Some(secret);
+    c.initialize().await;
+    assert_eq!(c.call("fail", json!({})).await["error"]["code"], -32050);
+    assert_eq!(c.call("fail_tool", json!({})).await["result"]["isError"], true);
+    // A result that mentions isError in its text is no tool error.
+    assert_eq!(
+        c.call_text("echo", json!({"text": "\"isError\": true"})).await,
+        "\"isError\": true"
+    );
+    assert_eq!(admin.key(&id).await["credits"], 9, "only the echo is charged");
+    let outcomes: Vec<(String, String)> = admin
+        .requests(&format!("keyId={id}"))
+        .await
+        .iter()
+        .map(|r| {
+            (
+                r["tool"].as_str().unwrap().into(),
+                r["outcome"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("echo".into(), "allowed".into()),
+            ("fail_tool".into(), "refunded".into()),
+            ("fail".into(), "refunded".into())
+        ]
+    );
+}

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::{Error, Replies, Reply};
+use super::{Answer, Error, Replies, Reply};
 use crate::body::Body;
 use crate::config::UpstreamConfig;
 use crate::jsonrpc::Message;
@@ -27,13 +27,29 @@ const MAX_JSON_ANSWER: usize = 64 << 20;
 
 /// Just enough of an answer to know it is a JSON-RPC response, read without building a tree.
 #[derive(serde::Deserialize)]
-struct Peek {
+struct Peek<'a> {
     #[serde(default)]
     method: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    result: Option<serde::de::IgnoredAny>,
+    #[serde(default, borrow)]
+    result: Option<&'a serde_json::value::RawValue>,
     #[serde(default)]
     error: Option<serde::de::IgnoredAny>,
+}
+
+/// Checks that `body` is a JSON-RPC response (a result or an error, no method); what it saw.
+pub fn check_answer(body: &[u8]) -> Option<Answer> {
+    let p = serde_json::from_slice::<Peek>(body).ok()?;
+    if p.method.is_some() || (p.result.is_none() && p.error.is_none()) {
+        return None;
+    }
+    Some(Answer {
+        error: p.error.is_some(),
+        // A borrowed raw value is a slice of the bytes it was read from.
+        result: p.result.map(|r| {
+            let start = r.get().as_ptr() as usize - body.as_ptr() as usize;
+            start..start + r.get().len()
+        }),
+    })
 }
 
 /// A pooled client for one remote MCP endpoint (`http://`, or `https://` over rustls).
@@ -172,9 +188,9 @@ impl HttpUpstream {
             };
         }
         if status.is_success() {
-            return match serde_json::from_slice::<Peek>(&body) {
-                Ok(p) if p.method.is_none() && (p.result.is_some() || p.error.is_some()) => Ok(Reply::Raw(body)),
-                _ => Err(Error::Protocol("the answer is not a JSON-RPC response".into())),
+            return match check_answer(&body) {
+                Some(answer) => Ok(Reply::Raw(body, answer)),
+                None => Err(Error::Protocol("the answer is not a JSON-RPC response".into())),
             };
         }
         match serde_json::from_slice::<Value>(&body) {

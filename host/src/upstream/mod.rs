@@ -37,10 +37,19 @@ pub enum Reply {
     Done(Message),
     /// The final response as the upstream sent it: checked to be a JSON-RPC response and passed
     /// through without re-encoding (an HTTP upstream's session is this client's alone, so the id is
-    /// already the client's).
-    Raw(bytes::Bytes),
+    /// already the client's), with what the check saw.
+    Raw(bytes::Bytes, Answer),
     /// Messages as they arrive (progress, server requests), ending with the final response.
     Stream(Replies),
+}
+
+/// What checking a passed-through response saw, so that settling a paid call need not read it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// It is a JSON-RPC error.
+    pub error: bool,
+    /// Where its `result` text is in the response's bytes.
+    pub result: Option<std::ops::Range<usize>>,
 }
 
 /// A stream of messages belonging to one client request. Dropping it abandons the call: a stdio
