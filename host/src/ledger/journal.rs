@@ -130,7 +130,7 @@ impl Journal {
         while self.len + lines.len() > self.seg.map.len() {
             let next = match self.next.take() {
                 Some(s) => s,
-                None => Segment::create(&self.dir, self.seg.number + 1, SEGMENT_BYTES.max(lines.len()))?,
+                None => self.segment_after(SEGMENT_BYTES.max(lines.len()))?,
             };
             let old = std::mem::replace(&mut self.seg, next);
             self.len = 0;
@@ -146,6 +146,20 @@ impl Journal {
         self.map_mut()[body.len()] = b'\n';
         self.len += lines.len();
         Ok(())
+    }
+
+    /// A new segment to roll over to, made here because none was made ahead. The writer thread
+    /// may be making the next number at this very moment (it does so outside the lock this runs
+    /// under): then this takes the number after it, and the writer's, offered too late, is deleted
+    /// unused (an empty segment, which replays as nothing if the gateway dies first).
+    fn segment_after(&self, size: usize) -> std::io::Result<Segment> {
+        let mut number = self.seg.number + 1;
+        loop {
+            match Segment::create(&self.dir, number, size) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && number < self.seg.number + 8 => number += 1,
+                made => return made,
+            }
+        }
     }
 
     /// The unwritten rest of the open segment.
@@ -423,6 +437,25 @@ mod tests {
         assert_eq!(j.take_retired()[0].last_seq, 2);
         let segs: Vec<u64> = segments(dir.path()).unwrap().into_iter().map(|(n, _)| n).collect();
         assert_eq!(segs, vec![1, 2], "the stale segment was deleted");
+    }
+
+    #[test]
+    fn a_full_segment_rolls_over_while_the_next_one_is_still_being_made_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::starting_at(dir.path(), 1, 80).unwrap();
+        let a = line(&charge("req_a", 3)).unwrap(); // 35 bytes
+        j.append(a.as_bytes(), 0).unwrap();
+        j.append(a.as_bytes(), 1).unwrap();
+        let (at, number) = j.next_wanted().expect("three quarters full");
+        // The writer thread is making segment 2, not offered yet, when an append needs it.
+        let ahead = Segment::create(&at, number, 80).unwrap();
+        j.append(a.as_bytes(), 2).expect("the append takes the number after it");
+        assert_eq!(j.seg.number, number + 1);
+        j.offer_next(ahead);
+        assert!(j.next.is_none(), "the late one is not used");
+        let segs: Vec<u64> = segments(dir.path()).unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(segs, vec![1, 3], "and it is deleted");
+        assert_eq!(line(&read(&segments(dir.path()).unwrap()[1].1).unwrap()[0]).unwrap(), a);
     }
 
     #[test]
