@@ -498,7 +498,8 @@ mod tests {
             3,
             "the journal still holds the three committed calls"
         );
-        // Each opening replays the journal's records, all of them committed already.
+        // The first opening replays the journal's records, all of them committed already (and
+        // deletes the segment); the second finds nothing more to replay. Each sees every call once.
         for _ in 0..2 {
             let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
             let rows = ledger
