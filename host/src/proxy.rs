@@ -695,30 +695,19 @@ async fn respond_charged(
     charge: Option<Charge>,
     view: Option<ToolsView>,
 ) -> Result<Response<Body>, Error> {
-    let settle = |charge: Option<Charge>, outcome: Outcome, answer_bytes: usize| async move {
-        match charge {
-            Some(c) => c.settle(outcome, answer_bytes).await.map(Some),
-            None => Ok(None),
-        }
-    };
+    let of_message = |m: &Message| (gate::outcome_of_message(m), m.result_len());
     match reply {
         Reply::Done(m) => {
-            let credits = settle(charge, gate::outcome_of_message(&m), m.result_len()).await?;
+            let credits = settle(charge, || of_message(&m)).await?;
             Ok(with_credits(one(&ToolsView::apply(&view, m), accept), credits))
         }
         Reply::Raw(bytes, _) if view.is_some() => {
             let m = Message::parse(&bytes).map_err(|e| upstream::Error::Protocol(e.to_string()))?;
-            let credits = settle(charge, gate::outcome_of_message(&m), m.result_len()).await?;
+            let credits = settle(charge, || of_message(&m)).await?;
             Ok(with_credits(one(&ToolsView::apply(&view, m), accept), credits))
         }
         Reply::Raw(bytes, seen) => {
-            let credits = match charge {
-                Some(c) => {
-                    let (outcome, result_len) = gate::outcome_of(&bytes, &seen);
-                    Some(c.settle(outcome, result_len).await?)
-                }
-                None => None,
-            };
+            let credits = settle(charge, || gate::outcome_of(&bytes, &seen)).await?;
             Ok(with_credits(raw(bytes, accept), credits))
         }
         Reply::Stream(replies) if replies.streamable && accept.sse => {
@@ -727,20 +716,32 @@ async fn respond_charged(
         Reply::Stream(mut replies) => loop {
             match deadline::race(deadline.alarm(), replies.recv()).await {
                 Err(_) => {
-                    settle(charge, Outcome::Timeout, 0).await?;
+                    settle(charge, || (Outcome::Timeout, 0)).await?;
                     return Err(upstream::Error::Timeout(timeout).into());
                 }
                 Ok(None) => {
-                    settle(charge, Outcome::Timeout, 0).await?;
+                    settle(charge, || (Outcome::Timeout, 0)).await?;
                     return Err(upstream::Error::Closed.into());
                 }
                 Ok(Some(m)) if m.is_response() => {
-                    let credits = settle(charge, gate::outcome_of_message(&m), m.result_len()).await?;
+                    let credits = settle(charge, || of_message(&m)).await?;
                     return Ok(with_credits(one(&ToolsView::apply(&view, m), accept), credits));
                 }
                 Ok(Some(_)) => continue,
             }
         },
+    }
+}
+
+/// Settles `charge`, if there is one, by the outcome and answer size `outcome` reads: read only
+/// then, so an unbilled call's answer is never parsed for it.
+async fn settle(charge: Option<Charge>, outcome: impl FnOnce() -> (Outcome, usize)) -> Result<Option<Settled>, Error> {
+    match charge {
+        Some(c) => {
+            let (outcome, answer_bytes) = outcome();
+            c.settle(outcome, answer_bytes).await.map(Some)
+        }
+        None => Ok(None),
     }
 }
 
@@ -764,29 +765,28 @@ fn stream(
                 _ = tx.closed() => return,
                 next = deadline::race(deadline.alarm(), replies.recv()) => next,
             };
-            let (mut m, outcome) = match next {
-                Ok(Some(m)) => {
-                    let outcome = gate::outcome_of_message(&m);
-                    (m, outcome)
-                }
+            // The outcome when the gateway ends the stream itself; otherwise the final answer's.
+            let (mut m, ended) = match next {
+                Ok(Some(m)) => (m, None),
                 Ok(None) => (
                     Message::error(id.clone(), code::UPSTREAM_CLOSED, &upstream::Error::Closed.to_string()),
-                    Outcome::Timeout,
+                    Some(Outcome::Timeout),
                 ),
                 Err(_) => {
                     let e = upstream::Error::Timeout(timeout);
                     tracing::warn!(error = %e, "request failed");
                     (
                         Message::error(id.clone(), code::UPSTREAM_TIMEOUT, &e.to_string()),
-                        Outcome::Timeout,
+                        Some(Outcome::Timeout),
                     )
                 }
             };
             let last = m.is_response();
+            let outcome = (last && charge.is_some()).then(|| ended.unwrap_or_else(|| gate::outcome_of_message(&m)));
             if last {
                 m = ToolsView::apply(&view, m);
             }
-            if last
+            if let Some(outcome) = outcome
                 && let Some(c) = charge.take()
                 && let Err(e) = c.settle(outcome, m.result_len()).await
             {
