@@ -98,6 +98,12 @@ fn main() -> anyhow::Result<()> {
             ])?;
         }
     }
+    // What the database writer keeps alongside the log it writes: each key's successful tools.
+    tx.execute_batch(
+        "INSERT INTO key_tools (key_id, tool, last_seq)
+            SELECT key_id, tool, MAX(seq) FROM requests
+            WHERE outcome = 'allowed' AND key_id IS NOT NULL AND tool IS NOT NULL GROUP BY key_id, tool",
+    )?;
     tx.commit()?;
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
     eprintln!("seeded {} keys and {} request rows", args.keys, args.requests);

@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release -p tollgate-bench --bin storebench -- [calls]`; with `SQL=...` in the
 //! environment, those statements run on the fresh database first (to try a schema change, e.g.
-//! `SQL="DROP INDEX requests_by_key"`).
+//! `SQL="CREATE INDEX requests_by_tool ON requests (tool)"`).
 
 use std::time::Instant;
 
