@@ -1348,7 +1348,10 @@ mod tests {
         }
         let took = started.elapsed();
         assert_eq!(seqs(&conn).0, 21, "every change is committed when its write returns");
-        assert!(took < std::time::Duration::from_millis(190), "twenty waited-for commits took {took:?}");
+        assert!(
+            took < std::time::Duration::from_millis(190),
+            "twenty waited-for commits took {took:?}"
+        );
     }
 
     #[tokio::test]

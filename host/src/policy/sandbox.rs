@@ -4,8 +4,8 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -17,13 +17,97 @@ use super::{Limits, PolicyError};
 /// How often the engine's epoch advances: the granularity of every plugin time bound.
 pub const TICK: Duration = Duration::from_millis(5);
 
+/// How many ticks without a plugin call the ticker waits before it sleeps.
+const IDLE_TICKS: u32 = 20;
+
 /// The engine and what every plugin shares. Cheap to clone.
 #[derive(Clone)]
 pub struct Sandbox {
     engine: Engine,
     cache_dir: Option<PathBuf>,
-    /// Keeps the epoch ticker alive; the ticker stops when the last clone is dropped.
-    _ticker: Arc<()>,
+    /// The epoch ticker's state; the ticker stops when the last holder (this, or a pool) is gone.
+    ticker: Arc<Ticker>,
+}
+
+/// Advances the engine's epoch every [`TICK`] while plugins run, and sleeps once none has run
+/// for [`IDLE_TICKS`]: a gateway whose prices are reused (or that is idle) does not wake 200
+/// times a second for nothing. Whoever runs plugin code first calls [`Ticker::busy`], which
+/// wakes a sleeping ticker; a call's deadline counts from the epoch it starts at, which does
+/// not move while the ticker sleeps.
+pub struct Ticker {
+    in_flight: AtomicUsize,
+    /// Calls started so far: a ticker that sees it unchanged for a while sleeps.
+    started: AtomicU64,
+    /// Set before the ticker sleeps. Both sides use SeqCst: either the ticker sees a call that
+    /// began, or the call sees this and wakes it.
+    asleep: AtomicBool,
+    thread: OnceLock<std::thread::Thread>,
+    /// Epoch increments so far (for tests).
+    ticks: AtomicU64,
+}
+
+/// Held while plugin code runs.
+pub struct Busy<'a>(&'a Ticker);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Ticker {
+    /// Marks plugin code as running until the guard drops, and wakes the ticker if it sleeps.
+    pub fn busy(&self) -> Busy<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.started.fetch_add(1, Ordering::Relaxed);
+        if self.asleep.load(Ordering::SeqCst)
+            && let Some(t) = self.thread.get()
+        {
+            t.unpark();
+        }
+        Busy(self)
+    }
+
+    /// Whether the ticker is asleep (for tests).
+    pub fn is_asleep(&self) -> bool {
+        self.asleep.load(Ordering::SeqCst)
+    }
+
+    /// Epoch increments so far (for tests).
+    pub fn ticks(&self) -> u64 {
+        self.ticks.load(Ordering::Relaxed)
+    }
+
+    fn run(weak: std::sync::Weak<Ticker>, engine: Engine) {
+        let mut seen = 0;
+        let mut idle = 0;
+        loop {
+            std::thread::sleep(TICK);
+            let Some(t) = weak.upgrade() else { return };
+            engine.increment_epoch();
+            t.ticks.fetch_add(1, Ordering::Relaxed);
+            let started = t.started.load(Ordering::Relaxed);
+            if started != seen || t.in_flight.load(Ordering::SeqCst) > 0 {
+                (seen, idle) = (started, 0);
+                continue;
+            }
+            idle += 1;
+            if idle < IDLE_TICKS {
+                continue;
+            }
+            t.asleep.store(true, Ordering::SeqCst);
+            if t.in_flight.load(Ordering::SeqCst) == 0 {
+                drop(t);
+                // Wakes now and then to notice that the sandbox is gone.
+                std::thread::park_timeout(Duration::from_secs(1));
+                let Some(t) = weak.upgrade() else { return };
+                t.asleep.store(false, Ordering::SeqCst);
+            } else {
+                t.asleep.store(false, Ordering::SeqCst);
+            }
+            idle = 0;
+        }
+    }
 }
 
 impl Sandbox {
@@ -47,27 +131,33 @@ impl Sandbox {
         if let Some(dir) = &cache_dir {
             std::fs::create_dir_all(dir).map_err(|e| PolicyError::Engine(format!("{}: {e}", dir.display())))?;
         }
-        let token = Arc::new(());
-        let weak = Arc::downgrade(&token);
+        let ticker = Arc::new(Ticker {
+            in_flight: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            asleep: AtomicBool::new(false),
+            thread: OnceLock::new(),
+            ticks: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&ticker);
         let ticking = engine.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("tollgate-plugin-epoch".into())
-            .spawn(move || {
-                while weak.strong_count() > 0 {
-                    std::thread::sleep(TICK);
-                    ticking.increment_epoch();
-                }
-            })
+            .spawn(move || Ticker::run(weak, ticking))
             .map_err(|e| PolicyError::Engine(format!("starting the epoch ticker: {e}")))?;
+        let _ = ticker.thread.set(thread.thread().clone());
         Ok(Sandbox {
             engine,
             cache_dir,
-            _ticker: token,
+            ticker,
         })
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    pub fn ticker(&self) -> &Arc<Ticker> {
+        &self.ticker
     }
 
     /// Compiles a component, or loads it precompiled from the cache. Returns the component, whether
@@ -261,6 +351,7 @@ impl Stats {
 /// A loaded, configured plugin and its pool of warm instances.
 pub struct Pool<W: World> {
     engine: Engine,
+    ticker: Arc<Ticker>,
     pre: W::Pre,
     config: String,
     limits: Limits,
@@ -286,6 +377,7 @@ impl<W: World> Pool<W> {
         })?;
         let pool = Pool {
             engine: sandbox.engine().clone(),
+            ticker: sandbox.ticker().clone(),
             pre,
             config,
             limits,
@@ -304,6 +396,7 @@ impl<W: World> Pool<W> {
     }
 
     fn fresh(&self) -> Result<Warm<W>, FreshError> {
+        let _busy = self.ticker.busy();
         let mut store = Store::new(
             &self.engine,
             Host {
@@ -360,12 +453,14 @@ impl<W: World> Pool<W> {
                 }
             },
         };
+        let busy = self.ticker.busy();
         warm.store.set_epoch_deadline(ticks(deadline));
         if let Err(e) = warm.store.set_fuel(fuel) {
             self.stats.record(started.elapsed(), true);
             return Err(Failure::Instantiate(format!("{e:#}")));
         }
         let result = f(&warm.bindings, &mut warm.store);
+        drop(busy);
         let out = match result {
             Ok(v) => {
                 warm.calls += 1;
@@ -403,5 +498,46 @@ fn classify(e: wasmtime::Error, store: &Store<Host>, instantiating: bool) -> Fai
         Some(t) => Failure::Trap(t.to_string()),
         None if instantiating => Failure::Instantiate(format!("{e:#}")),
         None => Failure::Trap(format!("{e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls `cond` every millisecond for up to two seconds.
+    fn eventually(cond: impl Fn() -> bool) -> bool {
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            if cond() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        cond()
+    }
+
+    #[test]
+    fn the_epoch_ticker_sleeps_while_no_plugin_runs_and_ticks_through_a_long_call() {
+        let sandbox = Sandbox::new(&Limits::default(), None).unwrap();
+        let ticker = sandbox.ticker().clone();
+        assert!(eventually(|| ticker.is_asleep()), "an idle ticker goes to sleep");
+        let asleep_at = ticker.ticks();
+        std::thread::sleep(TICK * 4);
+        assert_eq!(ticker.ticks(), asleep_at, "no epoch moves while it sleeps");
+
+        // A call that runs longer than the idle period keeps the epoch moving the whole time.
+        let call = ticker.busy();
+        assert!(eventually(|| !ticker.is_asleep()), "a call wakes the ticker");
+        let woke_at = ticker.ticks();
+        std::thread::sleep(TICK * (IDLE_TICKS + 10));
+        assert!(!ticker.is_asleep(), "the ticker slept during a call");
+        assert!(
+            ticker.ticks() >= woke_at + 10,
+            "the epoch moved {} ticks",
+            ticker.ticks() - woke_at
+        );
+        drop(call);
+        assert!(eventually(|| ticker.is_asleep()), "idle again, it sleeps again");
     }
 }
