@@ -96,15 +96,15 @@ impl Ticker {
                 continue;
             }
             t.asleep.store(true, Ordering::SeqCst);
-            if t.in_flight.load(Ordering::SeqCst) == 0 {
+            let mut t = t;
+            while t.in_flight.load(Ordering::SeqCst) == 0 && t.started.load(Ordering::Relaxed) == seen {
                 drop(t);
                 // Wakes now and then to notice that the sandbox is gone.
                 std::thread::park_timeout(Duration::from_secs(1));
-                let Some(t) = weak.upgrade() else { return };
-                t.asleep.store(false, Ordering::SeqCst);
-            } else {
-                t.asleep.store(false, Ordering::SeqCst);
+                let Some(again) = weak.upgrade() else { return };
+                t = again;
             }
+            t.asleep.store(false, Ordering::SeqCst);
             idle = 0;
         }
     }
@@ -523,7 +523,8 @@ mod tests {
         let ticker = sandbox.ticker().clone();
         assert!(eventually(|| ticker.is_asleep()), "an idle ticker goes to sleep");
         let asleep_at = ticker.ticks();
-        std::thread::sleep(TICK * 4);
+        // Past its once-a-second look at whether the sandbox is still there, too.
+        std::thread::sleep(Duration::from_millis(1_100));
         assert_eq!(ticker.ticks(), asleep_at, "no epoch moves while it sleeps");
 
         // A call that runs longer than the idle period keeps the epoch moving the whole time.
