@@ -149,8 +149,8 @@ const MIGRATIONS: &[&str] = &[
     "DROP INDEX requests_by_request_id;",
     // 10: which tools each key has called successfully, one row per (key, tool) with the seq of
     // its latest such call, instead of an index on the request log that every call inserted into
-    // (`storebench 100000`, three interleaved runs: writer CPU per settled call 7.4, 8.2, 7.7 ->
-    // 5.8, 5.9, 6.0 us with the index dropped). The writer upserts a pair once per commit, not
+    // (`storebench 100000`, three runs each: writer CPU per settled call 7.4, 8.2, 7.7 -> 6.1,
+    // 6.5, 6.3 us). The writer upserts a pair once per commit, not
     // once per call. A pair counts while that call is still in the log (`unique_tools`).
     "CREATE TABLE key_tools (
         key_id TEXT NOT NULL,
@@ -1010,10 +1010,10 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Submission>, inner: Arc<Inner
     loop {
         let first = if journaled {
             // At most one commit per POLL (unless a waiter wakes the writer): a commit takes
-            // longer than the gap between two calls,
-            // so committing whatever arrived during the last one would commit a call or two at
-            // a time, each commit writing the same handful of pages again (measured: ~7 page
-            // writes per call at c=1, against well under one when commits are paced).
+            // longer than the gap between two calls, so committing whatever arrived during the
+            // last one would commit a call or two at a time, each commit writing the same handful
+            // of pages again (measured: ~7 page writes per call at c=1, against well under one
+            // when commits are paced).
             if let Some(rest) = POLL.checked_sub(last_commit.elapsed()) {
                 std::thread::park_timeout(rest);
             }
