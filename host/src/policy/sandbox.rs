@@ -34,7 +34,7 @@ pub struct Sandbox {
 /// times a second for nothing. Whoever runs plugin code first calls [`Ticker::busy`], which
 /// wakes a sleeping ticker; a call's deadline counts from the epoch it starts at, which does
 /// not move while the ticker sleeps.
-pub struct Ticker {
+struct Ticker {
     in_flight: AtomicUsize,
     /// Calls started so far: a ticker that sees it unchanged for a while sleeps.
     started: AtomicU64,
@@ -47,7 +47,7 @@ pub struct Ticker {
 }
 
 /// Held while plugin code runs.
-pub struct Busy<'a>(&'a Ticker);
+struct Busy<'a>(&'a Ticker);
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
@@ -57,7 +57,7 @@ impl Drop for Busy<'_> {
 
 impl Ticker {
     /// Marks plugin code as running until the guard drops, and wakes the ticker if it sleeps.
-    pub fn busy(&self) -> Busy<'_> {
+    fn busy(&self) -> Busy<'_> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.started.fetch_add(1, Ordering::Relaxed);
         if self.asleep.load(Ordering::SeqCst)
@@ -68,13 +68,13 @@ impl Ticker {
         Busy(self)
     }
 
-    /// Whether the ticker is asleep (for tests).
-    pub fn is_asleep(&self) -> bool {
+    #[cfg(test)]
+    fn is_asleep(&self) -> bool {
         self.asleep.load(Ordering::SeqCst)
     }
 
-    /// Epoch increments so far (for tests).
-    pub fn ticks(&self) -> u64 {
+    #[cfg(test)]
+    fn ticks(&self) -> u64 {
         self.ticks.load(Ordering::Relaxed)
     }
 
@@ -154,10 +154,6 @@ impl Sandbox {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
-    }
-
-    pub fn ticker(&self) -> &Arc<Ticker> {
-        &self.ticker
     }
 
     /// Compiles a component, or loads it precompiled from the cache. Returns the component, whether
@@ -377,7 +373,7 @@ impl<W: World> Pool<W> {
         })?;
         let pool = Pool {
             engine: sandbox.engine().clone(),
-            ticker: sandbox.ticker().clone(),
+            ticker: sandbox.ticker.clone(),
             pre,
             config,
             limits,
@@ -520,7 +516,7 @@ mod tests {
     #[test]
     fn the_epoch_ticker_sleeps_while_no_plugin_runs_and_ticks_through_a_long_call() {
         let sandbox = Sandbox::new(&Limits::default(), None).unwrap();
-        let ticker = sandbox.ticker().clone();
+        let ticker = sandbox.ticker.clone();
         assert!(eventually(|| ticker.is_asleep()), "an idle ticker goes to sleep");
         let asleep_at = ticker.ticks();
         // Past its once-a-second look at whether the sandbox is still there, too.
