@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The proxy benchmark. In one run, interleaved round by round, it loads three targets with
-# `tools/call echo` at concurrency 1, 8 and 32:
+# The proxy benchmark. In one run it loads these targets with `tools/call echo` at concurrency 1, 8
+# and 32, interleaved: one load generator moves its load from target to target every SLICE seconds
+# (default 0.5), until each has had SECS seconds (default 10):
 #   direct    — the fixture MCP server over HTTP, no proxy
 #   yardstick — a minimal JSON-parsing hyper pass-through proxy (bench/src/bin/yardstick.rs)
 #   tollgate  — the gateway with billing off (`tollgate wrap --free --remote-url`) in front of the same fixture
 #   billed    — the gateway with billing on: every call authenticated, priced, reserved, settled, ledgered
 #   hooks     — billed, plus two webhook destinations (a sink that answers 200) receiving every usage event
 # plus tollgate in front of a stdio fixture child (one shared child) at c=32.
-# Prints a Markdown table of medians over ROUNDS runs (default 3) of SECS seconds (default 5) each.
+# Prints Markdown tables of medians over ROUNDS rounds (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECS=${SECS:-5}
+SECS=${SECS:-10}
 ROUNDS=${ROUNDS:-3}
+# The load moves to the next target every SLICE seconds (see bench/src/bin/loadgen.rs).
+SLICE=${SLICE:-0.5}
 CONCURRENCY=${CONCURRENCY:-"1 8 32"}
 # Which targets to load (all by default); e.g. TARGETS="direct yardstick tollgate" for the proxy path.
 TARGETS=${TARGETS:-"direct yardstick tollgate billed hooks"}
@@ -55,27 +58,26 @@ api_key=$(new_key "$billed" "$admin_key")
 hooks_key=$(new_key "$hooks" "$admin_key")
 
 results="$work/results.jsonl"
-orders=("direct yardstick tollgate billed hooks" "yardstick tollgate billed hooks direct" "tollgate billed hooks direct yardstick")
+targets=(direct yardstick tollgate billed hooks)
+declare -A url=([direct]=$fixture [yardstick]=$yardstick [tollgate]=$tollgate [billed]=$billed [hooks]=$hooks)
 for round in $(seq 1 "$ROUNDS"); do
-  # Rotate the order each round so that no target always runs right after another.
-  order=${orders[$(( (round - 1) % 3 ))]}
   for c in $CONCURRENCY; do
-    for target in $order; do
+    # One load generator per concurrency and round, moving the load from target to target every
+    # SLICE seconds (the order rotated each pass and each round), until each has had SECS seconds.
+    args=()
+    for k in "${!targets[@]}"; do
+      target=${targets[$(( (k + round - 1) % ${#targets[@]} ))]}
       [[ " $TARGETS " == *" $target "* ]] || continue
-      headers=()
-      case $target in
-        direct) url=$fixture ;;
-        yardstick) url=$yardstick ;;
-        tollgate) url=$tollgate ;;
-        billed) url=$billed; headers=(--header "x-api-key: $api_key") ;;
-        hooks) url=$hooks; headers=(--header "x-api-key: $hooks_key") ;;
-      esac
-      "$bin/loadgen" --url "$url" --concurrency "$c" --seconds "$SECS" --label "$target" "${headers[@]}" >>"$results"
-      echo "round $round c=$c $target: $(tail -1 "$results")" >&2
+      args+=(--target "$target=${url[$target]}")
+      [ "$target" = billed ] && args+=(--target-header "billed=x-api-key: $api_key")
+      [ "$target" = hooks ] && args+=(--target-header "hooks=x-api-key: $hooks_key")
     done
+    quiet >/dev/null
+    "$bin/loadgen" "${args[@]}" --concurrency "$c" --seconds "$SECS" --slice "$SLICE" | sed "s/^{/{\"round\":$round,/" | tee -a "$results" >&2
   done
-  "$bin/loadgen" --url "$tollgate_stdio" --concurrency 32 --seconds "$SECS" --label "tollgate-stdio" >>"$results"
-  echo "round $round c=32 tollgate-stdio: $(tail -1 "$results")" >&2
+  quiet >/dev/null
+  "$bin/loadgen" --url "$tollgate_stdio" --concurrency 32 --seconds "$SECS" --label "tollgate-stdio" |
+    sed "s/^{/{\"round\":$round,/" | tee -a "$results" >&2
 done
 
 # Every usage event reached both destinations (delivered, nothing pending or dead).
@@ -90,25 +92,39 @@ for d in json.load(sys.stdin)["destinations"]:
 python3 - "$results" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+by = {(r["round"], r["label"], r["concurrency"]): r for r in rows}
 groups = {}
 for r in rows:
     groups.setdefault((r["label"], r["concurrency"]), []).append(r)
 med = {k: {f: statistics.median(x[f] for x in v) for f in ("rps", "p50_us", "p99_us", "errors")} for k, v in groups.items()}
+
+def vs(label, base, c, fn):
+    """The median over rounds of fn(target's row, base's row), each pair from the same round."""
+    vals = [fn(r, by[(r["round"], base, c)]) for r in groups[(label, c)] if (r["round"], base, c) in by]
+    return statistics.median(vals) if vals else None
+
+def show(v, fmt):
+    return fmt.format(v) if v is not None else ""
+
 print("| target | c | calls/s | p50 µs | p99 µs | errors | p50 vs yardstick | calls/s vs yardstick | calls/s vs direct |")
 print("|---|---|---|---|---|---|---|---|---|")
-for (label, c) in sorted(med, key=lambda k: (k[1], ["direct", "yardstick", "tollgate", "billed", "hooks", "tollgate-stdio"].index(k[0]))):
+order = ["direct", "yardstick", "tollgate", "billed", "hooks", "tollgate-stdio"]
+for (label, c) in sorted(med, key=lambda k: (k[1], order.index(k[0]))):
     m = med[(label, c)]
-    y = med.get(("yardstick", c)); d = med.get(("direct", c))
-    vs_y = f"{m['p50_us'] - y['p50_us']:+.1f} µs" if y else ""
-    tp_y = f"{100 * m['rps'] / y['rps']:.0f} %" if y else ""
-    tp_d = f"{100 * m['rps'] / d['rps']:.0f} %" if d else ""
-    print(f"| {label} | {c} | {m['rps']:.0f} | {m['p50_us']:.1f} | {m['p99_us']:.1f} | {m['errors']:.0f} | {vs_y} | {tp_y} | {tp_d} |")
+    p50_y = vs(label, "yardstick", c, lambda r, b: r["p50_us"] - b["p50_us"])
+    tp_y = vs(label, "yardstick", c, lambda r, b: 100 * r["rps"] / b["rps"])
+    tp_d = vs(label, "direct", c, lambda r, b: 100 * r["rps"] / b["rps"])
+    print(f"| {label} | {c} | {m['rps']:.0f} | {m['p50_us']:.1f} | {m['p99_us']:.1f} | {m['errors']:.0f} | "
+          f"{show(p50_y, '{:+.1f} µs')} | {show(tp_y, '{:.0f} %')} | {show(tp_d, '{:.0f} %')} |")
 print()
 print("| billing chain vs billing off (tollgate) | c | p50 added | calls/s kept |")
 print("|---|---|---|---|")
 for label in ("billed", "hooks"):
     for c in sorted({k[1] for k in med if k[0] == label}):
-        b = med[(label, c)]; t = med.get(("tollgate", c))
-        if t:
-            print(f"| {label} | {c} | {b['p50_us'] - t['p50_us']:+.1f} µs | {100 * b['rps'] / t['rps']:.0f} % |")
+        p50 = vs(label, "tollgate", c, lambda r, b: r["p50_us"] - b["p50_us"])
+        kept = vs(label, "tollgate", c, lambda r, b: 100 * r["rps"] / b["rps"])
+        if p50 is not None:
+            print(f"| {label} | {c} | {p50:+.1f} µs | {kept:.0f} % |")
+print()
+print("Differences and ratios are medians over the rounds of each round's own pair (measured interleaved).")
 PY

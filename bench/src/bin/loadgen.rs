@@ -3,6 +3,16 @@
 //! `loadgen --url URL --concurrency C --seconds S` opens C keep-alive connections, initializes one
 //! MCP session, then has each connection send `tools/call echo` back to back for S seconds (after a
 //! warm-up). Prints one JSON line: throughput, p50/p90/p99 latency (µs), errors.
+//!
+//! `loadgen --target LABEL=URL --target LABEL2=URL2 … --slice 1` compares targets *interleaved*:
+//! each target gets its own session and C connections, and the load moves from target to target
+//! every slice (the order rotated each pass, a short idle gap between slices), until each target
+//! has had S measured seconds. This machine's speed swings by ±20 % within seconds and drifts over
+//! tens of seconds: five copies of one gateway, each loaded for 2 s in turn, six rounds, had
+//! medians from 83 to 102 % of a sixth copy's. Slices of half a second spread the swings evenly
+//! over all targets: two copies then agree within ±3 % (three runs of 15 s each). Prints
+//! one JSON line per target. `--target-header LABEL=name: value` adds a header to one target's
+//! requests. With `LOADGEN_SLICES=1` in the environment, each slice's calls/s go to stderr.
 
 use std::time::{Duration, Instant};
 
@@ -16,31 +26,86 @@ use hyper_util::rt::TokioIo;
 
 #[derive(Parser)]
 struct Args {
-    /// The MCP endpoint, e.g. http://127.0.0.1:3402/mcp
-    #[arg(long)]
-    url: String,
+    /// The MCP endpoint, e.g. http://127.0.0.1:3402/mcp (one target; or use --target).
+    #[arg(long, required_unless_present = "targets")]
+    url: Option<String>,
+    /// A target to compare, `LABEL=URL` (repeatable): the targets are loaded interleaved.
+    #[arg(long = "target", conflicts_with = "url")]
+    targets: Vec<String>,
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
-    /// Measured seconds.
+    /// Measured seconds (per target).
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Warm-up seconds (not measured).
+    /// Warm-up seconds (per target, not measured).
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// A label for the output.
+    /// With --target: the seconds each target is loaded before the load moves to the next.
+    #[arg(long, default_value_t = 1.0)]
+    slice: f64,
+    /// With --target: idle seconds between slices (the last target's after-work settles).
+    #[arg(long, default_value_t = 0.1)]
+    gap: f64,
+    /// A label for the output (with --url).
     #[arg(long, default_value = "")]
     label: String,
-    /// Extra header `name: value` (repeatable), e.g. an API key.
+    /// Extra header `name: value` (repeatable), e.g. an API key (with --url).
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// Extra header for one target, `LABEL=name: value` (repeatable; with --target).
+    #[arg(long = "target-header")]
+    target_headers: Vec<String>,
 }
 
 struct Target {
+    label: String,
     host: String,
     authority: String,
     path: String,
     session: Option<String>,
     headers: Vec<(String, String)>,
+}
+
+impl Target {
+    fn new(label: &str, url: &str) -> anyhow::Result<Target> {
+        let uri: hyper::Uri = url.parse().with_context(|| format!("target {label}: bad url {url}"))?;
+        let authority = uri.authority().context("url needs host:port")?.to_string();
+        Ok(Target {
+            label: label.to_string(),
+            host: authority.clone(),
+            authority,
+            path: uri.path().to_string(),
+            session: None,
+            headers: Vec::new(),
+        })
+    }
+
+    /// Initializes the target's MCP session.
+    async fn initialize(&mut self) -> anyhow::Result<()> {
+        let mut s = connect(self).await?;
+        let (headers, _) = post(
+            &mut s,
+            self,
+            Bytes::from_static(
+                br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"loadgen","version":"1"}}}"#,
+            ),
+        )
+        .await
+        .with_context(|| format!("initializing {}", self.label))?;
+        self.session = headers.get("mcp-session-id").map(|v| v.to_str().unwrap().to_string());
+        post(
+            &mut s,
+            self,
+            Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn header(h: &str) -> (String, String) {
+    let (k, v) = h.split_once(':').expect("header as name: value");
+    (k.trim().to_string(), v.trim().to_string())
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -49,7 +114,7 @@ async fn connect(t: &Target) -> anyhow::Result<Sender> {
     let stream = tokio::net::TcpStream::connect(&t.host).await.context("connect")?;
     stream.set_nodelay(true)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    tokio::task::spawn_local(conn);
     Ok(sender)
 }
 
@@ -77,10 +142,48 @@ async fn post(sender: &mut Sender, t: &Target, body: Bytes) -> anyhow::Result<(h
     Ok((headers, body))
 }
 
-async fn worker(t: &Target, until_warm: Instant, until: Instant) -> anyhow::Result<(Histogram<u64>, u64, u64)> {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-    let mut sender = connect(t).await?;
-    let mut errors = 0;
+/// One target's tally: latencies of the calls that succeeded within measured time, and errors.
+struct Tally {
+    hist: Histogram<u64>,
+    errors: u64,
+    measured: Duration,
+}
+
+impl Tally {
+    fn new() -> anyhow::Result<Tally> {
+        Ok(Tally {
+            hist: Histogram::new_with_bounds(1, 60_000_000_000, 3)?,
+            errors: 0,
+            measured: Duration::ZERO,
+        })
+    }
+
+    fn print(&self, label: &str, concurrency: usize) {
+        let secs = self.measured.as_secs_f64();
+        println!(
+            r#"{{"label":"{}","concurrency":{},"requests":{},"errors":{},"rps":{:.1},"p50_us":{:.1},"p90_us":{:.1},"p99_us":{:.1}}}"#,
+            label,
+            concurrency,
+            self.hist.len(),
+            self.errors,
+            self.hist.len() as f64 / secs,
+            self.hist.value_at_quantile(0.5) as f64 / 1000.0,
+            self.hist.value_at_quantile(0.9) as f64 / 1000.0,
+            self.hist.value_at_quantile(0.99) as f64 / 1000.0,
+        );
+    }
+}
+
+/// One connection's calls, back to back, from now until `until`; a call that ends at or after
+/// `until` is not counted. Calls that start before `until_warm` are not counted either. Returns
+/// the connection for the next slice.
+async fn worker(
+    t: &Target,
+    mut sender: Sender,
+    until_warm: Instant,
+    until: Instant,
+    tally: &std::cell::RefCell<Tally>,
+) -> anyhow::Result<Sender> {
     let mut n = 0u64;
     loop {
         n += 1;
@@ -97,18 +200,52 @@ async fn worker(t: &Target, until_warm: Instant, until: Instant) -> anyhow::Resu
         };
         let end = Instant::now();
         if end >= until {
-            break;
+            return Ok(sender);
         }
         if start >= until_warm {
+            let mut tally = tally.borrow_mut();
             if ok {
-                hist.record((end - start).as_nanos() as u64)?;
+                tally.hist.record((end - start).as_nanos() as u64)?;
             } else {
-                errors += 1;
+                tally.errors += 1;
             }
         }
     }
-    let count = hist.len();
-    Ok((hist, count, errors))
+}
+
+/// Loads one target with all its connections for `warm + measured`, counting only `measured`.
+async fn slice(
+    t: &std::rc::Rc<Target>,
+    senders: Vec<Sender>,
+    warm: Duration,
+    measured: Duration,
+    tally: &std::rc::Rc<std::cell::RefCell<Tally>>,
+) -> anyhow::Result<Vec<Sender>> {
+    let start = Instant::now();
+    let until_warm = start + warm;
+    let until = until_warm + measured;
+    let handles: Vec<_> = senders
+        .into_iter()
+        .map(|s| {
+            let t = t.clone();
+            let tally = tally.clone();
+            tokio::task::spawn_local(async move { worker(&t, s, until_warm, until, &tally).await })
+        })
+        .collect();
+    let before = tally.borrow().hist.len();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("worker panicked")?);
+    }
+    if std::env::var_os("LOADGEN_SLICES").is_some() && !measured.is_zero() {
+        eprintln!(
+            "{} {:.0}",
+            t.label,
+            (tally.borrow().hist.len() - before) as f64 / measured.as_secs_f64()
+        );
+    }
+    tally.borrow_mut().measured += measured;
+    Ok(out)
 }
 
 fn memchr_hello(b: &[u8]) -> bool {
@@ -117,78 +254,75 @@ fn memchr_hello(b: &[u8]) -> bool {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let uri: hyper::Uri = args.url.parse()?;
-    let authority = uri.authority().context("url needs host:port")?.to_string();
-    let mut target = Target {
-        host: authority.clone(),
-        authority,
-        path: uri.path().to_string(),
-        session: None,
-        headers: args
-            .headers
-            .iter()
-            .map(|h| {
-                let (k, v) = h.split_once(':').expect("header as name: value");
-                (k.trim().to_string(), v.trim().to_string())
-            })
-            .collect(),
-    };
+    let mut targets = Vec::new();
+    if let Some(url) = &args.url {
+        let mut t = Target::new(&args.label, url)?;
+        t.headers = args.headers.iter().map(|h| header(h)).collect();
+        targets.push(t);
+    }
+    for spec in &args.targets {
+        let (label, url) = spec.split_once('=').context("--target LABEL=URL")?;
+        targets.push(Target::new(label, url)?);
+    }
+    for spec in &args.target_headers {
+        let (label, h) = spec.split_once('=').context("--target-header LABEL=name: value")?;
+        let t = targets
+            .iter_mut()
+            .find(|t| t.label == label)
+            .with_context(|| format!("no target {label}"))?;
+        t.headers.push(header(h));
+    }
+    let interleaved = args.url.is_none();
     // One thread: the load generator shares the machine's two cores with what it measures.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async move {
-        let mut s = connect(&target).await?;
-        let (headers, _) = post(
-            &mut s,
-            &target,
-            Bytes::from_static(
-                br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"loadgen","version":"1"}}}"#,
-            ),
-        )
-        .await?;
-        target.session = headers
-            .get("mcp-session-id")
-            .map(|v| v.to_str().unwrap().to_string());
-        post(&mut s, &target, Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#))
-            .await?;
-        let start = Instant::now();
-        let until_warm = start + Duration::from_secs_f64(args.warmup);
-        let until = until_warm + Duration::from_secs_f64(args.seconds);
-        let target = std::rc::Rc::new(target);
-        let local = tokio::task::LocalSet::new();
-        let results = local
-            .run_until(async move {
-                let handles: Vec<_> = (0..args.concurrency)
-                    .map(|_| {
-                        let t = target.clone();
-                        tokio::task::spawn_local(async move { worker(&t, until_warm, until).await })
-                    })
-                    .collect();
-                let mut out = Vec::new();
-                for h in handles {
-                    out.push(h.await.expect("worker panicked"));
-                }
-                out
-            })
-            .await;
-        let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-        let mut errors = 0;
-        for r in results {
-            let (h, _, e) = r?;
-            total.add(h)?;
-            errors += e;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let mut conns = Vec::new();
+        for t in &mut targets {
+            t.initialize().await?;
+            let mut senders = Vec::with_capacity(args.concurrency);
+            for _ in 0..args.concurrency {
+                senders.push(connect(t).await?);
+            }
+            conns.push(senders);
         }
-        let rps = total.len() as f64 / args.seconds;
-        println!(
-            r#"{{"label":"{}","concurrency":{},"requests":{},"errors":{},"rps":{:.1},"p50_us":{:.1},"p90_us":{:.1},"p99_us":{:.1}}}"#,
-            args.label,
-            args.concurrency,
-            total.len(),
-            errors,
-            rps,
-            total.value_at_quantile(0.5) as f64 / 1000.0,
-            total.value_at_quantile(0.9) as f64 / 1000.0,
-            total.value_at_quantile(0.99) as f64 / 1000.0,
-        );
+        let targets: Vec<_> = targets.into_iter().map(std::rc::Rc::new).collect();
+        let tallies: Vec<_> = (0..targets.len())
+            .map(|_| Tally::new().map(|t| std::rc::Rc::new(std::cell::RefCell::new(t))))
+            .collect::<anyhow::Result<_>>()?;
+        let warm = Duration::from_secs_f64(args.warmup);
+        let measured = Duration::from_secs_f64(args.seconds);
+        if !interleaved {
+            let senders = std::mem::take(&mut conns[0]);
+            slice(&targets[0], senders, warm, measured, &tallies[0]).await?;
+        } else {
+            // A warm-up slice for each target, then passes of one slice each, the order rotated.
+            let slice_len = Duration::from_secs_f64(args.slice).min(measured);
+            let gap = Duration::from_secs_f64(args.gap);
+            let n = targets.len();
+            for i in 0..n {
+                let senders = std::mem::take(&mut conns[i]);
+                conns[i] = slice(&targets[i], senders, warm, Duration::ZERO, &tallies[i]).await?;
+                tokio::time::sleep(gap).await;
+            }
+            let mut pass = 0;
+            while tallies.iter().any(|t| t.borrow().measured < measured) {
+                for k in 0..n {
+                    let i = (pass + k) % n;
+                    let left = measured.saturating_sub(tallies[i].borrow().measured);
+                    if left.is_zero() {
+                        continue;
+                    }
+                    let senders = std::mem::take(&mut conns[i]);
+                    conns[i] = slice(&targets[i], senders, Duration::ZERO, slice_len.min(left), &tallies[i]).await?;
+                    tokio::time::sleep(gap).await;
+                }
+                pass += 1;
+            }
+        }
+        for (t, tally) in targets.iter().zip(&tallies) {
+            tally.borrow().print(&t.label, args.concurrency);
+        }
         Ok(())
     })
 }
