@@ -7,7 +7,6 @@
 //! and an atomic flag; one sweeper task fires the expired ones every `tick`. A deadline therefore
 //! fires up to one tick late, which is fine for timeouts counted in seconds.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,7 +25,7 @@ pub struct Deadlines {
 }
 
 struct Inner {
-    shards: [Mutex<HashMap<u64, Entry>>; SHARDS],
+    shards: [Mutex<foldhash::HashMap<u64, Entry>>; SHARDS],
     next_key: AtomicU64,
     epoch: Instant,
 }
@@ -88,7 +87,7 @@ impl Inner {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn shard(&self, key: u64) -> &Mutex<HashMap<u64, Entry>> {
+    fn shard(&self, key: u64) -> &Mutex<foldhash::HashMap<u64, Entry>> {
         &self.shards[key as usize % SHARDS]
     }
 }
@@ -98,7 +97,7 @@ impl Deadlines {
     /// The sweeper stops when the last handle is dropped.
     pub fn start(tick: Duration) -> Deadlines {
         let inner = Arc::new(Inner {
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            shards: std::array::from_fn(|_| Mutex::new(foldhash::HashMap::default())),
             next_key: AtomicU64::new(0),
             epoch: Instant::now(),
         });

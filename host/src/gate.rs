@@ -165,7 +165,7 @@ struct Inner {
     /// Peers that sent wrong admin keys: a limiter of failures, and when they may try again.
     admin_failures: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, AdminFailures>>,
     /// Rate limiters per key id, rebuilt when the key's settings change.
-    limits: std::sync::RwLock<std::collections::HashMap<String, Arc<Limits>>>,
+    limits: std::sync::RwLock<foldhash::HashMap<String, Arc<Limits>>>,
     /// The pricing and health plugins.
     policy: Policy,
     /// Per-minute totals of the request log, for health scoring.
@@ -186,7 +186,7 @@ struct Limits {
     /// The settings these were built from.
     settings: Arc<KeySettings>,
     key: Option<(String, governor::DefaultDirectRateLimiter)>,
-    tools: std::collections::HashMap<String, (String, governor::DefaultDirectRateLimiter)>,
+    tools: foldhash::HashMap<String, (String, governor::DefaultDirectRateLimiter)>,
 }
 
 /// Parses `N/s`, `N/min` or `N/h` (N from 1 to 1,000,000) into a quota.
@@ -247,7 +247,7 @@ impl Gate {
                     config: arc_swap::ArcSwap::from_pointee(config.clone()),
                     ledger,
                     admin_hash,
-                    limits: std::sync::RwLock::new(std::collections::HashMap::new()),
+                    limits: std::sync::RwLock::new(foldhash::HashMap::default()),
                     admin_failures: std::sync::Mutex::new(std::collections::HashMap::new()),
                     policy,
                     window,

@@ -3,7 +3,7 @@
 //!
 //! Locks here are `std::sync` locks held for a map operation at most, never across an `.await`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -71,7 +71,7 @@ pub struct Sessions {
 }
 
 struct Inner {
-    map: RwLock<HashMap<Arc<str>, Arc<Session>>>,
+    map: RwLock<foldhash::HashMap<Arc<str>, Arc<Session>>>,
     max: usize,
     idle: Duration,
     epoch: Instant,
@@ -81,7 +81,7 @@ impl Sessions {
     pub fn new(max: usize, idle: Duration) -> Sessions {
         Sessions {
             inner: Arc::new(Inner {
-                map: RwLock::new(HashMap::new()),
+                map: RwLock::new(foldhash::HashMap::default()),
                 max,
                 idle,
                 epoch: Instant::now(),

@@ -9,7 +9,7 @@ pub mod journal;
 pub mod keys;
 pub mod sqlite;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -47,7 +47,7 @@ pub struct Ledger {
 }
 
 struct Inner {
-    by_hash: RwLock<HashMap<keys::KeyHash, Arc<Key>>>,
+    by_hash: RwLock<foldhash::HashMap<keys::KeyHash, Arc<Key>>>,
     /// Ordered by id, so that listings page with a cursor.
     by_id: RwLock<BTreeMap<String, Arc<Key>>>,
     /// Every key in the order it was created (and loaded), for walks over all of them: the keys
@@ -78,7 +78,7 @@ impl Ledger {
             keys::day_of(now) * 86_400_000,
             keys::month_start_ms(keys::month_of(now)),
         )?;
-        let mut by_hash = HashMap::with_capacity(stored.len());
+        let mut by_hash = foldhash::HashMap::with_capacity_and_hasher(stored.len(), Default::default());
         let mut by_id = BTreeMap::new();
         let mut all = Vec::with_capacity(stored.len());
         for s in stored {

@@ -54,7 +54,7 @@ pub fn check_answer(body: &[u8]) -> Option<Answer> {
 
 /// A pooled client for one remote MCP endpoint (`http://`, or `https://` over rustls).
 pub struct HttpUpstream {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Pool,
     url: hyper::Uri,
     /// Sent with every request (from `[upstream] headers`), e.g. the server's own credentials.
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -73,16 +73,21 @@ impl HttpUpstream {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
-        http.enforce_http(false);
-        let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(crate::tls::client_config(ca)?)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+            .pool_max_idle_per_host(256);
+        let client = if url.scheme_str() == Some("https") {
+            http.enforce_http(false);
+            let connector = HttpsConnectorBuilder::new()
+                .with_tls_config(crate::tls::client_config(ca)?)
+                .https_only()
+                .enable_http1()
+                .wrap_connector(http);
+            Pool::Https(builder.build(connector))
+        } else {
+            Pool::Http(builder.build(http))
+        };
         Ok(HttpUpstream {
             client,
             url,
@@ -269,6 +274,22 @@ impl HttpUpstream {
             .await,
             Ok(Ok(_))
         )
+    }
+}
+
+/// The pooled client: plain TCP for an `http://` upstream (no TLS connector to clone and drop on
+/// every request), rustls for an `https://` one.
+enum Pool {
+    Http(Client<HttpConnector, Full<Bytes>>),
+    Https(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+}
+
+impl Pool {
+    fn request(&self, req: Request<Full<Bytes>>) -> hyper_util::client::legacy::ResponseFuture {
+        match self {
+            Pool::Http(c) => c.request(req),
+            Pool::Https(c) => c.request(req),
+        }
     }
 }
 
