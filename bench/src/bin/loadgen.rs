@@ -6,8 +6,8 @@
 //!
 //! `loadgen --target LABEL=URL --target LABEL2=URL2 … --slice 1` compares targets *interleaved*:
 //! each target gets its own session and C connections, and the load moves from target to target
-//! every slice (the order rotated each pass, a short idle gap between slices), until each target
-//! has had S measured seconds. This machine's speed swings by ±20 % within seconds and drifts over
+//! every slice (the order rotated each pass, a short idle gap between slices, the first 0.1 s of
+//! each slice not measured), until each target has had S measured seconds. This machine's speed swings by ±20 % within seconds and drifts over
 //! tens of seconds: five copies of one gateway, each loaded for 2 s in turn, six rounds, had
 //! medians from 83 to 102 % of a sixth copy's. Slices of half a second spread the swings evenly
 //! over all targets: two copies then agree within ±3 % (three runs of 15 s each). Prints
@@ -46,6 +46,11 @@ struct Args {
     /// With --target: idle seconds between slices (the last target's after-work settles).
     #[arg(long, default_value_t = 0.1)]
     gap: f64,
+    /// With --target: seconds at the start of each slice that are not measured (a target that sat
+    /// idle while the others were loaded answers its first calls from cold caches and parked
+    /// threads: at c=1 that alone moved p99 from ~0.6 to ~1.4 ms).
+    #[arg(long, default_value_t = 0.1)]
+    slice_warmup: f64,
     /// A label for the output (with --url).
     #[arg(long, default_value = "")]
     label: String,
@@ -299,6 +304,7 @@ fn main() -> anyhow::Result<()> {
             // A warm-up slice for each target, then passes of one slice each, the order rotated.
             let slice_len = Duration::from_secs_f64(args.slice).min(measured);
             let gap = Duration::from_secs_f64(args.gap);
+            let slice_warm = Duration::from_secs_f64(args.slice_warmup);
             let n = targets.len();
             for i in 0..n {
                 let senders = std::mem::take(&mut conns[i]);
@@ -314,7 +320,7 @@ fn main() -> anyhow::Result<()> {
                         continue;
                     }
                     let senders = std::mem::take(&mut conns[i]);
-                    conns[i] = slice(&targets[i], senders, Duration::ZERO, slice_len.min(left), &tallies[i]).await?;
+                    conns[i] = slice(&targets[i], senders, slice_warm, slice_len.min(left), &tallies[i]).await?;
                     tokio::time::sleep(gap).await;
                 }
                 pass += 1;
