@@ -106,16 +106,17 @@ def vs(label, base, c, fn):
 def show(v, fmt):
     return fmt.format(v) if v is not None else ""
 
-print("| target | c | calls/s | p50 µs | p99 µs | errors | p50 vs yardstick | calls/s vs yardstick | calls/s vs direct |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| target | c | calls/s | p50 µs | p99 µs | errors | p50 vs yardstick | p99 vs yardstick | calls/s vs yardstick | calls/s vs direct |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 order = ["direct", "yardstick", "tollgate", "billed", "hooks", "tollgate-stdio"]
 for (label, c) in sorted(med, key=lambda k: (k[1], order.index(k[0]))):
     m = med[(label, c)]
     p50_y = vs(label, "yardstick", c, lambda r, b: r["p50_us"] - b["p50_us"])
+    p99_y = vs(label, "yardstick", c, lambda r, b: r["p99_us"] - b["p99_us"])
     tp_y = vs(label, "yardstick", c, lambda r, b: 100 * r["rps"] / b["rps"])
     tp_d = vs(label, "direct", c, lambda r, b: 100 * r["rps"] / b["rps"])
     print(f"| {label} | {c} | {m['rps']:.0f} | {m['p50_us']:.1f} | {m['p99_us']:.1f} | {m['errors']:.0f} | "
-          f"{show(p50_y, '{:+.1f} µs')} | {show(tp_y, '{:.0f} %')} | {show(tp_d, '{:.0f} %')} |")
+          f"{show(p50_y, '{:+.1f} µs')} | {show(p99_y, '{:+.0f} µs')} | {show(tp_y, '{:.0f} %')} | {show(tp_d, '{:.0f} %')} |")
 print()
 print("| billing chain vs billing off (tollgate) | c | p50 added | calls/s kept |")
 print("|---|---|---|---|")
