@@ -33,9 +33,9 @@ new_key() {
     -d '{"name":"bench","credits":1000000000000}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])'
 }
 
-# quiet : waits (up to 10 s) until the machine has been at least 90 % idle for 0.2 s, so that one
-# target's after-work (a gateway's writer committing, a checkpoint, webhook deliveries catching up)
-# does not run inside the next target's measurement. Prints how long it waited, in tenths of seconds.
+# quiet : waits (up to 10 s) until the machine has been at least 90 % idle for 0.2 s, so that the
+# last measurement's after-work (a gateway's writer committing, a checkpoint, webhook deliveries
+# catching up) does not run inside the next one. Prints how long it waited, in tenths of seconds.
 cpu_idle_total() { awk '/^cpu /{print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
 quiet() {
   local i a b

@@ -897,6 +897,7 @@ mod tests {
         ));
     }
 }
+
 #[cfg(test)]
 mod future_sizes {
     use super::*;
