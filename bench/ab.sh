@@ -47,7 +47,7 @@ for r in $(seq 1 "$ROUNDS"); do
       args+=(--target "$n=${url[$n]}")
       [ -n "${key[$n]:-}" ] && args+=(--target-header "$n=x-api-key: ${key[$n]}")
     done
-    quiet >/dev/null
+    quiet
     "$bin/loadgen" "${args[@]}" --concurrency "$c" --seconds "$SECS" --slice "$SLICE" | sed "s/^{/{\"round\":$r,/" >>"$results"
   done
 done

@@ -35,15 +35,13 @@ new_key() {
 
 # quiet : waits (up to 10 s) until the machine has been at least 90 % idle for 0.2 s, so that the
 # last measurement's after-work (a gateway's writer committing, a checkpoint, webhook deliveries
-# catching up) does not run inside the next one. Prints how long it waited, in tenths of seconds.
+# catching up) does not run inside the next one.
 cpu_idle_total() { awk '/^cpu /{print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
 quiet() {
-  local i a b
-  for i in $(seq 0 49); do
+  local a b
+  for _ in $(seq 1 50); do
     a=$(cpu_idle_total); sleep 0.2; b=$(cpu_idle_total)
-    if awk -v a="$a" -v b="$b" 'BEGIN { split(a, x); split(b, y); exit !((y[1] - x[1]) >= 0.9 * (y[2] - x[2])) }'; then
-      echo $(( i * 2 )); return
-    fi
+    awk -v a="$a" -v b="$b" 'BEGIN { split(a, x); split(b, y); exit !((y[1] - x[1]) >= 0.9 * (y[2] - x[2])) }' && return
   done
-  echo 100
+  true
 }

@@ -60,6 +60,7 @@ hooks_key=$(new_key "$hooks" "$admin_key")
 results="$work/results.jsonl"
 targets=(direct yardstick tollgate billed hooks)
 declare -A url=([direct]=$fixture [yardstick]=$yardstick [tollgate]=$tollgate [billed]=$billed [hooks]=$hooks)
+declare -A key=([billed]=$api_key [hooks]=$hooks_key)
 for round in $(seq 1 "$ROUNDS"); do
   for c in $CONCURRENCY; do
     # One load generator per concurrency and round, moving the load from target to target every
@@ -69,13 +70,12 @@ for round in $(seq 1 "$ROUNDS"); do
       target=${targets[$(( (k + round - 1) % ${#targets[@]} ))]}
       [[ " $TARGETS " == *" $target "* ]] || continue
       args+=(--target "$target=${url[$target]}")
-      [ "$target" = billed ] && args+=(--target-header "billed=x-api-key: $api_key")
-      [ "$target" = hooks ] && args+=(--target-header "hooks=x-api-key: $hooks_key")
+      [ -n "${key[$target]:-}" ] && args+=(--target-header "$target=x-api-key: ${key[$target]}")
     done
-    quiet >/dev/null
+    quiet
     "$bin/loadgen" "${args[@]}" --concurrency "$c" --seconds "$SECS" --slice "$SLICE" | sed "s/^{/{\"round\":$round,/" | tee -a "$results" >&2
   done
-  quiet >/dev/null
+  quiet
   "$bin/loadgen" --url "$tollgate_stdio" --concurrency 32 --seconds "$SECS" --label "tollgate-stdio" |
     sed "s/^{/{\"round\":$round,/" | tee -a "$results" >&2
 done

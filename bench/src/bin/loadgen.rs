@@ -218,39 +218,43 @@ async fn worker(
     }
 }
 
-/// Loads one target with all its connections for `warm + measured`, counting only `measured`.
-async fn slice(
-    t: &std::rc::Rc<Target>,
+/// One target, its connections and its tally.
+struct Slot {
+    target: std::rc::Rc<Target>,
     senders: Vec<Sender>,
-    warm: Duration,
-    measured: Duration,
-    tally: &std::rc::Rc<std::cell::RefCell<Tally>>,
-) -> anyhow::Result<Vec<Sender>> {
-    let start = Instant::now();
-    let until_warm = start + warm;
-    let until = until_warm + measured;
-    let handles: Vec<_> = senders
-        .into_iter()
-        .map(|s| {
-            let t = t.clone();
-            let tally = tally.clone();
-            tokio::task::spawn_local(async move { worker(&t, s, until_warm, until, &tally).await })
-        })
-        .collect();
-    let before = tally.borrow().hist.len();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        out.push(h.await.expect("worker panicked")?);
+    tally: std::rc::Rc<std::cell::RefCell<Tally>>,
+}
+
+impl Slot {
+    /// Loads the target with all its connections for `warm + measured`, counting only `measured`.
+    async fn slice(&mut self, warm: Duration, measured: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let until_warm = start + warm;
+        let until = until_warm + measured;
+        let handles: Vec<_> = std::mem::take(&mut self.senders)
+            .into_iter()
+            .map(|s| {
+                let t = self.target.clone();
+                let tally = self.tally.clone();
+                tokio::task::spawn_local(async move { worker(&t, s, until_warm, until, &tally).await })
+            })
+            .collect();
+        let before = self.tally.borrow().hist.len();
+        for h in handles {
+            self.senders.push(h.await.expect("worker panicked")?);
+        }
+        let mut tally = self.tally.borrow_mut();
+        if std::env::var_os("LOADGEN_SLICES").is_some() && !measured.is_zero() {
+            let calls = tally.hist.len() - before;
+            eprintln!("{} {:.0}", self.target.label, calls as f64 / measured.as_secs_f64());
+        }
+        tally.measured += measured;
+        Ok(())
     }
-    if std::env::var_os("LOADGEN_SLICES").is_some() && !measured.is_zero() {
-        eprintln!(
-            "{} {:.0}",
-            t.label,
-            (tally.borrow().hist.len() - before) as f64 / measured.as_secs_f64()
-        );
+
+    fn measured(&self) -> Duration {
+        self.tally.borrow().measured
     }
-    tally.borrow_mut().measured += measured;
-    Ok(out)
 }
 
 fn memchr_hello(b: &[u8]) -> bool {
@@ -282,52 +286,50 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let mut conns = Vec::new();
-        for t in &mut targets {
+        let mut slots = Vec::with_capacity(targets.len());
+        for mut t in targets {
             t.initialize().await?;
             let mut senders = Vec::with_capacity(args.concurrency);
             for _ in 0..args.concurrency {
-                senders.push(connect(t).await?);
+                senders.push(connect(&t).await?);
             }
-            conns.push(senders);
+            let tally = std::rc::Rc::new(std::cell::RefCell::new(Tally::new()?));
+            slots.push(Slot {
+                target: std::rc::Rc::new(t),
+                senders,
+                tally,
+            });
         }
-        let targets: Vec<_> = targets.into_iter().map(std::rc::Rc::new).collect();
-        let tallies: Vec<_> = (0..targets.len())
-            .map(|_| Tally::new().map(|t| std::rc::Rc::new(std::cell::RefCell::new(t))))
-            .collect::<anyhow::Result<_>>()?;
         let warm = Duration::from_secs_f64(args.warmup);
         let measured = Duration::from_secs_f64(args.seconds);
         if !interleaved {
-            let senders = std::mem::take(&mut conns[0]);
-            slice(&targets[0], senders, warm, measured, &tallies[0]).await?;
+            slots[0].slice(warm, measured).await?;
         } else {
             // A warm-up slice for each target, then passes of one slice each, the order rotated.
             let slice_len = Duration::from_secs_f64(args.slice).min(measured);
             let gap = Duration::from_secs_f64(args.gap);
             let slice_warm = Duration::from_secs_f64(args.slice_warmup);
-            let n = targets.len();
-            for i in 0..n {
-                let senders = std::mem::take(&mut conns[i]);
-                conns[i] = slice(&targets[i], senders, warm, Duration::ZERO, &tallies[i]).await?;
+            for slot in &mut slots {
+                slot.slice(warm, Duration::ZERO).await?;
                 tokio::time::sleep(gap).await;
             }
+            let n = slots.len();
             let mut pass = 0;
-            while tallies.iter().any(|t| t.borrow().measured < measured) {
+            while slots.iter().any(|s| s.measured() < measured) {
                 for k in 0..n {
-                    let i = (pass + k) % n;
-                    let left = measured.saturating_sub(tallies[i].borrow().measured);
+                    let slot = &mut slots[(pass + k) % n];
+                    let left = measured.saturating_sub(slot.measured());
                     if left.is_zero() {
                         continue;
                     }
-                    let senders = std::mem::take(&mut conns[i]);
-                    conns[i] = slice(&targets[i], senders, slice_warm, slice_len.min(left), &tallies[i]).await?;
+                    slot.slice(slice_warm, slice_len.min(left)).await?;
                     tokio::time::sleep(gap).await;
                 }
                 pass += 1;
             }
         }
-        for (t, tally) in targets.iter().zip(&tallies) {
-            tally.borrow().print(&t.label, args.concurrency);
+        for slot in &slots {
+            slot.tally.borrow().print(&slot.target.label, args.concurrency);
         }
         Ok(())
     })

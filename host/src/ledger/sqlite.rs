@@ -150,8 +150,8 @@ const MIGRATIONS: &[&str] = &[
     // 10: which tools each key has called successfully, one row per (key, tool) with the seq of
     // its latest such call, instead of an index on the request log that every call inserted into
     // (`storebench 100000`, three runs each: writer CPU per settled call 7.4, 8.2, 7.7 -> 6.1,
-    // 6.5, 6.3 us). The writer upserts a pair once per commit, not
-    // once per call. A pair counts while that call is still in the log (`unique_tools`).
+    // 6.5, 6.3 us). The writer upserts a pair once per commit, not once per call. A pair counts
+    // while that call is still in the log (`unique_tools`).
     "CREATE TABLE key_tools (
         key_id TEXT NOT NULL,
         tool TEXT NOT NULL,
