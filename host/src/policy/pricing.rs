@@ -341,3 +341,78 @@ fn accept(c: &pricing::Charge, cap: u64) -> Result<Price, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{PluginSpec, Policy, PolicyConfig};
+
+    /// The embedded `pricing-table`, with one warm instance so that every call reuses it.
+    fn table(config: &str) -> Policy {
+        let config = PolicyConfig {
+            limits: Limits {
+                pool_size: 1,
+                ..Limits::default()
+            },
+            pricing: PluginSpec {
+                file: None,
+                config: config.into(),
+            },
+            health: PluginSpec {
+                file: None,
+                config: "{}".into(),
+            },
+            health_window: std::time::Duration::from_secs(60),
+        };
+        Policy::load(&config, None).expect("the embedded plugins load")
+    }
+
+    #[test]
+    fn one_warm_instance_prices_thousands_of_calls_of_every_size_exactly() {
+        let policy =
+            table(r#"{"default_price": 2, "tools": {"search": 7}, "per_kib_input": 3, "tag_percent": {"half": 50}}"#);
+        let plugin = policy.default_tenant().pricing.load();
+        let key = Key::new(
+            "key_1".into(),
+            "k".into(),
+            crate::ledger::keys::hash("tg_x"),
+            "tg_x".into(),
+            0,
+            0,
+        );
+        let mut tags = Vec::new();
+        // Sizes from empty to past the plugin's own 16 KiB call arena and up to the host's cap,
+        // with a growing list of tags: each call's strings land wherever the last call's freed.
+        for i in 0..4_000usize {
+            let size = [0, 1, 700, 1024, 1025, 15_000, 17_000, 64 << 10][i % 8] + i % 3;
+            let arguments = "x".repeat(size);
+            if i % 500 == 0 {
+                tags.push(if tags.is_empty() {
+                    "half".to_string()
+                } else {
+                    format!("tag{i}")
+                });
+            }
+            key.set_settings(crate::ledger::KeySettings {
+                tags: tags.clone(),
+                ..Default::default()
+            });
+            let settings = key.settings();
+            let tool = if i % 2 == 0 { "search" } else { "other" };
+            let input = CallInput {
+                method: "tools/call",
+                tool: Some(tool),
+                arguments: Some(&arguments),
+                request_id: &format!("req_{i}"),
+                now_ms: 0,
+            };
+            let base = if tool == "search" { 7 } else { 2 } + 3 * (size as u64).div_ceil(1024) as i64;
+            match plugin.price_by_call(policy.limits(), &input, Some((&key, &settings))) {
+                Priced::Charge(p) => assert_eq!(p.credits, (base + 1) / 2, "call {i}, {size} bytes"),
+                other => panic!("call {i}, {size} bytes: {other:?}"),
+            }
+        }
+        let stats = plugin.pool.stats.view();
+        assert_eq!((stats.calls, stats.failures), (4_000, 0));
+    }
+}

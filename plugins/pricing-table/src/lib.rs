@@ -78,11 +78,16 @@ impl Table {
     }
 }
 
-// Every string the host hands a call is one allocation here, freed when the call returns: talc
-// does those faster than the standard library's dlmalloc (about 0.1 µs less per warm call).
+#[cfg(any(test, all(not(target_feature = "atomics"), target_family = "wasm")))]
+mod arena;
+
+// Every string the host hands a call is one allocation here, all freed when the call returns: a
+// per-call arena bumps them (talc, the general allocator behind it, took ~0.3 µs of a warm call
+// for the same work).
 #[cfg(all(not(target_feature = "atomics"), target_family = "wasm"))]
 #[global_allocator]
-static TALC: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+static ALLOC: arena::CallArena<talc::wasm::WasmDynamicTalc, 16384> =
+    arena::CallArena::new(talc::wasm::new_wasm_dynamic_allocator());
 
 thread_local! {
     static TABLE: RefCell<Option<Table>> = const { RefCell::new(None) };
@@ -94,6 +99,8 @@ impl exports::tollgate::policy::lifecycle::Guest for Plugin {
     fn configure(config: String) -> Result<(), String> {
         let table = Table::parse(&config)?;
         TABLE.with(|t| *t.borrow_mut() = Some(table));
+        #[cfg(all(not(target_feature = "atomics"), target_family = "wasm"))]
+        ALLOC.start();
         Ok(())
     }
 }
