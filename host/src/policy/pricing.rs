@@ -368,6 +368,72 @@ mod tests {
     }
 
     #[test]
+    fn a_plugin_receives_every_field_of_the_call_and_the_key_as_the_host_holds_them() {
+        let config = PolicyConfig {
+            limits: Limits::default(),
+            pricing: PluginSpec {
+                file: Some(concat!(env!("TOLLGATE_PLUGIN_DIR"), "/hostile.wasm").into()),
+                config: r#"{"mode": "echo"}"#.into(),
+            },
+            health: PluginSpec {
+                file: None,
+                config: "{}".into(),
+            },
+            health_window: std::time::Duration::from_secs(60),
+        };
+        let policy = Policy::load(&config, None).expect("the hostile plugin loads");
+        let plugin = policy.default_tenant().pricing.load();
+        let key = Key::new(
+            "key_7".into(),
+            "Ünïcode name".into(),
+            crate::ledger::keys::hash("tg_x"),
+            "tg_x".into(),
+            1_700_000_000_000,
+            0,
+        );
+        key.restore(-5, 42, 9, Status::Suspended);
+        key.set_settings(crate::ledger::KeySettings {
+            tags: vec!["a".into(), "".into(), "partner".into()],
+            namespace: Some("team-1".into()),
+            expires_at: Some(-1),
+            ..Default::default()
+        });
+        let settings = key.settings();
+        let input = CallInput {
+            method: "tools/call",
+            tool: Some("search"),
+            arguments: Some(r#"{"q":"é"}"#),
+            request_id: "req_00000000000000ff",
+            now_ms: i64::MIN,
+        };
+        let echoed =
+            |input: &CallInput<'_>, key: Option<KeyView<'_>>| match plugin.price_by_call(policy.limits(), input, key) {
+                Priced::Denied(reason) => reason,
+                other => panic!("{other:?}"),
+            };
+        assert_eq!(
+            echoed(&input, Some((&key, &settings))),
+            r#"tools/call Some("search") 10 Some("{\"q\":\"é\"}") -9223372036854775808 req_00000000000000ff | key_7 Ünïcode name ["a", "", "partner"] Some("team-1") -5 42 9 KeyStatus::Suspended 1700000000000 Some(-1)"#
+        );
+        // No key, no tool, arguments over the host's cap (their size only), no expiry.
+        let big = "x".repeat(policy.limits().max_argument_bytes + 1);
+        let input = CallInput {
+            method: "resources/read",
+            tool: None,
+            arguments: Some(&big),
+            request_id: "",
+            now_ms: 7,
+        };
+        assert_eq!(
+            echoed(&input, None),
+            format!(
+                r#"resources/read None {} None 7  |   [] None 0 0 0 KeyStatus::Active 7 None"#,
+                big.len()
+            )
+        );
+    }
+
+    #[test]
     fn one_warm_instance_prices_thousands_of_calls_of_every_size_exactly() {
         let policy =
             table(r#"{"default_price": 2, "tools": {"search": 7}, "per_kib_input": 3, "tag_percent": {"half": 50}}"#);

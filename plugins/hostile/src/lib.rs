@@ -2,7 +2,9 @@
 //! loaded by default. Its configuration picks the misbehaviour: `{"mode": "..."}` with `loop`
 //! (never returns), `memory` (allocates until it is stopped), `trap` (panics), `absurd` (prices a
 //! call at u64::MAX), `huge` (a denial reason and a health report of many megabytes), `nan` (a
-//! health score that is not a number), or `ok` (behaves: price 1, score 100). With
+//! health score that is not a number), `echo` (denies every call with a reason that spells out the
+//! call and the key it received, so a test can check what the host hands a plugin), or `ok`
+//! (behaves: price 1, score 100). With
 //! `"only_tag": "t"`, it misbehaves only when pricing calls of keys tagged `t` and prices every
 //! other call at 1 credit, so a test can show that one bad decision leaves other keys unharmed.
 
@@ -23,6 +25,7 @@ enum Mode {
     Absurd,
     Huge,
     Nan,
+    Echo,
 }
 
 thread_local! {
@@ -64,6 +67,7 @@ impl exports::tollgate::policy::lifecycle::Guest for Plugin {
             "absurd" => Mode::Absurd,
             "huge" => Mode::Huge,
             "nan" => Mode::Nan,
+            "echo" => Mode::Echo,
             other => return Err(format!("hostile: unknown mode {other:?}")),
         };
         MODE.with(|m| m.set(mode));
@@ -74,7 +78,7 @@ impl exports::tollgate::policy::lifecycle::Guest for Plugin {
 }
 
 impl exports::tollgate::policy::pricing::Guest for Plugin {
-    fn price(_call: Call, key: KeySnapshot) -> Result<Charge, Denial> {
+    fn price(call: Call, key: KeySnapshot) -> Result<Charge, Denial> {
         let spared = ONLY_TAG.with(|t| t.borrow().as_ref().is_some_and(|t| !key.tags.contains(t)));
         if spared {
             return Ok(Charge {
@@ -89,6 +93,27 @@ impl exports::tollgate::policy::pricing::Guest for Plugin {
             }),
             Mode::Huge => Err(Denial {
                 reason: "x".repeat(8 << 20),
+            }),
+            Mode::Echo => Err(Denial {
+                reason: format!(
+                    "{} {:?} {} {:?} {} {} | {} {} {:?} {:?} {} {} {} {:?} {} {:?}",
+                    call.method,
+                    call.tool,
+                    call.argument_bytes,
+                    call.arguments,
+                    call.now_ms,
+                    call.request_id,
+                    key.id,
+                    key.name,
+                    key.tags,
+                    key.namespace,
+                    key.credits,
+                    key.spent,
+                    key.calls,
+                    key.status,
+                    key.created_ms,
+                    key.expires_ms
+                ),
             }),
             _ => Ok(Charge {
                 credits: 1,
