@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use wasmtime::Store;
 use wasmtime::component::{ComponentExportIndex, ComponentType, Func, InstancePre, Lower, TypedFunc};
 
+use self::lower::Fast;
 use super::reuse::{Inputs, ReuseCache};
 use super::sandbox::{Failure, Host, World};
 use super::{Limits, Loaded, Role};
@@ -14,6 +15,8 @@ use crate::ledger::{Key, KeySettings, Status};
 mod bindings {
     wasmtime::component::bindgen!({ world: "pricing-plugin", path: "../wit" });
 }
+
+mod lower;
 
 use bindings::exports::tollgate::policy::pricing;
 use bindings::tollgate::policy::types::KeyStatus;
@@ -36,13 +39,14 @@ pub struct PricingPre {
 /// `reuse-ms` where it has one.
 pub struct PricingBindings {
     bindings: bindings::PricingPlugin,
-    price: TypedFunc<(CallArg<'static>, KeyArg<'static>), (PriceResult,)>,
+    price: TypedFunc<(Fast<CallArg<'static>>, Fast<KeyArg<'static>>), (PriceResult,)>,
     reuse_ms: Option<TypedFunc<(), (u32,)>>,
 }
 
 type PriceResult = Result<pricing::Charge, pricing::Denial>;
 
-/// The WIT `call` record, lowered straight from the request's own strings (no copies).
+/// The WIT `call` record, lowered straight from the request's own strings (no copies), in one
+/// pass by [`Fast`].
 #[derive(ComponentType, Lower)]
 #[component(record)]
 struct CallArg<'a> {
@@ -57,7 +61,8 @@ struct CallArg<'a> {
     request_id: &'a str,
 }
 
-/// The WIT `key-snapshot` record, lowered straight from the key's own fields.
+/// The WIT `key-snapshot` record, lowered straight from the key's own fields, in one pass by
+/// [`Fast`].
 #[derive(ComponentType, Lower)]
 #[component(record)]
 struct KeyArg<'a> {
@@ -296,9 +301,10 @@ impl Loaded<PricingWorld> {
                 // SAFETY: the same function type as `b.price`, which was checked against the
                 // component when the instance was made; the records differ only in the lifetime
                 // of the borrowed data they are lowered from, which outlives the call.
-                let price =
-                    unsafe { TypedFunc::<(CallArg<'_>, KeyArg<'_>), (PriceResult,)>::new_unchecked(*b.price.func()) };
-                price.call(store, (call, snapshot)).map(|(r,)| r)
+                let price = unsafe {
+                    TypedFunc::<(Fast<CallArg<'_>>, Fast<KeyArg<'_>>), (PriceResult,)>::new_unchecked(*b.price.func())
+                };
+                price.call(store, (Fast(call), Fast(snapshot))).map(|(r,)| r)
             });
         match answer {
             Err(f) => Priced::Failed(f),
@@ -398,6 +404,16 @@ mod tests {
             expires_at: Some(-1),
             ..Default::default()
         });
+        // Lowered in one pass (the plugin takes UTF-8), and field by field as for a plugin that
+        // takes another string encoding: the plugin sees the same either way.
+        for derived in [false, true] {
+            lower::DERIVED_ONLY.with(|d| d.set(derived));
+            echoes_the_call_and_key(&policy, &plugin, &key);
+        }
+        lower::DERIVED_ONLY.with(|d| d.set(false));
+    }
+
+    fn echoes_the_call_and_key(policy: &Policy, plugin: &Loaded<PricingWorld>, key: &Key) {
         let settings = key.settings();
         let input = CallInput {
             method: "tools/call",
@@ -412,7 +428,7 @@ mod tests {
                 other => panic!("{other:?}"),
             };
         assert_eq!(
-            echoed(&input, Some((&key, &settings))),
+            echoed(&input, Some((key, &settings))),
             r#"tools/call Some("search") 10 Some("{\"q\":\"é\"}") -9223372036854775808 req_00000000000000ff | key_7 Ünïcode name ["a", "", "partner"] Some("team-1") -5 42 9 KeyStatus::Suspended 1700000000000 Some(-1)"#
         );
         // No key, no tool, arguments over the host's cap (their size only), no expiry.
