@@ -122,10 +122,23 @@ fn put_opt_str<T>(cx: &mut LowerContext<'_, T>, rec: &mut [u8], at: usize, s: Op
     Ok(())
 }
 
-// SAFETY: writes exactly the canonical ABI layout of the records (offsets computed from the
-// fields' own ABI information, sizes from the derived `ComponentType`), inside the area wasmtime
-// allocated and bounds-checked for them; anything else delegates to the derived lowering.
-unsafe impl Lower for Fast<CallArg<'_>> {
+/// A record [`Fast`] can lower in one pass: its size in memory, and how to place its strings and
+/// write its bytes.
+pub trait OnePass: Lower {
+    /// The record's size in linear memory (its derived `SIZE32`).
+    const SIZE: usize;
+
+    /// Places the record's strings in the guest and writes its `SIZE` bytes into `rec`.
+    fn place<T>(&self, cx: &mut LowerContext<'_, T>, rec: &mut [u8]) -> wasmtime::Result<()>;
+}
+
+/// Room for the largest record [`OnePass`] writes.
+const MAX_RECORD: usize = if CALL_SIZE > KEY_SIZE { CALL_SIZE } else { KEY_SIZE };
+
+// SAFETY: `place` writes exactly the canonical ABI layout of the record (offsets computed from the
+// fields' own ABI information, its size from the derived `ComponentType`), copied into the area
+// wasmtime allocated and bounds-checked for it; anything else delegates to the derived lowering.
+unsafe impl<R: OnePass> Lower for Fast<R> {
     fn linear_lower_to_flat<T>(
         &self,
         cx: &mut LowerContext<'_, T>,
@@ -144,76 +157,66 @@ unsafe impl Lower for Fast<CallArg<'_>> {
         if !utf8(cx) {
             return self.0.linear_lower_to_memory(cx, ty, offset);
         }
-        let c = &self.0;
-        let mut rec = [0u8; CALL_SIZE];
-        let method = string(cx, c.method)?;
-        put(&mut rec, CALL[0], &method);
-        put_opt_str(cx, &mut rec, CALL[1], c.tool)?;
-        put(&mut rec, CALL[2], &c.argument_bytes.to_le_bytes());
-        put_opt_str(cx, &mut rec, CALL[3], c.arguments)?;
-        put(&mut rec, CALL[4], &c.now_ms.to_le_bytes());
-        let request_id = string(cx, c.request_id)?;
-        put(&mut rec, CALL[5], &request_id);
-        cx.as_slice_mut()[offset..][..CALL_SIZE].copy_from_slice(&rec);
+        let mut buf = [0u8; MAX_RECORD];
+        let rec = &mut buf[..R::SIZE];
+        self.0.place(cx, rec)?;
+        cx.as_slice_mut()[offset..][..R::SIZE].copy_from_slice(rec);
         Ok(())
     }
 }
 
-// SAFETY: as for the call above.
-unsafe impl Lower for Fast<KeyArg<'_>> {
-    fn linear_lower_to_flat<T>(
-        &self,
-        cx: &mut LowerContext<'_, T>,
-        ty: InterfaceType,
-        dst: &mut MaybeUninit<Self::Lower>,
-    ) -> wasmtime::Result<()> {
-        self.0.linear_lower_to_flat(cx, ty, dst)
-    }
+impl OnePass for CallArg<'_> {
+    const SIZE: usize = CALL_SIZE;
 
-    fn linear_lower_to_memory<T>(
-        &self,
-        cx: &mut LowerContext<'_, T>,
-        ty: InterfaceType,
-        offset: usize,
-    ) -> wasmtime::Result<()> {
-        if !utf8(cx) {
-            return self.0.linear_lower_to_memory(cx, ty, offset);
-        }
-        let k = &self.0;
-        let mut rec = [0u8; KEY_SIZE];
-        let id = string(cx, k.id)?;
-        put(&mut rec, KEY[0], &id);
-        let name = string(cx, k.name)?;
-        put(&mut rec, KEY[1], &name);
+    fn place<T>(&self, cx: &mut LowerContext<'_, T>, rec: &mut [u8]) -> wasmtime::Result<()> {
+        let method = string(cx, self.method)?;
+        put(rec, CALL[0], &method);
+        put_opt_str(cx, rec, CALL[1], self.tool)?;
+        put(rec, CALL[2], &self.argument_bytes.to_le_bytes());
+        put_opt_str(cx, rec, CALL[3], self.arguments)?;
+        put(rec, CALL[4], &self.now_ms.to_le_bytes());
+        let request_id = string(cx, self.request_id)?;
+        put(rec, CALL[5], &request_id);
+        Ok(())
+    }
+}
+
+impl OnePass for KeyArg<'_> {
+    const SIZE: usize = KEY_SIZE;
+
+    fn place<T>(&self, cx: &mut LowerContext<'_, T>, rec: &mut [u8]) -> wasmtime::Result<()> {
+        let id = string(cx, self.id)?;
+        put(rec, KEY[0], &id);
+        let name = string(cx, self.name)?;
+        put(rec, KEY[1], &name);
         // The list's elements are pointer pairs, as a string field is.
-        let bytes = k.tags.len().checked_mul(STR.size32 as usize);
+        let bytes = self.tags.len().checked_mul(STR.size32 as usize);
         let Some(bytes) = bytes.filter(|b| *b <= MAX_STRING_BYTES) else {
             return Err(wasmtime::format_err!(
                 "{} tags are too many to pass to a plugin",
-                k.tags.len()
+                self.tags.len()
             ));
         };
         let list = cx.realloc(0, 0, STR.align32, bytes)?;
-        for (i, tag) in k.tags.iter().enumerate() {
+        for (i, tag) in self.tags.iter().enumerate() {
             let p = string(cx, tag)?;
             cx.as_slice_mut()[list + i * STR.size32 as usize..][..8].copy_from_slice(&p);
         }
-        put(&mut rec, KEY[2], &pair(list, k.tags.len()));
-        put_opt_str(cx, &mut rec, KEY[3], k.namespace)?;
-        put(&mut rec, KEY[4], &k.credits.to_le_bytes());
-        put(&mut rec, KEY[5], &k.spent.to_le_bytes());
-        put(&mut rec, KEY[6], &k.calls.to_le_bytes());
-        rec[KEY[7]] = match k.status {
+        put(rec, KEY[2], &pair(list, self.tags.len()));
+        put_opt_str(cx, rec, KEY[3], self.namespace)?;
+        put(rec, KEY[4], &self.credits.to_le_bytes());
+        put(rec, KEY[5], &self.spent.to_le_bytes());
+        put(rec, KEY[6], &self.calls.to_le_bytes());
+        rec[KEY[7]] = match self.status {
             KeyStatus::Active => 0,
             KeyStatus::Suspended => 1,
             KeyStatus::Revoked => 2,
         };
-        put(&mut rec, KEY[8], &k.created_ms.to_le_bytes());
-        if let Some(e) = k.expires_ms {
+        put(rec, KEY[8], &self.created_ms.to_le_bytes());
+        if let Some(e) = self.expires_ms {
             rec[KEY[9]] = 1;
-            put(&mut rec, KEY[9] + payload(S64), &e.to_le_bytes());
+            put(rec, KEY[9] + payload(S64), &e.to_le_bytes());
         }
-        cx.as_slice_mut()[offset..][..KEY_SIZE].copy_from_slice(&rec);
         Ok(())
     }
 }
