@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Limited};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -249,29 +249,15 @@ async fn read_body(parts: &Parts, mut body: hyper::body::Incoming, limit: usize)
         }
         return Err(Error::BodyTooLarge(limit));
     }
-    // The usual body is one frame, kept as it came; more frames are joined.
-    let mut first: Option<Bytes> = None;
-    let mut joined: Vec<u8> = Vec::new();
-    let mut total = 0;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.map_err(|e| Error::BodyRead(e.to_string()))?.into_data() else {
-            continue;
-        };
-        total += data.len();
-        if total > limit {
-            drain(&mut body, DRAIN_BYTES.saturating_sub(total)).await;
-            return Err(Error::BodyTooLarge(limit));
+    // Limited over a borrow, so that an oversize body can still be drained.
+    match Limited::new(&mut body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            drain(&mut body, DRAIN_BYTES.saturating_sub(limit)).await;
+            Err(Error::BodyTooLarge(limit))
         }
-        match first.take() {
-            None if joined.is_empty() => first = Some(data),
-            None => joined.extend_from_slice(&data),
-            Some(f) => {
-                joined.extend_from_slice(&f);
-                joined.extend_from_slice(&data);
-            }
-        }
+        Err(e) => Err(Error::BodyRead(e.to_string())),
     }
-    Ok(first.unwrap_or_else(|| Bytes::from(joined)))
 }
 
 /// Reads and discards up to `bytes` more of `body`, for at most [`DRAIN_TIME`].
