@@ -5,9 +5,7 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -730,10 +728,13 @@ async fn json_body<T: serde::de::DeserializeOwned>(req: Request<hyper::body::Inc
     if !content_type.to_ascii_lowercase().starts_with("application/json") {
         return Err(AdminError::UnsupportedMediaType);
     }
-    let bytes: Bytes = match Limited::new(req.into_body(), MAX_ADMIN_BODY).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(AdminError::BodyTooLarge),
-        Err(e) => return Err(AdminError::BadRequest(format!("reading the body failed: {e}"))),
+    let (parts, body) = req.into_parts();
+    let bytes = match crate::body::read_limited(&parts.headers, body, MAX_ADMIN_BODY).await {
+        Ok(b) => b,
+        Err(crate::body::ReadError::TooLarge) => return Err(AdminError::BodyTooLarge),
+        Err(crate::body::ReadError::Failed(e)) => {
+            return Err(AdminError::BadRequest(format!("reading the body failed: {e}")));
+        }
     };
     // serde_path_to_error names the field that is wrong (`credits: invalid type: ...`).
     let de = &mut serde_json::Deserializer::from_slice(&bytes);

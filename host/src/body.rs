@@ -1,12 +1,14 @@
-//! The HTTP response body Tollgate sends: a whole buffer, a stream of SSE frames fed by a channel, or
-//! an upstream body piped through untouched.
+//! HTTP bodies: the response body Tollgate sends (a whole buffer, a stream of SSE frames fed by a
+//! channel, or an upstream body piped through untouched), and reading a request body under a limit.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
-use http_body::{Frame, SizeHint};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::{BodyExt, Limited};
 use tokio::sync::mpsc;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -94,4 +96,61 @@ pub fn status(status: StatusCode) -> Response<Body> {
     let mut r = Response::new(Body::empty());
     *r.status_mut() = status;
     r
+}
+
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Larger than the limit (announced or streamed).
+    TooLarge,
+    /// The connection failed while the body was being read.
+    Failed(String),
+}
+
+/// How much of an oversize body is read and thrown away before the 413 goes out, and for how long
+/// at most. A connection closed while the client is still sending makes its write fail (a broken
+/// pipe), and most clients then report that instead of the answer; reading the rest first lets
+/// them see the 413. Bodies announced beyond this are refused at once.
+const DRAIN_BYTES: usize = 8 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Reads a whole request body of at most `limit` bytes. The usual one-frame body is kept as it
+/// came, without a copy. An oversize one is drained (see [`DRAIN_BYTES`]) before the error returns.
+pub async fn read_limited(
+    headers: &HeaderMap,
+    mut body: hyper::body::Incoming,
+    limit: usize,
+) -> Result<Bytes, ReadError> {
+    if let Some(len) = headers.get(header::CONTENT_LENGTH)
+        && let Some(len) = len.to_str().ok().and_then(|l| l.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        if len <= DRAIN_BYTES as u64 {
+            drain(&mut body, DRAIN_BYTES).await;
+        }
+        return Err(ReadError::TooLarge);
+    }
+    // Limited over a borrow, so that an oversize body can still be drained.
+    match Limited::new(&mut body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            drain(&mut body, DRAIN_BYTES.saturating_sub(limit)).await;
+            Err(ReadError::TooLarge)
+        }
+        Err(e) => Err(ReadError::Failed(e.to_string())),
+    }
+}
+
+/// Reads and discards up to `bytes` more of `body`, for at most [`DRAIN_TIME`].
+async fn drain(body: &mut hyper::body::Incoming, bytes: usize) {
+    let mut left = bytes;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while left > 0
+            && !body.is_end_stream()
+            && let Some(Ok(frame)) = body.frame().await
+        {
+            left = left.saturating_sub(frame.data_ref().map_or(0, Bytes::len));
+        }
+    })
+    .await;
 }

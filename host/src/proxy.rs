@@ -11,7 +11,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -232,45 +231,13 @@ fn session_of(state: &AppState, headers: &HeaderMap) -> Result<Arc<Session>, Err
     state.sessions().get(id).ok_or(Error::SessionNotFound)
 }
 
-/// How much of an oversize body is read and thrown away before the 413 goes out, and for how long
-/// at most. A connection closed while the client is still sending makes its write fail (a broken
-/// pipe), and most clients then report that instead of the answer; reading the rest first lets
-/// them see the 413. Bodies beyond this are refused at once.
-const DRAIN_BYTES: usize = 8 << 20;
-const DRAIN_TIME: Duration = Duration::from_secs(2);
-
-async fn read_body(parts: &Parts, mut body: hyper::body::Incoming, limit: usize) -> Result<Bytes, Error> {
-    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH)
-        && let Some(len) = len.to_str().ok().and_then(|l| l.parse::<u64>().ok())
-        && len > limit as u64
-    {
-        if len <= DRAIN_BYTES as u64 {
-            drain(&mut body, DRAIN_BYTES).await;
-        }
-        return Err(Error::BodyTooLarge(limit));
-    }
-    // Limited over a borrow, so that an oversize body can still be drained.
-    match Limited::new(&mut body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            drain(&mut body, DRAIN_BYTES.saturating_sub(limit)).await;
-            Err(Error::BodyTooLarge(limit))
-        }
-        Err(e) => Err(Error::BodyRead(e.to_string())),
-    }
-}
-
-/// Reads and discards up to `bytes` more of `body`, for at most [`DRAIN_TIME`].
-async fn drain(body: &mut hyper::body::Incoming, bytes: usize) {
-    let mut left = bytes;
-    let _ = tokio::time::timeout(DRAIN_TIME, async {
-        while left > 0
-            && let Some(Ok(frame)) = body.frame().await
-        {
-            left = left.saturating_sub(frame.data_ref().map_or(0, Bytes::len));
-        }
-    })
-    .await;
+async fn read_body(parts: &Parts, body: hyper::body::Incoming, limit: usize) -> Result<Bytes, Error> {
+    crate::body::read_limited(&parts.headers, body, limit)
+        .await
+        .map_err(|e| match e {
+            crate::body::ReadError::TooLarge => Error::BodyTooLarge(limit),
+            crate::body::ReadError::Failed(e) => Error::BodyRead(e),
+        })
 }
 
 /// Checks `MCP-Protocol-Version` (missing means 2025-03-26) and the 2026-07-28 routing headers.

@@ -349,6 +349,21 @@ async fn the_admin_api_refuses_bad_input_with_a_clear_error_and_changes_nothing(
         .await
         .unwrap();
     assert_eq!(r.status(), 415);
+    let big = format!(r#"{{"name":"{}","credits":1}}"#, "x".repeat(6 << 20));
+    for _ in 0..3 {
+        let r = admin
+            .http
+            .post(format!("{}/admin/keys", g.base))
+            .header("x-admin-key", ADMIN_KEY)
+            .header("content-type", "application/json")
+            .body(big.clone())
+            .send()
+            .await
+            .expect("the client sees the answer, not a broken pipe");
+        assert_eq!(r.status(), 413);
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().contains("larger than"), "{v}");
+    }
     for wrong in ["", "wrong-admin-key-000000"] {
         let r = reqwest::Client::new()
             .post(format!("{}/admin/keys", g.base))

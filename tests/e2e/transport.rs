@@ -173,7 +173,7 @@ async fn an_oversize_body_gets_413_whether_announced_or_streamed() {
     let g = Gateway::stdio_fixture("").ready().await;
     let big = format!(
         r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"pad":"{}"}}}}"#,
-        "x".repeat(2 << 20)
+        "x".repeat(6 << 20)
     );
     let r = raw_post(&g).body(big.clone()).send().await.unwrap();
     assert_eq!(r.status(), 413);
