@@ -4,6 +4,7 @@
 # (default 0.5), until each has had SECS seconds (default 10):
 #   direct    — the fixture MCP server over HTTP, no proxy
 #   yardstick — a minimal JSON-parsing hyper pass-through proxy (bench/src/bin/yardstick.rs)
+#   yardstick-pc — the same, one single-threaded runtime per core (`--per-core`), as Tollgate runs
 #   tollgate  — the gateway with billing off (`tollgate wrap --free --remote-url`) in front of the same fixture
 #   billed    — the gateway with billing on: every call authenticated, priced, reserved, settled, ledgered
 #   hooks     — billed, plus two webhook destinations (a sink that answers 200) receiving every usage event
@@ -17,7 +18,7 @@ ROUNDS=${ROUNDS:-3}
 SLICE=${SLICE:-0.5}
 CONCURRENCY=${CONCURRENCY:-"1 8 32"}
 # Which targets to load (all by default); e.g. TARGETS="direct yardstick tollgate" for the proxy path.
-TARGETS=${TARGETS:-"direct yardstick tollgate billed hooks"}
+TARGETS=${TARGETS:-"direct yardstick yardstick-pc tollgate billed hooks"}
 
 cargo build --release --locked -p tollgate -p tollgate-bench >&2
 bin=target/release
@@ -27,6 +28,7 @@ trap finish EXIT
 
 fixture=$(start fixture "$bin/tollgate-fixture" --http 127.0.0.1:0)
 yardstick=$(start yardstick "$bin/yardstick" --upstream "$fixture")
+yardstick_pc=$(start yardstick-pc "$bin/yardstick" --per-core "$(nproc)" --upstream "$fixture")
 tollgate=$(start tollgate "$bin/tollgate" --log-level warn wrap --free --listen 127.0.0.1:0 --remote-url "$fixture")
 tollgate_stdio=$(start tollgate-stdio "$bin/tollgate" --log-level warn wrap --free --listen 127.0.0.1:0 -- "$bin/tollgate-fixture" --stdio)
 # The full billing chain (key lookup, reserve, forward, settle, durable ledger row) on a fresh database.
@@ -58,8 +60,8 @@ api_key=$(new_key "$billed" "$admin_key")
 hooks_key=$(new_key "$hooks" "$admin_key")
 
 results="$work/results.jsonl"
-targets=(direct yardstick tollgate billed hooks)
-declare -A url=([direct]=$fixture [yardstick]=$yardstick [tollgate]=$tollgate [billed]=$billed [hooks]=$hooks)
+targets=(direct yardstick yardstick-pc tollgate billed hooks)
+declare -A url=([direct]=$fixture [yardstick]=$yardstick [yardstick-pc]=$yardstick_pc [tollgate]=$tollgate [billed]=$billed [hooks]=$hooks)
 declare -A key=([billed]=$api_key [hooks]=$hooks_key)
 for round in $(seq 1 "$ROUNDS"); do
   for c in $CONCURRENCY; do
@@ -108,7 +110,7 @@ def show(v, fmt):
 
 print("| target | c | calls/s | p50 µs | p99 µs | errors | p50 vs yardstick | p99 vs yardstick | calls/s vs yardstick | calls/s vs direct |")
 print("|---|---|---|---|---|---|---|---|---|---|")
-order = ["direct", "yardstick", "tollgate", "billed", "hooks", "tollgate-stdio"]
+order = ["direct", "yardstick", "yardstick-pc", "tollgate", "billed", "hooks", "tollgate-stdio"]
 for (label, c) in sorted(med, key=lambda k: (k[1], order.index(k[0]))):
     m = med[(label, c)]
     p50_y = vs(label, "yardstick", c, lambda r, b: r["p50_us"] - b["p50_us"])
@@ -117,6 +119,15 @@ for (label, c) in sorted(med, key=lambda k: (k[1], order.index(k[0]))):
     tp_d = vs(label, "direct", c, lambda r, b: 100 * r["rps"] / b["rps"])
     print(f"| {label} | {c} | {m['rps']:.0f} | {m['p50_us']:.1f} | {m['p99_us']:.1f} | {m['errors']:.0f} | "
           f"{show(p50_y, '{:+.1f} µs')} | {show(p99_y, '{:+.0f} µs')} | {show(tp_y, '{:.0f} %')} | {show(tp_d, '{:.0f} %')} |")
+print()
+print("| tollgate vs yardstick-pc | c | p50 | p99 | calls/s |")
+print("|---|---|---|---|---|")
+for c in sorted({k[1] for k in med if k[0] == "yardstick-pc"}):
+    if ("tollgate", c) in med:
+        p50 = vs("tollgate", "yardstick-pc", c, lambda r, b: r["p50_us"] - b["p50_us"])
+        p99 = vs("tollgate", "yardstick-pc", c, lambda r, b: r["p99_us"] - b["p99_us"])
+        tp = vs("tollgate", "yardstick-pc", c, lambda r, b: 100 * r["rps"] / b["rps"])
+        print(f"| tollgate | {c} | {p50:+.1f} µs | {p99:+.0f} µs | {tp:.0f} % |")
 print()
 print("| billing chain vs billing off (tollgate) | c | p50 added | calls/s kept |")
 print("|---|---|---|---|")

@@ -83,6 +83,9 @@ pub struct WebhookConfig {
 /// The largest credit amount accepted anywhere (balances, prices, top-ups): 10^12.
 pub const MAX_CREDITS: i64 = 1_000_000_000_000;
 
+/// The most connection threads `server.threads` may ask for.
+const MAX_THREADS: u64 = 1024;
+
 /// The methods that need no key and cost nothing unless the config says otherwise.
 pub const DEFAULT_FREE_METHODS: &[&str] = &[
     "initialize",
@@ -145,6 +148,9 @@ pub struct ServerConfig {
     /// Peers whose `X-Forwarded-For` is believed (the client address is the last one added by a
     /// peer outside this list). Empty: the peer address is the client address.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Connection threads (each serves the connections handed to it; see `server`). Default: one
+    /// per core.
+    pub threads: usize,
 }
 
 // PartialEq: a reload compares the running upstream with the file's (header values print as
@@ -539,6 +545,7 @@ pub struct RawServer {
     pub shutdown_timeout_ms: Option<u64>,
     /// Proxies (addresses or CIDR ranges) whose X-Forwarded-For is believed.
     pub trusted_proxies: Option<Vec<String>>,
+    pub threads: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -606,7 +613,18 @@ impl RawConfig {
             }
         }
         let max_body_bytes = positive("server.max_body_bytes", s.max_body_bytes, 1 << 20)?;
+        let threads = match s.threads {
+            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            Some(n @ 1..=MAX_THREADS) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    "server.threads",
+                    format!("{n} is out of range; give a number from 1 to {MAX_THREADS}"),
+                ));
+            }
+        };
         let server = ServerConfig {
+            threads,
             listen,
             allowed_origins: allowed_origins
                 .into_iter()
@@ -984,6 +1002,11 @@ mod tests {
         let c = parse("[upstream]\ncommand = [\"sh\", \"-c\", \"cat\"]").unwrap();
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:3402");
         assert_eq!(c.server.max_body_bytes, 1 << 20);
+        assert_eq!(
+            c.server.threads,
+            std::thread::available_parallelism().unwrap().get(),
+            "one connection thread per core"
+        );
         assert!(matches!(c.upstream.kind, UpstreamKind::Stdio { ref program, .. } if program == "sh"));
     }
 
@@ -1010,6 +1033,15 @@ mod tests {
         assert!(e.to_string().starts_with("server.max_body_bytes:"), "{e}");
         let e = parse("[server]\nlisten = \"nowhere\"\n[upstream]\ncommand = [\"sh\"]").unwrap_err();
         assert!(e.to_string().starts_with("server.listen:"), "{e}");
+        for threads in [0, 1025] {
+            let e = parse(&format!(
+                "[server]\nthreads = {threads}\n[upstream]\ncommand = [\"sh\"]"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().starts_with("server.threads:"), "{e}");
+        }
+        let c = parse("[server]\nthreads = 3\n[upstream]\ncommand = [\"sh\"]").unwrap();
+        assert_eq!(c.server.threads, 3);
     }
 
     #[test]

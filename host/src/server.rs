@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,11 +24,12 @@ use crate::proxy::{self, AppState};
 const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Serves until `shutdown` completes, then drains.
+///
+/// Connections are accepted here and each is handed to one of the connection threads (see
+/// [`IoThreads`]), which serves it to the end.
 pub async fn run(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.keep_alive(true);
-    let header_timeout = state.config().server.header_read_timeout;
     let conns = Connections::default();
+    let io = IoThreads::start(state.config().server.threads, &state)?;
 
     let reaper = {
         let state = state.clone();
@@ -57,42 +59,10 @@ pub async fn run(listener: TcpListener, state: AppState, shutdown: impl Future<O
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let timer = Arc::new(HeaderTimer {
-            reading: AtomicBool::new(false),
-            deadline: state.deadlines().register(NEVER),
-            timeout: header_timeout,
-        });
-        let io = TimedIo {
-            io: stream,
-            timer: timer.clone(),
-        };
-        let state = state.clone();
-        let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            // The request's headers are in: the header clock stops.
-            timer.reading.store(false, Ordering::Release);
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(&state, req, peer.ip()).await) }
-        });
-        let conn = http.serve_connection(TokioIo::new(io), svc);
-        let watch = conns.track();
-        tokio::spawn(async move {
-            let mut conn = pin!(conn);
-            let mut closing = false;
-            let result = std::future::poll_fn(|cx| {
-                // One atomic load per poll: no lock shared by every connection on the hot path.
-                watch.waker.register(cx.waker());
-                if !closing && watch.shutting_down() {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                conn.as_mut().poll(cx)
-            })
-            .await;
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(watch);
-        });
+        match stream.into_std() {
+            Ok(stream) => io.hand_over(stream, peer, conns.track()),
+            Err(e) => tracing::warn!(%peer, error = %e, "could not hand over a connection"),
+        }
     }
 
     tracing::info!("shutting down: draining in-flight requests");
@@ -103,8 +73,139 @@ pub async fn run(listener: TcpListener, state: AppState, shutdown: impl Future<O
     if tokio::time::timeout(grace, conns.shutdown()).await.is_err() {
         tracing::warn!(?grace, "some connections did not drain in time");
     }
+    // What is still open after the grace period ends with the threads' runtimes.
+    let _ = tokio::task::spawn_blocking(move || io.stop()).await;
     state.upstream().shutdown();
     Ok(())
+}
+
+/// A connection handed to a connection thread.
+type Handover = (std::net::TcpStream, SocketAddr, ConnectionWatch);
+
+/// The connection threads. Each runs a single-threaded runtime and serves the connections handed
+/// to it, from their first request to their close: a request, its upstream call (through the
+/// thread's own pool of upstream connections) and its answer all run on one thread, without
+/// waking another. On this project's two-core test machine, waking a thread on the other core
+/// was most of what a call through the gateway cost at concurrency 1 (see BENCHMARKS.md,
+/// session 15). A new connection goes to the thread with the fewest open ones.
+struct IoThreads {
+    threads: Vec<IoThread>,
+    next: AtomicUsize,
+}
+
+struct IoThread {
+    tx: tokio::sync::mpsc::UnboundedSender<Handover>,
+    open: Arc<AtomicUsize>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl IoThreads {
+    fn start(n: usize, state: &AppState) -> std::io::Result<IoThreads> {
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Handover>();
+            let open = Arc::new(AtomicUsize::new(0));
+            let (state, count) = (state.clone(), open.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("tollgate-io-{i}"))
+                .spawn(move || {
+                    let mut http = hyper::server::conn::http1::Builder::new();
+                    http.keep_alive(true);
+                    rt.block_on(async move {
+                        while let Some((stream, peer, watch)) = rx.recv().await {
+                            let stream = match tokio::net::TcpStream::from_std(stream) {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    count.fetch_sub(1, Ordering::Relaxed);
+                                    tracing::warn!(%peer, error = %e, "could not take over a connection");
+                                    continue;
+                                }
+                            };
+                            let conn = serve_connection(&http, stream, peer, state.clone(), watch);
+                            let count = count.clone();
+                            tokio::spawn(async move {
+                                conn.await;
+                                count.fetch_sub(1, Ordering::Relaxed);
+                            });
+                        }
+                    });
+                })?;
+            threads.push(IoThread { tx, open, handle });
+        }
+        Ok(IoThreads {
+            threads,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Hands a connection to the thread with the fewest open ones (ties go round).
+    fn hand_over(&self, stream: std::net::TcpStream, peer: SocketAddr, watch: ConnectionWatch) {
+        let n = self.threads.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let t = (0..n)
+            .map(|k| &self.threads[(first + k) % n])
+            .min_by_key(|t| t.open.load(Ordering::Relaxed))
+            .expect("at least one connection thread");
+        t.open.fetch_add(1, Ordering::Relaxed);
+        if t.tx.send((stream, peer, watch)).is_err() {
+            t.open.fetch_sub(1, Ordering::Relaxed);
+            tracing::error!(%peer, "a connection thread has stopped; connection dropped");
+        }
+    }
+
+    /// Ends the threads: each drops what it still serves.
+    fn stop(self) {
+        for t in self.threads {
+            drop(t.tx);
+            let _ = t.handle.join();
+        }
+    }
+}
+
+/// Serves one connection to its end, under the header read timeout and the graceful shutdown.
+fn serve_connection(
+    http: &hyper::server::conn::http1::Builder,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    state: AppState,
+    watch: ConnectionWatch,
+) -> impl Future<Output = ()> + use<> {
+    let timer = Arc::new(HeaderTimer {
+        reading: AtomicBool::new(false),
+        deadline: state.deadlines().register(NEVER),
+        timeout: state.config().server.header_read_timeout,
+    });
+    let io = TimedIo {
+        io: stream,
+        timer: timer.clone(),
+    };
+    let ip = peer.ip();
+    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        // The request's headers are in: the header clock stops.
+        timer.reading.store(false, Ordering::Release);
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(&state, req, ip).await) }
+    });
+    let conn = http.serve_connection(TokioIo::new(io), svc);
+    async move {
+        let mut conn = pin!(conn);
+        let mut closing = false;
+        let result = std::future::poll_fn(|cx| {
+            // One atomic load per poll: no lock shared by every connection on the hot path.
+            watch.waker.register(cx.waker());
+            if !closing && watch.shutting_down() {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            conn.as_mut().poll(cx)
+        })
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+        drop(watch);
+    }
 }
 
 /// The live connections, so that a shutdown can ask each to finish its request and close.

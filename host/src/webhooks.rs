@@ -147,6 +147,8 @@ pub struct Webhooks {
 }
 
 struct Inner {
+    /// Where delivery tasks run.
+    runtime: tokio::runtime::Handle,
     ledger: Ledger,
     running: Mutex<BTreeMap<String, Running>>,
     /// Some destination takes `key.expired` events (else keys are not swept for them).
@@ -164,13 +166,14 @@ impl Drop for Inner {
 }
 
 impl Webhooks {
-    /// Starts delivering to `destinations` (on the current tokio runtime) and watching for keys
-    /// that expire.
+    /// Starts delivering to `destinations` (on the current tokio runtime, which later
+    /// destinations run on too) and watching for keys that expire.
     pub fn start(ledger: Ledger, destinations: &[WebhookConfig]) -> Webhooks {
         let wants_expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sweeper = tokio::spawn(sweep_expired(ledger.clone(), wants_expired.clone()));
         let w = Webhooks {
             inner: Arc::new(Inner {
+                runtime: tokio::runtime::Handle::current(),
                 ledger,
                 wants_expired,
                 running: Mutex::new(BTreeMap::new()),
@@ -225,7 +228,12 @@ impl Webhooks {
                 tls,
                 progress,
             };
-            let task = tokio::spawn(deliver(target.clone(), self.inner.ledger.clone(), cursor));
+            // On the runtime they started on, not on a connection thread's (a reload asked for
+            // through the admin API runs on one).
+            let task = self
+                .inner
+                .runtime
+                .spawn(deliver(target.clone(), self.inner.ledger.clone(), cursor));
             running.insert(d.name.clone(), Running { target, task });
             changed.push(d.name.clone());
         }

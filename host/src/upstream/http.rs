@@ -11,6 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
+use thread_local::ThreadLocal;
 use tokio::sync::mpsc;
 
 use super::{Answer, Error, Replies, Reply};
@@ -54,7 +55,7 @@ pub fn check_answer(body: &[u8]) -> Option<Answer> {
 
 /// A pooled client for one remote MCP endpoint (`http://`, or `https://` over rustls).
 pub struct HttpUpstream {
-    client: Pool,
+    pools: Pools,
     url: hyper::Uri,
     /// Sent with every request (from `[upstream] headers`), e.g. the server's own credentials.
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -70,26 +71,17 @@ impl HttpUpstream {
         headers: Vec<(HeaderName, HeaderValue)>,
         cfg: &UpstreamConfig,
     ) -> Result<HttpUpstream, String> {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256);
-        let client = if url.scheme_str() == Some("https") {
-            http.enforce_http(false);
-            let connector = HttpsConnectorBuilder::new()
-                .with_tls_config(crate::tls::client_config(ca)?)
-                .https_only()
-                .enable_http1()
-                .wrap_connector(http);
-            Pool::Https(builder.build(connector))
+        let tls = if url.scheme_str() == Some("https") {
+            Some(crate::tls::client_config(ca)?)
         } else {
-            Pool::Http(builder.build(http))
+            None
         };
         Ok(HttpUpstream {
-            client,
+            pools: Pools {
+                tls,
+                connect_timeout: cfg.connect_timeout,
+                by_thread: ThreadLocal::new(),
+            },
             url,
             headers,
             connect_timeout: cfg.connect_timeout,
@@ -132,7 +124,7 @@ impl HttpUpstream {
     }
 
     async fn call(&self, req: Request<Full<Bytes>>) -> Result<http::Response<hyper::body::Incoming>, Error> {
-        self.client.request(req).await.map_err(|e| {
+        self.pools.get().request(req).await.map_err(|e| {
             // hyper-util's error says only "client error (Connect)"; the cause (refused, TLS
             // certificate not trusted, ...) is in its sources.
             let mut error = e.to_string();
@@ -248,7 +240,7 @@ impl HttpUpstream {
             return;
         }
         let req = self.build(Method::DELETE, Some(session), &HeaderMap::new(), Bytes::new());
-        match tokio::time::timeout(self.connect_timeout, self.client.request(req)).await {
+        match tokio::time::timeout(self.connect_timeout, self.pools.get().request(req)).await {
             Ok(Ok(resp)) => tracing::debug!(status = %resp.status(), "ended the upstream session"),
             Ok(Err(e)) => tracing::warn!(error = %e, "ending the upstream session failed"),
             Err(_) => tracing::warn!("ending the upstream session timed out"),
@@ -274,6 +266,41 @@ impl HttpUpstream {
             .await,
             Ok(Ok(_))
         )
+    }
+}
+
+/// One pooled client per thread: a connection thread (see `server`) keeps its upstream
+/// connections to itself, so that a call and its upstream exchange run on one thread.
+struct Pools {
+    /// The rustls config of an `https://` upstream.
+    tls: Option<tokio_rustls::rustls::ClientConfig>,
+    connect_timeout: Duration,
+    by_thread: ThreadLocal<Pool>,
+}
+
+impl Pools {
+    fn get(&self) -> &Pool {
+        self.by_thread.get_or(|| {
+            let mut http = HttpConnector::new();
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(self.connect_timeout));
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(256);
+            match &self.tls {
+                Some(tls) => {
+                    http.enforce_http(false);
+                    let connector = HttpsConnectorBuilder::new()
+                        .with_tls_config(tls.clone())
+                        .https_only()
+                        .enable_http1()
+                        .wrap_connector(http);
+                    Pool::Https(builder.build(connector))
+                }
+                None => Pool::Http(builder.build(http)),
+            }
+        })
     }
 }
 
