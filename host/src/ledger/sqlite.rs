@@ -1003,8 +1003,10 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Submission>, inner: Arc<Inner
     // fewer pages per call, and cost less per call besides (~0.2 ms of CPU each, whatever they
     // hold). Nothing on the request path waits for them; whoever does (an admin change, a read
     // that must see the latest calls) wakes the writer, which then commits at once.
-    const POLL: std::time::Duration = std::time::Duration::from_millis(20);
+    const POLL: std::time::Duration = std::time::Duration::from_millis(100);
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // The last commit took a full batch: more is waiting, so the next one does not wait its pace.
+    let mut behind = false;
     let mut retired: Vec<super::journal::Retired> = Vec::new();
     let mut last_commit = std::time::Instant::now();
     loop {
@@ -1014,7 +1016,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Submission>, inner: Arc<Inner
             // last one would commit a call or two at a time, each commit writing the same handful
             // of pages again (measured: ~7 page writes per call at c=1, against well under one
             // when commits are paced).
-            if let Some(rest) = POLL.checked_sub(last_commit.elapsed()) {
+            if !behind && let Some(rest) = POLL.checked_sub(last_commit.elapsed()) {
                 std::thread::park_timeout(rest);
             }
             match rx.try_recv() {
@@ -1039,6 +1041,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Submission>, inner: Arc<Inner
                 Err(_) => break,
             }
         }
+        behind = batch.len() >= MAX_BATCH;
         let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
         let started = std::time::Instant::now();
         last_commit = started;
