@@ -151,6 +151,8 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     ledger: Ledger,
     running: Mutex<BTreeMap<String, Running>>,
+    /// Usage events read and serialized once for every destination.
+    usage: Arc<UsageOutbox>,
     /// Some destination takes `key.expired` events (else keys are not swept for them).
     wants_expired: Arc<std::sync::atomic::AtomicBool>,
     sweeper: tokio::task::JoinHandle<()>,
@@ -177,6 +179,7 @@ impl Webhooks {
                 ledger,
                 wants_expired,
                 running: Mutex::new(BTreeMap::new()),
+                usage: Arc::new(UsageOutbox::new(SHARED_USAGE)),
                 sweeper,
             }),
         };
@@ -230,10 +233,12 @@ impl Webhooks {
             };
             // On the runtime they started on, not on a connection thread's (a reload asked for
             // through the admin API runs on one).
-            let task = self
-                .inner
-                .runtime
-                .spawn(deliver(target.clone(), self.inner.ledger.clone(), cursor));
+            let task = self.inner.runtime.spawn(deliver(
+                target.clone(),
+                self.inner.ledger.clone(),
+                self.inner.usage.clone(),
+                cursor,
+            ));
             running.insert(d.name.clone(), Running { target, task });
             changed.push(d.name.clone());
         }
@@ -490,7 +495,7 @@ fn admin_event(e: &EventRow) -> String {
 }
 
 /// A JSON array of already-serialized events.
-fn json_array(events: &[String]) -> String {
+fn json_array(events: &[Arc<str>]) -> String {
     let mut out = String::with_capacity(2 + events.iter().map(|e| e.len() + 1).sum::<usize>());
     out.push('[');
     for (i, e) in events.iter().enumerate() {
@@ -542,7 +547,7 @@ fn note_failure(p: &Progress, destination: &str, e: &str) {
 }
 
 /// The delivery loop of one destination, from `cursor` on.
-async fn deliver(target: Target, ledger: Ledger, mut cursor: Cursor) {
+async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut cursor: Cursor) {
     let Target {
         config: c,
         tls,
@@ -553,15 +558,17 @@ async fn deliver(target: Target, ledger: Ledger, mut cursor: Cursor) {
     // The connection to the destination, kept open between batches.
     let mut kept = None;
     loop {
-        let (r, s, limit) = (reader.clone(), store.clone(), c.batch_size as i64);
+        // Whole batches, as many as fit in a read of READ_AHEAD events (at least one).
+        let limit = c.batch_size * (READ_AHEAD / c.batch_size).max(1);
+        let (r, s, o) = (reader.clone(), store.clone(), outbox.clone());
         let read = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
             let mut guard = r.lock().unwrap();
             if guard.is_none() {
                 *guard = Some(s.reader()?);
             }
             let conn = guard.as_ref().expect("opened");
-            let usage = Store::usage_after(conn, cursor.request_seq, limit)?;
-            let events = Store::events_after(conn, cursor.event_seq, limit)?;
+            let usage = o.after(conn, cursor.request_seq, limit)?;
+            let events = Store::events_after(conn, cursor.event_seq, limit as i64)?;
             Ok((usage, events))
         })
         .await;
@@ -575,84 +582,194 @@ async fn deliver(target: Target, ledger: Ledger, mut cursor: Cursor) {
             }
             Err(_) => return,
         };
-        // Oldest first across both outboxes, up to a batch; each cursor moves past what it took.
+        // Oldest first across both outboxes, a batch at a time; each cursor moves past what it took.
+        // A read that came back short has everything there is: what is left waits for the next
+        // flush.
         let (mut u, mut e) = (usage.iter().peekable(), events.iter().peekable());
-        let mut next = cursor;
-        let mut batch = Vec::new();
-        let mut taken = 0;
-        while taken < c.batch_size {
-            let take_usage = match (u.peek(), e.peek()) {
-                (Some(a), Some(b)) => a.created_at <= b.created_at,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (None, None) => break,
-            };
-            taken += 1;
-            if take_usage {
-                let row = u.next().expect("peeked");
-                next.request_seq = row.seq;
-                let key = c
-                    .filters_keys()
-                    .then(|| row.key_id.as_deref().and_then(|id| ledger.get(id)));
-                if wanted(&c, "usage", key.flatten().as_deref()) {
-                    batch.push(usage_event(row));
-                }
-            } else {
-                let row = e.next().expect("peeked");
-                next.event_seq = row.seq;
-                let key = c
-                    .filters_keys()
-                    .then(|| row.key_id.as_deref().and_then(|id| ledger.get(id)));
-                if wanted(&c, &row.kind, key.flatten().as_deref()) {
-                    batch.push(admin_event(row));
-                }
-            }
-        }
-        if taken == 0 {
-            tokio::time::sleep(c.flush_interval).await;
-            continue;
-        }
-        let count = batch.len();
-        let mut delivered = 0;
-        if count > 0 {
-            let events = json_array(&batch);
-            let body = batch_body(&c.name, &events);
-            match send_with_retries(&c, tls.as_ref(), &mut kept, &progress, body, count).await {
-                Ok(()) => delivered = count as i64,
-                Err((error, attempts)) => {
-                    crate::metrics::webhook(&c.name, "dead", count);
-                    tracing::error!(destination = %c.name, events = count, attempts, "webhook batch moved to the dead-letter queue");
-                    let op = Op::DeadLetter {
-                        destination: c.name.clone(),
-                        events,
-                        count: count as i64,
-                        error,
-                        attempts: attempts as i64,
-                        at: now_ms(),
-                    };
-                    if let Err(e) = store.write(op).await {
-                        // Not recorded: the cursor stays, and the batch is tried again.
-                        tracing::error!(destination = %c.name, error = %e, "cannot record a dead letter");
-                        tokio::time::sleep(c.retry_max).await;
-                        continue;
+        let mut left = limit;
+        let mut caught_up = false;
+        while left > 0 {
+            let mut next = cursor;
+            let mut batch = Vec::new();
+            let mut taken = 0;
+            while taken < c.batch_size.min(left) {
+                let take_usage = match (u.peek(), e.peek()) {
+                    (Some(a), Some(b)) => a.created_at <= b.created_at,
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (None, None) => break,
+                };
+                taken += 1;
+                if take_usage {
+                    let row = u.next().expect("peeked");
+                    next.request_seq = row.seq;
+                    let key = c
+                        .filters_keys()
+                        .then(|| row.key_id.as_deref().and_then(|id| ledger.get(id)));
+                    if wanted(&c, "usage", key.flatten().as_deref()) {
+                        batch.push(row.json.clone());
+                    }
+                } else {
+                    let row = e.next().expect("peeked");
+                    next.event_seq = row.seq;
+                    let key = c
+                        .filters_keys()
+                        .then(|| row.key_id.as_deref().and_then(|id| ledger.get(id)));
+                    if wanted(&c, &row.kind, key.flatten().as_deref()) {
+                        batch.push(Arc::from(admin_event(row)));
                     }
                 }
             }
+            left -= taken;
+            if taken == 0 {
+                caught_up = true;
+                break;
+            }
+            let count = batch.len();
+            let mut delivered = 0;
+            if count > 0 {
+                let events = json_array(&batch);
+                let body = batch_body(&c.name, &events);
+                match send_with_retries(&c, tls.as_ref(), &mut kept, &progress, body, count).await {
+                    Ok(()) => delivered = count as i64,
+                    Err((error, attempts)) => {
+                        crate::metrics::webhook(&c.name, "dead", count);
+                        tracing::error!(destination = %c.name, events = count, attempts, "webhook batch moved to the dead-letter queue");
+                        let op = Op::DeadLetter {
+                            destination: c.name.clone(),
+                            events,
+                            count: count as i64,
+                            error,
+                            attempts: attempts as i64,
+                            at: now_ms(),
+                        };
+                        if let Err(e) = store.write(op).await {
+                            // Not recorded: the cursor stays, and the batch is read and tried again.
+                            tracing::error!(destination = %c.name, error = %e, "cannot record a dead letter");
+                            tokio::time::sleep(c.retry_max).await;
+                            break;
+                        }
+                    }
+                }
+            }
+            let op = Op::WebhookCursor {
+                destination: c.name.clone(),
+                request_seq: next.request_seq,
+                event_seq: next.event_seq,
+                delivered,
+            };
+            if let Err(e) = store.submit(op) {
+                tracing::error!(destination = %c.name, error = %e, "cannot record webhook progress");
+            }
+            cursor = next;
+            if taken < c.batch_size {
+                caught_up = true;
+                break;
+            }
         }
-        let op = Op::WebhookCursor {
-            destination: c.name.clone(),
-            request_seq: next.request_seq,
-            event_seq: next.event_seq,
-            delivered,
-        };
-        if let Err(e) = store.submit(op) {
-            tracing::error!(destination = %c.name, error = %e, "cannot record webhook progress");
-        }
-        cursor = next;
-        if taken < c.batch_size {
+        if caught_up {
             tokio::time::sleep(c.flush_interval).await;
         }
     }
+}
+
+/// A settled call's usage event, serialized, with what a destination's filter and the merge with
+/// admin events need.
+struct Usage {
+    seq: i64,
+    created_at: i64,
+    key_id: Option<String>,
+    json: Arc<str>,
+}
+
+/// How many events a destination reads from its outboxes at once (in whole batches, at least one):
+/// each read is a hand-off to a blocking thread, which costs more than reading the rows.
+const READ_AHEAD: usize = 1_000;
+
+/// How many usage events the shared outbox keeps for destinations that trail the first reader
+/// (about 5 MiB). One that trails further reads the database itself.
+const SHARED_USAGE: usize = 16_384;
+
+/// The usage outbox as every destination reads it: the settled calls after a cursor, read from the
+/// database and serialized once and shared, so that N destinations cost one read and one
+/// serialization per call, not N. It holds every usage row with `lo < seq <= hi` (request-log seqs
+/// only grow, and a read sees whole commits, so a read that returned a row saw every row before
+/// it).
+struct UsageOutbox {
+    /// How many events the window keeps.
+    cap: usize,
+    shared: Mutex<SharedUsage>,
+}
+
+#[derive(Default)]
+struct SharedUsage {
+    lo: i64,
+    hi: i64,
+    rows: std::collections::VecDeque<Arc<Usage>>,
+}
+
+impl UsageOutbox {
+    fn new(cap: usize) -> UsageOutbox {
+        UsageOutbox {
+            cap,
+            shared: Mutex::new(SharedUsage::default()),
+        }
+    }
+
+    /// Up to `limit` usage events after `after`, oldest first: what the shared window holds, then
+    /// what the database has past it, which joins the window. A read that extends the window holds
+    /// its lock (on a blocking thread, never across an await), so destinations that ask for the
+    /// same rows at once wait for one read instead of each making its own.
+    fn after(&self, conn: &rusqlite::Connection, after: i64, limit: usize) -> Result<Vec<Arc<Usage>>, StoreError> {
+        let mut shared = self.shared.lock().unwrap();
+        if after < shared.lo {
+            // Trails the window: reads its own rows.
+            drop(shared);
+            return read_usage(conn, after, limit);
+        }
+        let mut out = Vec::with_capacity(limit);
+        let mut from = after;
+        if after < shared.hi {
+            let start = shared.rows.partition_point(|u| u.seq <= after);
+            out.extend(shared.rows.range(start..).take(limit).cloned());
+            if out.len() == limit {
+                return Ok(out);
+            }
+            from = shared.hi;
+        }
+        let fresh = read_usage(conn, from, limit - out.len())?;
+        if let Some(last) = fresh.last() {
+            if from > shared.hi {
+                // Past the window (or the first read): the window starts again here.
+                shared.rows.clear();
+                shared.lo = from;
+            }
+            shared.rows.extend(fresh.iter().cloned());
+            shared.hi = last.seq;
+            while shared.rows.len() > self.cap {
+                let dropped = shared.rows.pop_front().expect("longer than the cap");
+                shared.lo = dropped.seq;
+            }
+        }
+        drop(shared);
+        out.extend(fresh);
+        Ok(out)
+    }
+}
+
+/// The usage events after `after` in the database, serialized.
+fn read_usage(conn: &rusqlite::Connection, after: i64, limit: usize) -> Result<Vec<Arc<Usage>>, StoreError> {
+    Ok(Store::usage_after(conn, after, limit as i64)?
+        .iter()
+        .map(|r| {
+            Arc::new(Usage {
+                seq: r.seq,
+                created_at: r.created_at,
+                key_id: r.key_id.clone(),
+                json: Arc::from(usage_event(r)),
+            })
+        })
+        .collect())
 }
 
 /// A destination's stored cursor. A new destination starts at the end of the outboxes (it receives
@@ -884,6 +1001,98 @@ fn pick_address(addrs: &[SocketAddr], allowed: &[ipnet::IpNet]) -> Result<Socket
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::{RequestRow, Retention};
+
+    /// A store with no rows, a reader of its database, and a read-write connection for what the
+    /// gateway would never do (the directory lives as long as the first value).
+    fn empty_store() -> (tempfile::TempDir, Store, rusqlite::Connection, rusqlite::Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), false, Retention::keep_all()).unwrap();
+        let reader = store.reader().unwrap();
+        let rw = rusqlite::Connection::open(dir.path().join("tollgate.db")).unwrap();
+        (dir, store, reader, rw)
+    }
+
+    async fn settle_calls(store: &Store, from: usize, n: usize) {
+        for i in from..from + n {
+            store
+                .submit(Op::Request(RequestRow {
+                    created_at: i as i64,
+                    ..RequestRow::sample(&format!("req_{i:08}"))
+                }))
+                .unwrap();
+        }
+        store.sync().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn destinations_sharing_the_usage_outbox_each_read_every_call_once_and_in_order() {
+        let (_dir, store, conn, _) = empty_store();
+        // A small window, so that destinations trail it, catch up with it and run past it.
+        let outbox = UsageOutbox::new(40);
+        let mut cursors = [0i64; 3];
+        let mut seen: [Vec<i64>; 3] = Default::default();
+        let mut settled = 0;
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for _ in 0..3000 {
+            match next(4) {
+                0 => {
+                    let n = next(60) as usize;
+                    settle_calls(&store, settled, n).await;
+                    settled += n;
+                }
+                d => {
+                    let d = d as usize - 1;
+                    let limit = 1 + next(70) as usize;
+                    let read = outbox.after(&conn, cursors[d], limit).unwrap();
+                    assert!(read.len() <= limit);
+                    if let Some(last) = read.last() {
+                        cursors[d] = last.seq;
+                    }
+                    seen[d].extend(read.iter().map(|u| u.seq));
+                }
+            }
+        }
+        for d in 0..3 {
+            loop {
+                let read = outbox.after(&conn, cursors[d], 50).unwrap();
+                let Some(last) = read.last() else { break };
+                cursors[d] = last.seq;
+                seen[d].extend(read.iter().map(|u| u.seq));
+            }
+            assert_eq!(seen[d], (1..=settled as i64).collect::<Vec<_>>(), "destination {d}");
+        }
+        // Each event is the row's, serialized.
+        let first = outbox.after(&conn, 0, 1).unwrap();
+        let event: Value = serde_json::from_str(&first[0].json).unwrap();
+        assert_eq!(event["id"], "usage_req_00000000");
+        assert_eq!(event["data"]["keyId"], "key_1");
+    }
+
+    #[tokio::test]
+    async fn what_one_destination_read_is_served_to_the_next_from_memory() {
+        let (_dir, store, conn, rw) = empty_store();
+        let outbox = UsageOutbox::new(SHARED_USAGE);
+        settle_calls(&store, 0, 10).await;
+        let first = outbox.after(&conn, 0, 100).unwrap();
+        assert_eq!(first.len(), 10);
+        // Gone from the database, the rows are still read from the shared window ...
+        rw.execute("DELETE FROM requests", []).unwrap();
+        let second = outbox.after(&conn, 0, 100).unwrap();
+        assert_eq!(
+            second.iter().map(|u| u.seq).collect::<Vec<_>>(),
+            (1..=10).collect::<Vec<_>>()
+        );
+        assert!(Arc::ptr_eq(&first[3].json, &second[3].json), "serialized once");
+        // ... and a destination past the window reads the database.
+        assert!(outbox.after(&conn, 10, 100).unwrap().is_empty());
+    }
 
     #[test]
     fn the_signature_is_hmac_sha256_of_time_dot_body_in_hex() {

@@ -28,6 +28,8 @@ struct Receiver {
     bad_signatures: Arc<AtomicUsize>,
     /// Connections accepted.
     connections: Arc<AtomicUsize>,
+    /// The most events one POST carried.
+    largest_batch: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -75,18 +77,20 @@ impl Receiver {
         let up = Arc::new(AtomicBool::new(up));
         let bad_signatures = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
+        let largest_batch = Arc::new(AtomicUsize::new(0));
         let (e, u, b, n) = (events.clone(), up.clone(), bad_signatures.clone(), connections.clone());
+        let l = largest_batch.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 n.fetch_add(1, Ordering::SeqCst);
-                let (e, u, b) = (e.clone(), u.clone(), b.clone());
+                let (e, u, b, l) = (e.clone(), u.clone(), b.clone(), l.clone());
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (e, u, b) = (e.clone(), u.clone(), b.clone());
+                        let (e, u, b, l) = (e.clone(), u.clone(), b.clone(), l.clone());
                         async move {
                             let sig = req
                                 .headers()
@@ -102,9 +106,9 @@ impl Receiver {
                                 401
                             } else {
                                 let batch: Value = serde_json::from_slice(&body).unwrap();
-                                e.lock()
-                                    .unwrap()
-                                    .extend(batch["events"].as_array().unwrap().iter().cloned());
+                                let events = batch["events"].as_array().unwrap();
+                                l.fetch_max(events.len(), Ordering::SeqCst);
+                                e.lock().unwrap().extend(events.iter().cloned());
                                 200
                             };
                             Ok::<_, Infallible>(
@@ -135,6 +139,7 @@ impl Receiver {
             up,
             bad_signatures,
             connections,
+            largest_batch,
             task,
         }
     }
@@ -503,7 +508,7 @@ async fn batches_to_a_destination_come_over_one_kept_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_receiver_down_for_a_while_then_back_loses_nothing() {
     let rx = Receiver::start(false).await;
-    let h = Hooked::start(&rx, "ops", "max_attempts = 100", 20).await;
+    let h = Hooked::start(&rx, "ops", "max_attempts = 100\nbatch_size = 6", 20).await;
     let admin = h.gateway.admin();
     // Down: attempts fail and are counted; nothing is delivered yet.
     let d = await_destination(&admin, "ops", "failed attempts", |d| {
@@ -516,6 +521,8 @@ async fn a_receiver_down_for_a_while_then_back_loses_nothing() {
     let usage = rx.await_usage(20, "every event after the receiver is back").await;
     assert_eq!(usage.keys().cloned().collect::<HashSet<_>>(), h.made);
     assert!(usage.values().all(|(n, _)| *n == 1));
+    // The backlog went in full batches, none over the destination's size.
+    assert_eq!(rx.largest_batch.load(Ordering::SeqCst), 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
