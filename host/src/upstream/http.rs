@@ -59,7 +59,6 @@ pub struct HttpUpstream {
     url: hyper::Uri,
     /// Sent with every request (from `[upstream] headers`), e.g. the server's own credentials.
     headers: Vec<(HeaderName, HeaderValue)>,
-    connect_timeout: Duration,
 }
 
 impl HttpUpstream {
@@ -84,7 +83,6 @@ impl HttpUpstream {
             },
             url,
             headers,
-            connect_timeout: cfg.connect_timeout,
         })
     }
 
@@ -240,7 +238,7 @@ impl HttpUpstream {
             return;
         }
         let req = self.build(Method::DELETE, Some(session), &HeaderMap::new(), Bytes::new());
-        match tokio::time::timeout(self.connect_timeout, self.pools.get().request(req)).await {
+        match tokio::time::timeout(self.pools.connect_timeout, self.pools.get().request(req)).await {
             Ok(Ok(resp)) => tracing::debug!(status = %resp.status(), "ended the upstream session"),
             Ok(Err(e)) => tracing::warn!(error = %e, "ending the upstream session failed"),
             Err(_) => tracing::warn!("ending the upstream session timed out"),
@@ -274,6 +272,7 @@ impl HttpUpstream {
 struct Pools {
     /// The rustls config of an `https://` upstream.
     tls: Option<tokio_rustls::rustls::ClientConfig>,
+    /// For a new connection, and for ending an upstream session.
     connect_timeout: Duration,
     by_thread: ThreadLocal<Pool>,
 }
