@@ -557,9 +557,11 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
     let reader: Arc<Mutex<Option<rusqlite::Connection>>> = Arc::new(Mutex::new(None));
     // The connection to the destination, kept open between batches.
     let mut kept = None;
+    // Whole batches, as many as fit in a read of READ_AHEAD events (at least one).
+    let limit = c.batch_size * (READ_AHEAD / c.batch_size).max(1);
+    // The key an event is about, when the destination filters by key.
+    let key_of = |id: Option<&str>| c.filters_keys().then(|| id.and_then(|id| ledger.get(id))).flatten();
     loop {
-        // Whole batches, as many as fit in a read of READ_AHEAD events (at least one).
-        let limit = c.batch_size * (READ_AHEAD / c.batch_size).max(1);
         let (r, s, o) = (reader.clone(), store.clone(), outbox.clone());
         let read = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
             let mut guard = r.lock().unwrap();
@@ -603,19 +605,13 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
                 if take_usage {
                     let row = u.next().expect("peeked");
                     next.request_seq = row.seq;
-                    let key = c
-                        .filters_keys()
-                        .then(|| row.key_id.as_deref().and_then(|id| ledger.get(id)));
-                    if wanted(&c, "usage", key.flatten().as_deref()) {
+                    if wanted(&c, "usage", key_of(row.key_id.as_deref()).as_deref()) {
                         batch.push(row.json.clone());
                     }
                 } else {
                     let row = e.next().expect("peeked");
                     next.event_seq = row.seq;
-                    let key = c
-                        .filters_keys()
-                        .then(|| row.key_id.as_deref().and_then(|id| ledger.get(id)));
-                    if wanted(&c, &row.kind, key.flatten().as_deref()) {
+                    if wanted(&c, &row.kind, key_of(row.key_id.as_deref()).as_deref()) {
                         batch.push(Arc::from(admin_event(row)));
                     }
                 }
@@ -760,13 +756,13 @@ impl UsageOutbox {
 /// The usage events after `after` in the database, serialized.
 fn read_usage(conn: &rusqlite::Connection, after: i64, limit: usize) -> Result<Vec<Arc<Usage>>, StoreError> {
     Ok(Store::usage_after(conn, after, limit as i64)?
-        .iter()
+        .into_iter()
         .map(|r| {
             Arc::new(Usage {
+                json: Arc::from(usage_event(&r)),
                 seq: r.seq,
                 created_at: r.created_at,
-                key_id: r.key_id.clone(),
-                json: Arc::from(usage_event(r)),
+                key_id: r.key_id,
             })
         })
         .collect())
