@@ -215,27 +215,7 @@ async fn route(
             Some(w) => Ok(ok(StatusCode::OK, w.replay(name).await?)),
             None => Err(AdminError::NoDestination(name.to_string())),
         },
-        (Method::GET, ["ledger"]) => {
-            caught_up(gate).await?;
-            let key_id = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("keyId=")))
-                .map(str::to_string);
-            let rows = gate
-                .ledger()
-                .store()
-                .ledger(key_id.as_deref())
-                .map_err(|e| AdminError::from(LedgerError::from(e)))?;
-            let rows: Vec<Value> = rows
-                .into_iter()
-                .map(|r| {
-                    json!({"seq": r.seq, "requestId": r.request_id, "keyId": r.key_id, "kind": r.kind,
-                           "amount": r.amount, "createdAt": r.created_at})
-                })
-                .collect();
-            Ok(ok(StatusCode::OK, json!({ "entries": rows })))
-        }
+        (Method::GET, ["ledger"]) => list_ledger(gate, req.uri().query().unwrap_or("")).await,
         (
             _,
             ["keys"]
@@ -359,6 +339,61 @@ fn query_time(field: &str, v: &str) -> Result<i64, AdminError> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as i64)
         .ok_or_else(|| AdminError::BadRequest(format!("{field}: {v:?} is not Unix milliseconds or an RFC 3339 time")))
+}
+
+/// `GET /admin/ledger?keyId=&requestId=&kind=&limit=&cursor=`: ledger rows, oldest first;
+/// `nextCursor` fetches newer rows. Read on the blocking pool: a key's page may read many rows.
+async fn list_ledger(gate: &Gate, query: &str) -> Result<Response<Body>, AdminError> {
+    let mut f = crate::ledger::LedgerFilter {
+        limit: 100,
+        ..Default::default()
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "keyId" => f.key_id = Some(v),
+            "requestId" => f.request_id = Some(v),
+            "kind" => {
+                f.kind = Some(crate::ledger::Entry::parse(&v).ok_or_else(|| {
+                    AdminError::BadRequest(format!(
+                        "kind: {v:?} is not one of grant, topup, charge, refund, partial_refund"
+                    ))
+                })?);
+            }
+            "limit" => {
+                f.limit =
+                    v.parse().ok().filter(|l| (1..=1000).contains(l)).ok_or_else(|| {
+                        AdminError::BadRequest(format!("limit: {v:?} is not a number from 1 to 1000"))
+                    })?;
+            }
+            "cursor" => {
+                f.after =
+                    Some(v.parse().ok().filter(|c: &i64| *c >= 0).ok_or_else(|| {
+                        AdminError::BadRequest(format!("cursor: {v:?} is not a cursor from this API"))
+                    })?);
+            }
+            other => return Err(AdminError::BadRequest(format!("{other}: unknown filter"))),
+        }
+    }
+    caught_up(gate).await?;
+    let store = gate.ledger().store().clone();
+    let limit = f.limit;
+    let rows = tokio::task::spawn_blocking(move || store.ledger_rows(&f))
+        .await
+        .map_err(|_| AdminError::Unavailable)?
+        .map_err(|e| AdminError::from(LedgerError::from(e)))?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.seq.to_string()))
+        .flatten();
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .map(|r| {
+            json!({"seq": r.seq, "requestId": r.request_id, "keyId": r.key_id, "kind": r.kind,
+                   "amount": r.amount, "createdAt": r.created_at})
+        })
+        .collect();
+    Ok(ok(StatusCode::OK, json!({ "entries": rows, "nextCursor": next })))
 }
 
 /// `GET /admin/requests?keyId=&tool=&outcome=&since=&until=&limit=&cursor=`: the request log,

@@ -1029,6 +1029,89 @@ async fn the_request_log_and_consumer_insights_report_what_was_actually_charged(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_ledger_is_read_a_page_at_a_time_and_filtered_by_key_kind_and_request_id() {
+    let b = Billed::start(&[]);
+    let g = b.gateway.ready_ref().await;
+    let admin = g.admin();
+    let (a_id, a_secret) = admin.create_key("alice", 100).await;
+    let (b_id, b_secret) = admin.create_key("bob", 100).await;
+    let (a, bob) = (b.client_with(&a_secret).await, b.client_with(&b_secret).await);
+    for i in 0..5 {
+        assert_eq!(a.call_text("echo", json!({"text": i.to_string()})).await, i.to_string());
+        assert_eq!(bob.call_text("echo", json!({"text": "b"})).await, "b");
+    }
+    let r = a
+        .post(&json!({"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"fail","arguments":{}}}))
+        .send()
+        .await
+        .unwrap();
+    let refunded_request = r.headers()["x-request-id"].to_str().unwrap().to_string();
+
+    // Two grants, eleven charges, one refund: fourteen rows, in pages of four.
+    let pages = admin.ledger_pages("limit=4").await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 4, 2]);
+    let rows = pages.concat();
+    let seqs: Vec<i64> = rows.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "oldest first, each row once: {seqs:?}"
+    );
+    let r: Value = admin.get("/admin/ledger").send_json().await;
+    assert_eq!(
+        r["entries"].as_array().unwrap().len(),
+        14,
+        "a page holds 100 rows by default"
+    );
+    assert_eq!(r["nextCursor"], Value::Null, "and there is no next page");
+
+    let alices = admin.ledger(&a_id).await;
+    assert_eq!(alices.len(), 1 + 6 + 1);
+    assert!(alices.iter().all(|r| r["keyId"] == a_id.as_str()));
+    let bobs_charges = admin
+        .ledger_pages(&format!("keyId={b_id}&kind=charge&limit=2"))
+        .await
+        .concat();
+    assert_eq!(bobs_charges.len(), 5);
+    assert!(
+        bobs_charges
+            .iter()
+            .all(|r| r["kind"] == "charge" && r["keyId"] == b_id.as_str())
+    );
+    let one: Value = admin
+        .get(&format!("/admin/ledger?requestId={refunded_request}"))
+        .send_json()
+        .await;
+    let kinds: Vec<&str> = one["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["charge", "refund"],
+        "the failed call's charge and its refund, by request id"
+    );
+
+    for (query, named) in [
+        ("kind=gift", "kind"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("cursor=-1", "cursor"),
+        ("cursor=abc", "cursor"),
+        ("key=x", "key"),
+    ] {
+        let r = admin.get(&format!("/admin/ledger?{query}")).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{query}");
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body.to_string().contains(named),
+            "{query}: the error names {named}: {body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn shadow_mode_logs_every_decision_and_enforces_and_charges_nothing() {
     let data = tempfile::tempdir().unwrap();
     let g = Gateway::serve(&format!(

@@ -564,12 +564,30 @@ impl Admin {
             .unwrap()
     }
 
-    /// The ledger rows of a key, oldest first.
+    /// The ledger rows of a key, oldest first: every page, followed by its `nextCursor`.
     pub async fn ledger(&self, id: &str) -> Vec<Value> {
-        let r = self.get(&format!("/admin/ledger?keyId={id}")).send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        let v: Value = r.json().await.unwrap();
-        v["entries"].as_array().cloned().unwrap_or_default()
+        self.ledger_pages(&format!("keyId={id}")).await.concat()
+    }
+
+    /// The ledger's pages for a query (`keyId=…&kind=…&limit=…`), oldest first, each page's
+    /// `nextCursor` followed until there is none.
+    pub async fn ledger_pages(&self, query: &str) -> Vec<Vec<Value>> {
+        let mut pages = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let after = cursor.as_ref().map(|c| format!("&cursor={c}")).unwrap_or_default();
+            let r = self.get(&format!("/admin/ledger?{query}{after}")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{query}{after}");
+            let v: Value = r.json().await.unwrap();
+            let page = v["entries"].as_array().cloned().unwrap_or_default();
+            if !page.is_empty() {
+                pages.push(page);
+            }
+            match v["nextCursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => return pages,
+            }
+        }
     }
 
     /// The request log's rows for a query (`keyId=…&outcome=…`), newest first.

@@ -16,7 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use keys::{DebitError, Key, KeySettings, Quota, Status, Usage};
 pub use sqlite::{
-    Cursor, DeadLetter, Entry, EventRow, LedgerRow, Op, RequestFilter, RequestRow, Retention, Store, StoreError,
+    Cursor, DeadLetter, Entry, EventRow, LedgerFilter, LedgerRow, Op, RequestFilter, RequestRow, Retention, Store,
+    StoreError,
 };
 
 /// Unix time in milliseconds.

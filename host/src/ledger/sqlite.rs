@@ -211,6 +211,19 @@ pub enum Entry {
 }
 
 impl Entry {
+    pub const ALL: [Entry; 5] = [
+        Entry::Grant,
+        Entry::Topup,
+        Entry::Charge,
+        Entry::Refund,
+        Entry::PartialRefund,
+    ];
+
+    /// The entry a ledger row's `kind` names.
+    pub fn parse(kind: &str) -> Option<Entry> {
+        Entry::ALL.into_iter().find(|e| e.as_str() == kind)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Entry::Grant => "grant",
@@ -357,6 +370,17 @@ pub struct RequestFilter {
     pub until: Option<i64>,
     /// Rows older than this sequence number (the previous page's last).
     pub before: Option<i64>,
+    pub limit: i64,
+}
+
+/// Filters for reading the ledger (oldest first), a page at a time.
+#[derive(Debug, Clone, Default)]
+pub struct LedgerFilter {
+    pub key_id: Option<String>,
+    pub request_id: Option<String>,
+    pub kind: Option<Entry>,
+    /// Rows newer than this sequence number (the previous page's last).
+    pub after: Option<i64>,
     pub limit: i64,
 }
 
@@ -629,24 +653,38 @@ impl Store {
         Ok(conn)
     }
 
-    /// The ledger rows of a key (or of every key), oldest first.
+    /// Every ledger row of a key (or of every key), oldest first (tests).
+    #[cfg(test)]
     pub fn ledger(&self, key_id: Option<&str>) -> Result<Vec<LedgerRow>, StoreError> {
+        self.ledger_rows(&LedgerFilter {
+            key_id: key_id.map(str::to_string),
+            limit: i64::MAX,
+            ..LedgerFilter::default()
+        })
+    }
+
+    /// Ledger rows matching `f`, oldest first, at most `f.limit`. A page walks the table in seq
+    /// order from `f.after`; with a request id it is one lookup in the ledger's unique index
+    /// instead. There is no index by key (it would cost every charge an index insert), so a key's
+    /// page reads the rows between its own.
+    pub fn ledger_rows(&self, f: &LedgerFilter) -> Result<Vec<LedgerRow>, StoreError> {
         let conn = self.reader()?;
-        let mut stmt = conn.prepare(
-            "SELECT seq, request_id, key_id, kind, amount, created_at FROM ledger
-             WHERE ?1 IS NULL OR key_id = ?1 ORDER BY seq",
-        )?;
+        let mut stmt = conn.prepare(&ledger_sql(f.request_id.is_some()))?;
+        let kind = f.kind.map(Entry::as_str);
         let rows = stmt
-            .query_map(params![key_id], |r| {
-                Ok(LedgerRow {
-                    seq: r.get(0)?,
-                    request_id: r.get(1)?,
-                    key_id: r.get(2)?,
-                    kind: r.get(3)?,
-                    amount: r.get(4)?,
-                    created_at: r.get(5)?,
-                })
-            })?
+            .query_map(
+                params![f.after.unwrap_or(0), f.request_id, f.key_id, kind, f.limit],
+                |r| {
+                    Ok(LedgerRow {
+                        seq: r.get(0)?,
+                        request_id: r.get(1)?,
+                        key_id: r.get(2)?,
+                        kind: r.get(3)?,
+                        amount: r.get(4)?,
+                        created_at: r.get(5)?,
+                    })
+                },
+            )?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
@@ -867,6 +905,17 @@ const USAGE_AFTER: &str = concat!(
 /// Every connection plans each statement once. SQLite (built with STAT4, as rusqlite bundles it)
 /// otherwise treats a bound `LIMIT ?` as a constant while planning, and so prepares a cached
 /// statement again every time that parameter is bound: once per webhook batch read, ~40 µs each.
+/// The statement [`Store::ledger_rows`] runs. A request id is matched with `=` alone (never
+/// `?2 IS NULL OR …`), so that the planner looks it up in the ledger's unique index.
+fn ledger_sql(by_request_id: bool) -> String {
+    let by_request = if by_request_id { "request_id = ?2" } else { "?2 IS NULL" };
+    format!(
+        "SELECT seq, request_id, key_id, kind, amount, created_at FROM ledger
+         WHERE seq > ?1 AND {by_request} AND (?3 IS NULL OR key_id = ?3) AND (?4 IS NULL OR kind = ?4)
+         ORDER BY seq LIMIT ?5"
+    )
+}
+
 fn stable_plans(conn: &Connection) -> rusqlite::Result<()> {
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map(drop)
@@ -1384,6 +1433,119 @@ mod tests {
         // A new binding of `LIMIT ?2` must not send the cached statement back to the planner.
         let stmt = conn.prepare_cached(USAGE_AFTER).unwrap();
         assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
+    }
+
+    /// A store with keys `key_a` and `key_b`: each a grant, then 30 charges alternating between
+    /// them (`req_0`…`req_29`), every third refunded.
+    async fn ledger_of_two_keys() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), false, Retention::keep_all()).unwrap();
+        let entry = |request_id: String, key_id: &str, entry, amount| Op::Ledger {
+            request_id,
+            key_id: key_id.to_string(),
+            entry,
+            amount,
+            at: 0,
+        };
+        for id in ["key_a", "key_b"] {
+            store
+                .submit(Op::CreateKey {
+                    id: id.to_string(),
+                    name: id.to_string(),
+                    hash: [id.as_bytes()[4]; 32],
+                    prefix: "tg_".to_string(),
+                    created_at: 0,
+                    settings: "{}".to_string(),
+                })
+                .unwrap();
+            store
+                .submit(entry(format!("grant-{id}"), id, Entry::Grant, 100))
+                .unwrap();
+        }
+        for i in 0..30 {
+            let key = if i % 2 == 0 { "key_a" } else { "key_b" };
+            store.submit(entry(format!("req_{i}"), key, Entry::Charge, 2)).unwrap();
+            if i % 3 == 0 {
+                store.submit(entry(format!("req_{i}"), key, Entry::Refund, 2)).unwrap();
+            }
+        }
+        store.sync().await.unwrap();
+        (dir, store)
+    }
+
+    fn pages(store: &Store, filter: LedgerFilter) -> Vec<Vec<LedgerRow>> {
+        let mut pages = Vec::new();
+        let mut f = filter;
+        loop {
+            let page = store.ledger_rows(&f).unwrap();
+            let Some(last) = page.last() else { break };
+            f.after = Some(last.seq);
+            pages.push(page);
+        }
+        pages
+    }
+
+    #[tokio::test]
+    async fn the_ledger_read_page_by_page_gives_every_row_once_oldest_first() {
+        let (_dir, store) = ledger_of_two_keys().await;
+        let all = store.ledger(None).unwrap();
+        assert_eq!(all.len(), 2 + 30 + 10);
+        let pages = pages(
+            &store,
+            LedgerFilter {
+                limit: 7,
+                ..Default::default()
+            },
+        );
+        assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [7, 7, 7, 7, 7, 7]);
+        assert_eq!(pages.concat(), all, "the pages are the whole ledger, in seq order");
+        assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+
+    #[tokio::test]
+    async fn a_ledger_page_filters_by_key_by_kind_and_by_request_id() {
+        let (_dir, store) = ledger_of_two_keys().await;
+        let filter = |key: Option<&str>, kind: Option<Entry>, request: Option<&str>| LedgerFilter {
+            key_id: key.map(str::to_string),
+            kind,
+            request_id: request.map(str::to_string),
+            limit: 4,
+            after: None,
+        };
+        let a = pages(&store, filter(Some("key_a"), None, None)).concat();
+        assert_eq!(a.len(), 1 + 15 + 5, "key_a's grant, charges and refunds");
+        assert!(a.iter().all(|r| r.key_id == "key_a"));
+        let refunds = pages(&store, filter(Some("key_b"), Some(Entry::Refund), None)).concat();
+        let ids: Vec<&str> = refunds.iter().map(|r| r.request_id.as_str()).collect();
+        assert_eq!(ids, ["req_3", "req_9", "req_15", "req_21", "req_27"]);
+        let one = store.ledger_rows(&filter(None, None, Some("req_9"))).unwrap();
+        let kinds: Vec<&str> = one.iter().map(|r| r.kind.as_str()).collect();
+        assert_eq!(kinds, ["charge", "refund"], "a request's charge and its refund");
+        let none = store.ledger_rows(&filter(Some("key_a"), None, Some("req_9"))).unwrap();
+        assert!(none.is_empty(), "req_9 is key_b's");
+    }
+
+    #[tokio::test]
+    async fn a_ledger_page_by_request_id_is_a_lookup_in_the_unique_index_not_a_scan() {
+        let (_dir, store) = ledger_of_two_keys().await;
+        let conn = store.reader().unwrap();
+        let plan = |sql: &str| -> String {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows = stmt
+                .query_map(params![0, "req_9", None::<String>, None::<String>, 10], |r| {
+                    r.get::<_, String>(3)
+                })
+                .unwrap();
+            rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+        };
+        let by_request = plan(&ledger_sql(true));
+        assert!(by_request.contains("USING INDEX"), "{by_request}");
+        assert!(!by_request.contains("SCAN"), "{by_request}");
+        let paged = plan(&ledger_sql(false));
+        assert!(
+            paged.contains("USING INTEGER PRIMARY KEY"),
+            "a page starts at its cursor: {paged}"
+        );
     }
 
     #[tokio::test]
