@@ -150,7 +150,7 @@ async fn route(
     let parts: Vec<&str> = path.trim_start_matches("/admin/").split('/').collect();
     match (req.method().clone(), parts.as_slice()) {
         (Method::POST, ["keys"]) => create_key(gate, req).await,
-        (Method::GET, ["keys"]) => list_keys(gate, req.uri().query().unwrap_or("")),
+        (Method::GET, ["keys"]) => list_keys(gate, req.uri().query().unwrap_or("")).await,
         (Method::PATCH, ["keys", id]) => {
             let key = gate
                 .ledger()
@@ -275,7 +275,7 @@ pub fn metrics_text() -> Response<Body> {
 
 /// `GET /admin/keys?status=&namespace=&tag=&namePrefix=&limit=&cursor=`: keys in id order; the
 /// answer's `nextCursor` fetches the next page.
-fn list_keys(gate: &Gate, query: &str) -> Result<Response<Body>, AdminError> {
+async fn list_keys(gate: &Gate, query: &str) -> Result<Response<Body>, AdminError> {
     let mut status = None;
     let mut namespace = None;
     let mut tag = None;
@@ -308,17 +308,23 @@ fn list_keys(gate: &Gate, query: &str) -> Result<Response<Body>, AdminError> {
         }
     }
     let now = now_ms();
-    let page = gate.ledger().page(cursor.as_deref(), limit + 1, |k| {
-        let s = k.settings();
-        let shown = match k.status() {
-            Status::Active if s.is_expired(now) => "expired",
-            st => st.as_str(),
-        };
-        status.as_deref().is_none_or(|want| want == shown)
-            && namespace.as_deref().is_none_or(|n| s.namespace.as_deref() == Some(n))
-            && tag.as_deref().is_none_or(|t| s.tags.iter().any(|x| x == t))
-            && name_prefix.as_deref().is_none_or(|p| k.name.starts_with(p))
-    });
+    // A filter few keys pass walks every key: on the blocking pool, not this connection's thread.
+    let g = gate.clone();
+    let page = tokio::task::spawn_blocking(move || {
+        g.ledger().page(cursor.as_deref(), limit + 1, |k| {
+            let s = k.settings();
+            let shown = match k.status() {
+                Status::Active if s.is_expired(now) => "expired",
+                st => st.as_str(),
+            };
+            status.as_deref().is_none_or(|want| want == shown)
+                && namespace.as_deref().is_none_or(|n| s.namespace.as_deref() == Some(n))
+                && tag.as_deref().is_none_or(|t| s.tags.iter().any(|x| x == t))
+                && name_prefix.as_deref().is_none_or(|p| k.name.starts_with(p))
+        })
+    })
+    .await
+    .map_err(|_| AdminError::Unavailable)?;
     let more = page.len() > limit;
     let keys: Vec<Value> = page.iter().take(limit).map(|k| key_view(k)).collect();
     let next = if more {
