@@ -189,9 +189,10 @@ impl Ledger {
             let map = self.inner.by_id.read().unwrap();
             let start = after.take().map_or(Bound::Unbounded, Bound::Excluded);
             let mut seen = 0;
+            let mut last = None;
             for (id, k) in map.range((start, Bound::Unbounded)).take(chunk) {
                 seen += 1;
-                after = Some(id.clone());
+                last = Some(id);
                 if filter(k) {
                     found.push(k.clone());
                     if found.len() == limit {
@@ -202,6 +203,8 @@ impl Ledger {
             if seen < chunk {
                 break;
             }
+            // The next chunk starts after this one's last key, read again under a new lock.
+            after = last.cloned();
         }
         found
     }
