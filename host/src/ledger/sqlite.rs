@@ -902,9 +902,6 @@ const USAGE_AFTER: &str = concat!(
      ORDER BY seq LIMIT ?2"
 );
 
-/// Every connection plans each statement once. SQLite (built with STAT4, as rusqlite bundles it)
-/// otherwise treats a bound `LIMIT ?` as a constant while planning, and so prepares a cached
-/// statement again every time that parameter is bound: once per webhook batch read, ~40 µs each.
 /// The statement [`Store::ledger_rows`] runs. A request id is matched with `=` alone (never
 /// `?2 IS NULL OR …`), so that the planner looks it up in the ledger's unique index.
 fn ledger_sql(by_request_id: bool) -> String {
@@ -916,6 +913,9 @@ fn ledger_sql(by_request_id: bool) -> String {
     )
 }
 
+/// Every connection plans each statement once. SQLite (built with STAT4, as rusqlite bundles it)
+/// otherwise treats a bound `LIMIT ?` as a constant while planning, and so prepares a cached
+/// statement again every time that parameter is bound: once per webhook batch read, ~40 µs each.
 fn stable_plans(conn: &Connection) -> rusqlite::Result<()> {
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map(drop)
