@@ -298,10 +298,7 @@ async fn list_keys(gate: &Gate, query: &str) -> Result<Response<Body>, AdminErro
             "tag" => tag = Some(v),
             "namePrefix" => name_prefix = Some(v),
             "limit" => {
-                limit =
-                    v.parse().ok().filter(|l| (1..=1000).contains(l)).ok_or_else(|| {
-                        AdminError::BadRequest(format!("limit: {v:?} is not a number from 1 to 1000"))
-                    })?;
+                limit = page_limit(&v)? as usize;
             }
             "cursor" => cursor = Some(v),
             other => return Err(AdminError::BadRequest(format!("{other}: unknown filter"))),
@@ -333,6 +330,31 @@ async fn list_keys(gate: &Gate, query: &str) -> Result<Response<Body>, AdminErro
         None
     };
     Ok(ok(StatusCode::OK, json!({ "keys": keys, "nextCursor": next })))
+}
+
+/// A page size in a query: 1 to 1000.
+fn page_limit(v: &str) -> Result<i64, AdminError> {
+    v.parse()
+        .ok()
+        .filter(|l| (1..=1000).contains(l))
+        .ok_or_else(|| AdminError::BadRequest(format!("limit: {v:?} is not a number from 1 to 1000")))
+}
+
+/// Runs a database read on the blocking pool, never on the connection's thread.
+async fn read_store<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, crate::ledger::StoreError> + Send + 'static,
+) -> Result<T, AdminError> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|_| AdminError::Unavailable)?
+        .map_err(|e| AdminError::from(LedgerError::from(e)))
+}
+
+/// The cursor of the page after `rows`: the last row's seq when the page came back full.
+fn next_cursor<R>(rows: &[R], limit: i64, seq: impl Fn(&R) -> i64) -> Option<String> {
+    (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| seq(r).to_string()))
+        .flatten()
 }
 
 /// A time in a query: Unix milliseconds or RFC 3339.
@@ -368,10 +390,7 @@ async fn list_ledger(gate: &Gate, query: &str) -> Result<Response<Body>, AdminEr
                 })?);
             }
             "limit" => {
-                f.limit =
-                    v.parse().ok().filter(|l| (1..=1000).contains(l)).ok_or_else(|| {
-                        AdminError::BadRequest(format!("limit: {v:?} is not a number from 1 to 1000"))
-                    })?;
+                f.limit = page_limit(&v)?;
             }
             "cursor" => {
                 f.after =
@@ -385,13 +404,8 @@ async fn list_ledger(gate: &Gate, query: &str) -> Result<Response<Body>, AdminEr
     caught_up(gate).await?;
     let store = gate.ledger().store().clone();
     let limit = f.limit;
-    let rows = tokio::task::spawn_blocking(move || store.ledger_rows(&f))
-        .await
-        .map_err(|_| AdminError::Unavailable)?
-        .map_err(|e| AdminError::from(LedgerError::from(e)))?;
-    let next = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.seq.to_string()))
-        .flatten();
+    let rows = read_store(move || store.ledger_rows(&f)).await?;
+    let next = next_cursor(&rows, limit, |r| r.seq);
     let rows: Vec<Value> = rows
         .into_iter()
         .map(|r| {
@@ -426,10 +440,7 @@ async fn list_requests(gate: &Gate, query: &str) -> Result<Response<Body>, Admin
             "since" => f.since = Some(query_time("since", &v)?),
             "until" => f.until = Some(query_time("until", &v)?),
             "limit" => {
-                f.limit =
-                    v.parse().ok().filter(|l| (1..=1000).contains(l)).ok_or_else(|| {
-                        AdminError::BadRequest(format!("limit: {v:?} is not a number from 1 to 1000"))
-                    })?;
+                f.limit = page_limit(&v)?;
             }
             "cursor" => {
                 f.before = Some(
@@ -442,13 +453,8 @@ async fn list_requests(gate: &Gate, query: &str) -> Result<Response<Body>, Admin
     }
     let store = gate.ledger().store().clone();
     let limit = f.limit;
-    let rows = tokio::task::spawn_blocking(move || store.requests(&f))
-        .await
-        .map_err(|_| AdminError::Unavailable)?
-        .map_err(|e| AdminError::from(LedgerError::from(e)))?;
-    let next = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.seq.to_string()))
-        .flatten();
+    let rows = read_store(move || store.requests(&f)).await?;
+    let next = next_cursor(&rows, limit, |r| r.seq);
     let rows: Vec<Value> = rows
         .into_iter()
         .map(|r| {
