@@ -1,6 +1,7 @@
 //! Logging: `tracing` to stderr, pretty or JSON, at a level from the command line, the config file
 //! (`[logging] level`, changeable live) or `RUST_LOG`.
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -21,7 +22,11 @@ pub fn init(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: a log file or a journal gets plain text.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let installed = match format {
         LogFormat::Json => registry.with(fmt.json()).try_init(),
         LogFormat::Pretty => registry.with(fmt).try_init(),

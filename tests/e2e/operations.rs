@@ -733,6 +733,10 @@ async fn each_request_logs_one_line_with_its_id_and_never_the_secret() {
         assert!(line.contains(field), "{field} missing from {line}");
     }
     assert!(!log.contains(&secret), "the key's secret reached the log");
+    assert!(
+        !log.contains('\u{1b}'),
+        "a log written to a file carries terminal colour codes:\n{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
