@@ -165,7 +165,8 @@ impl WrapArgs {
 /// Runs the command line; the process's exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(&cli.log_level, cli.log_format);
+    // Held to the end of main, so that every queued log line is written before exit.
+    let log = telemetry::init(&cli.log_level, cli.log_format);
     let config = match cli.command {
         Command::Check { config } => {
             return match RawConfig::from_file(&config).and_then(RawConfig::validate) {
@@ -213,6 +214,10 @@ pub fn main() -> ExitCode {
     match rt.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // After what was logged before it.
+            if let Some(log) = &log {
+                log.flush();
+            }
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }

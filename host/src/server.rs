@@ -76,6 +76,7 @@ pub async fn run(listener: TcpListener, state: AppState, shutdown: impl Future<O
     // What is still open after the grace period ends with the threads' runtimes.
     let _ = tokio::task::spawn_blocking(move || io.stop()).await;
     state.upstream().shutdown();
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -378,11 +378,13 @@ async fn an_https_upstream_is_called_over_tls_and_its_certificate_is_verified() 
     let v: serde_json::Value = v.json().await.unwrap();
     assert_eq!(v["id"], 7);
     assert_eq!(v["error"]["code"], -32030, "an untrusted certificate is refused: {v}");
-    assert!(
-        public.proc.stderr().contains("certificate"),
-        "the log says why: {}",
-        public.proc.stderr()
-    );
+    // Log lines reach stderr a few milliseconds after they are logged.
+    eventually(
+        Duration::from_secs(5),
+        "the log to say the certificate is untrusted",
+        || async { public.proc.stderr().contains("certificate").then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -429,11 +431,12 @@ async fn an_upstream_that_needs_credentials_gets_the_configured_header_and_never
         .send_json().await;
     assert_eq!(v["id"], "i1");
     assert_eq!(v["error"]["code"], -32032, "{v}");
-    assert!(
-        bare.proc.stderr().contains("HTTP 401"),
-        "the log names the upstream's refusal: {}",
-        bare.proc.stderr()
-    );
+    eventually(
+        Duration::from_secs(5),
+        "the log to name the upstream's refusal (HTTP 401)",
+        || async { bare.proc.stderr().contains("HTTP 401").then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -332,10 +332,19 @@ async fn shutdown_drains_an_in_flight_call_before_exiting() {
     );
     assert_eq!(call.await.unwrap(), "slept", "the in-flight call completes");
     let mut g = g;
-    let status = tokio::task::spawn_blocking(move || g.proc.child.wait().unwrap())
-        .await
-        .unwrap();
+    let (g, status) = tokio::task::spawn_blocking(move || {
+        let status = g.proc.child.wait().unwrap();
+        (g, status)
+    })
+    .await
+    .unwrap();
     assert!(status.success(), "a graceful shutdown exits 0, got {status}");
+    // The last line logged, just before exit, was written out (log lines are queued).
+    let log = g.proc.stderr();
+    assert!(
+        log.lines().last().is_some_and(|l| l.ends_with("stopped")),
+        "the log ends with the gateway's last line:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
