@@ -1,5 +1,6 @@
 //! Logging: `tracing` to stderr, pretty or JSON, at a level from the command line, the config file
-//! (`[logging] level`, changeable live) or `RUST_LOG`.
+//! (`[logging] level`, changeable live) or `RUST_LOG`; lines are queued and written out in batches
+//! by a thread of their own.
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
