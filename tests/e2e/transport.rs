@@ -342,8 +342,8 @@ async fn shutdown_drains_an_in_flight_call_before_exiting() {
     // The last line logged, just before exit, was written out (log lines are queued).
     let log = g.proc.stderr();
     assert!(
-        log.lines().last().is_some_and(|l| l.ends_with("stopped")),
-        "the log ends with the gateway's last line:\n{log}"
+        log.lines().any(|l| l.ends_with(" stopped")),
+        "the gateway's last line is missing from the log:\n{log}"
     );
 }
 
