@@ -26,9 +26,9 @@ pub fn init(level: &str, format: LogFormat) -> Option<LogGuard> {
     let registry = tracing_subscriber::registry().with(filter);
     // Colours only for a person at a terminal: a log file or a journal gets plain text.
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let queued = Queued::start();
+    let lines = std::sync::Arc::new(Lines::default());
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(queued.clone())
+        .with_writer(Queued(lines.clone()))
         .with_ansi(ansi);
     let installed = match format {
         LogFormat::Json => registry.with(fmt.json()).try_init(),
@@ -36,7 +36,8 @@ pub fn init(level: &str, format: LogFormat) -> Option<LogGuard> {
     };
     if installed.is_ok() {
         let _ = FILTER.set(handle);
-        return Some(LogGuard(queued));
+        Lines::start_writer(&lines);
+        return Some(LogGuard(lines));
     }
     None
 }
@@ -48,38 +49,33 @@ pub fn init(level: &str, format: LogFormat) -> Option<LogGuard> {
 /// copy instead of a write to stderr. Nothing is dropped: past [`Queued::MAX`] queued bytes the
 /// logging thread writes the buffer out itself. A line reaches stderr at most about
 /// [`Queued::GATHER`] late; a process killed with SIGKILL loses at most the lines of that long.
-#[derive(Clone)]
 pub struct Queued(std::sync::Arc<Lines>);
 
+#[derive(Default)]
 struct Lines {
     /// What is waiting to be written.
     queued: std::sync::Mutex<Vec<u8>>,
     /// Held while a batch is taken and written, so that batches reach stderr in order.
     writing: std::sync::Mutex<Vec<u8>>,
-    /// The writer thread, woken by the first line of a batch; none if it could not be started
-    /// (each line is then written by the thread that logs it).
+    /// The writer thread, woken by the first line of a batch; until it runs (or if it could not
+    /// be started), each line is written by the thread that logs it.
     writer: OnceLock<std::thread::Thread>,
 }
 
 impl Queued {
     const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
     const MAX: usize = 4 << 20;
+}
 
-    fn start() -> Queued {
-        let lines = std::sync::Arc::new(Lines {
-            queued: std::sync::Mutex::new(Vec::with_capacity(64 << 10)),
-            writing: std::sync::Mutex::new(Vec::with_capacity(64 << 10)),
-            writer: OnceLock::new(),
-        });
-        let weak = std::sync::Arc::downgrade(&lines);
+impl Lines {
+    /// Starts the thread that writes the queue out (it lives as long as the process's logging).
+    fn start_writer(lines: &std::sync::Arc<Lines>) {
+        let queue = lines.clone();
         let spawned = std::thread::Builder::new().name("tollgate-log".into()).spawn(move || {
             loop {
                 std::thread::park();
                 std::thread::sleep(Queued::GATHER);
-                match weak.upgrade() {
-                    Some(lines) => lines.write_out(),
-                    None => return,
-                }
+                queue.write_out();
             }
         });
         match spawned {
@@ -88,11 +84,8 @@ impl Queued {
             }
             Err(e) => eprintln!("cannot start the log writer thread ({e}); each log line is written as it comes"),
         }
-        Queued(lines)
     }
-}
 
-impl Lines {
     /// Writes out what is queued (an error writing to stderr is ignored: there is nowhere to
     /// report it).
     fn write_out(&self) {
@@ -153,18 +146,18 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Queued {
 }
 
 /// Writes out the queued log lines when dropped (at the end of `main`).
-pub struct LogGuard(Queued);
+pub struct LogGuard(std::sync::Arc<Lines>);
 
 impl LogGuard {
     /// Writes out the queued lines now (before a message written to stderr directly).
     pub fn flush(&self) {
-        self.0.0.write_out();
+        self.0.write_out();
     }
 }
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        self.0.0.write_out();
+        self.flush();
     }
 }
 
