@@ -601,6 +601,35 @@ mod tests {
     }
 
     #[test]
+    fn with_power_durability_each_settled_call_waits_for_its_own_commit_and_nothing_is_journaled() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let ledger = Ledger::open(dir.path(), true, TEST_RETENTION).unwrap();
+            let (key, _) = ledger.create_key("power", 50, KeySettings::default()).await.unwrap();
+            let reader = ledger.store().reader().unwrap();
+            let count = |kind: &str| -> i64 {
+                reader
+                    .query_row("SELECT COUNT(*) FROM ledger WHERE kind = ?1", [kind], |r| r.get(0))
+                    .unwrap()
+            };
+            for i in 0..20 {
+                let id = format!("power-{i}");
+                let r = ledger.reserve(&key, 2, &id).unwrap();
+                let seq = ledger.settle(r, if i % 2 == 0 { 2 } else { 0 }, row(&id, 2)).unwrap();
+                assert!(seq > 0, "a settled call has a commit to wait for");
+                ledger.store().durable(seq).await.unwrap();
+                assert_eq!(count("charge"), i + 1, "charge {i} is committed once awaited");
+                assert_eq!(count("refund"), (i + 1) / 2);
+            }
+            let segments = super::journal::segments(&dir.path().join("journal")).unwrap_or_default();
+            assert!(segments.is_empty(), "power durability writes no journal: {segments:?}");
+            drop(ledger);
+            let reopened = Ledger::open(dir.path(), true, TEST_RETENTION).unwrap();
+            assert_eq!(reopened.get(&key.id).unwrap().credits(), 50 - 10 * 2);
+        });
+    }
+
+    #[test]
     fn the_same_request_cannot_be_charged_twice() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();

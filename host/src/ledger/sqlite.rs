@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::Notify;
@@ -416,42 +416,25 @@ struct Inner {
     writer: std::sync::OnceLock<std::thread::Thread>,
 }
 
-/// What one submission hands the writer: up to three operations (a settled call's charge, refund
-/// and request-log row go together: one channel send instead of three), numbered from `first`.
-struct Submission {
-    first: u64,
-    ops: [Option<Op>; 3],
-}
-
-impl Submission {
-    /// The operations, each with its sequence number.
-    fn numbered(self) -> impl Iterator<Item = (u64, Op)> {
-        let first = self.first;
-        self.ops.into_iter().flatten().zip(first..).map(|(op, seq)| (seq, op))
-    }
-}
-
 struct Submit {
     seq: u64,
-    tx: mpsc::Sender<Submission>,
+    /// Numbered operations the writer has not taken yet. A plain vector under the lock every
+    /// submitter already takes (for the numbering and the journal): handing a settled call over
+    /// is a push, with no channel of its own to synchronise, allocate blocks for or copy through;
+    /// the writer swaps the whole vector out for an empty one.
+    pending: Vec<(u64, Op)>,
     /// `None` with `durability = "power"`: every change then waits for its fsynced commit.
     journal: Option<super::journal::Journal>,
 }
 
 impl Submit {
-    /// Numbers `ops` and hands them to the writer in one send; returns the last number.
-    fn hand_over<const N: usize>(&mut self, ops: [Op; N]) -> Result<u64, StoreError> {
-        const { assert!(N >= 1 && N <= 3, "a submission holds one to three operations") };
-        let first = self.seq + 1;
-        self.seq += N as u64;
-        let mut slots = [None, None, None];
-        for (slot, op) in slots.iter_mut().zip(ops) {
-            *slot = Some(op);
+    /// Numbers `ops` and queues them for the writer; returns the last number.
+    fn hand_over<const N: usize>(&mut self, ops: [Op; N]) -> u64 {
+        for op in ops {
+            self.seq += 1;
+            self.pending.push((self.seq, op));
         }
-        self.tx
-            .send(Submission { first, ops: slots })
-            .map_err(|_| StoreError::WriterFailed)?;
-        Ok(self.seq)
+        self.seq
     }
 }
 
@@ -526,11 +509,14 @@ impl Store {
         };
         let keys = load_keys(&conn)?;
 
-        let (tx, rx) = mpsc::channel();
         let journaled = journal.is_some();
         let inner = Arc::new(Inner {
             path: path.clone(),
-            submit: Mutex::new(Submit { seq: 0, tx, journal }),
+            submit: Mutex::new(Submit {
+                seq: 0,
+                pending: Vec::new(),
+                journal,
+            }),
             committed: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             commit_signal: Notify::new(),
@@ -539,7 +525,7 @@ impl Store {
         let writer_inner = inner.clone();
         let thread = std::thread::Builder::new()
             .name("tollgate-db-writer".into())
-            .spawn(move || writer(conn, rx, writer_inner, journaled))
+            .spawn(move || writer(conn, writer_inner, journaled))
             .expect("spawning the database writer");
         let _ = inner.writer.set(thread.thread().clone());
         let checkpoint_conn = Connection::open(&path).map_err(open_err)?;
@@ -567,7 +553,22 @@ impl Store {
     /// Hands an operation to the writer; returns its sequence number.
     pub fn submit(&self, op: Op) -> Result<u64, StoreError> {
         self.check()?;
-        self.inner.submit.lock().unwrap().hand_over([op])
+        let mut guard = self.inner.submit.lock().unwrap();
+        let seq = guard.hand_over([op]);
+        let journaled = guard.journal.is_some();
+        drop(guard);
+        if !journaled {
+            self.wake_writer();
+        }
+        Ok(seq)
+    }
+
+    /// Without the journal, every change is committed as soon as the writer can: it is woken
+    /// for each (with the journal it keeps its pace; see [`writer`]).
+    fn wake_writer(&self) {
+        if let Some(writer) = self.inner.writer.get() {
+            writer.unpark();
+        }
     }
 
     /// Hands charges, refunds and settled calls' request rows to the writer and makes them durable
@@ -596,8 +597,13 @@ impl Store {
             }
             None => false,
         };
-        let seq = guard.hand_over(ops)?;
-        Ok(if journaled { 0 } else { seq })
+        let seq = guard.hand_over(ops);
+        drop(guard);
+        if journaled {
+            return Ok(0);
+        }
+        self.wake_writer();
+        Ok(seq)
     }
 
     /// Waits until everything submitted so far is in the database (for reads that must see the
@@ -1043,54 +1049,49 @@ fn prune(conn: &Connection, cutoff: i64, max_rows: i64) -> rusqlite::Result<usiz
 
 /// The writer thread: takes everything queued, applies it in one transaction, commits, publishes.
 ///
-/// With the journal, nothing on the hot path waits for a commit, so the writer polls: callers
-/// never pay for waking it, and a busy millisecond's charges share one commit. Without it, every
-/// charge waits for its commit, so the writer wakes at once.
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Submission>, inner: Arc<Inner>, journaled: bool) {
-    const MAX_BATCH: usize = 4096;
+/// With the journal, nothing on the hot path waits for a commit, so the writer keeps a pace:
+/// callers never pay for waking it, and a busy interval's charges share one commit. Without it,
+/// every charge waits for its commit, so submitters wake the writer and it commits at once.
+fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool) {
     // Each commit writes every page it dirtied to the WAL once: fewer, larger commits write far
     // fewer pages per call, and cost less per call besides (~0.2 ms of CPU each, whatever they
     // hold). Nothing on the request path waits for them; whoever does (an admin change, a read
     // that must see the latest calls) wakes the writer, which then commits at once.
     const POLL: std::time::Duration = std::time::Duration::from_millis(100);
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    // The last commit took a full batch: more is waiting, so the next one does not wait its pace.
-    let mut behind = false;
+    /// If the writer stops for any reason (a panic included), nothing more may be sold.
+    struct Stopped<'a>(&'a Inner);
+    impl Drop for Stopped<'_> {
+        fn drop(&mut self) {
+            self.0.failed.store(true, Ordering::Release);
+            self.0.commit_signal.notify_waiters();
+        }
+    }
+    let _stopped = Stopped(&inner);
+    let mut batch: Vec<(u64, Op)> = Vec::new();
     let mut retired: Vec<super::journal::Retired> = Vec::new();
     let mut last_commit = std::time::Instant::now();
     loop {
-        let first = if journaled {
-            // At most one commit per POLL (unless a waiter wakes the writer): a commit takes
-            // longer than the gap between two calls, so committing whatever arrived during the
-            // last one would commit a call or two at a time, each commit writing the same handful
-            // of pages again (measured: ~7 page writes per call at c=1, against well under one
-            // when commits are paced).
-            if !behind && let Some(rest) = POLL.checked_sub(last_commit.elapsed()) {
-                std::thread::park_timeout(rest);
-            }
-            match rx.try_recv() {
-                Ok(op) => op,
-                Err(mpsc::TryRecvError::Empty) => {
-                    std::thread::park_timeout(POLL);
-                    continue;
-                }
-                Err(mpsc::TryRecvError::Disconnected) => return,
-            }
+        // With the journal, at most one commit per POLL (unless a waiter wakes the writer): a
+        // commit takes longer than the gap between two calls, so committing whatever arrived
+        // during the last one would commit a call or two at a time, each commit writing the same
+        // handful of pages again (measured: ~7 page writes per call at c=1, against well under
+        // one when commits are paced). Without it, a submitter's wake-up ends the wait.
+        let wait = if journaled {
+            POLL.checked_sub(last_commit.elapsed())
         } else {
-            match rx.recv() {
-                Ok(op) => op,
-                Err(_) => return,
-            }
+            Some(POLL)
         };
-        batch.extend(first.numbered());
-        // Everything already queued goes into this commit: under load, many calls share one.
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(s) => batch.extend(s.numbered()),
-                Err(_) => break,
-            }
+        if let Some(rest) = wait {
+            std::thread::park_timeout(rest);
         }
-        behind = batch.len() >= MAX_BATCH;
+        // Everything queued goes into this commit: under load, many calls share one.
+        std::mem::swap(&mut batch, &mut inner.submit.lock().unwrap().pending);
+        if batch.is_empty() {
+            if journaled {
+                std::thread::park_timeout(POLL);
+            }
+            continue;
+        }
         let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
         let started = std::time::Instant::now();
         last_commit = started;
@@ -1114,6 +1115,10 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Submission>, inner: Arc<Inner
         batch.clear();
         if inner.failed.load(Ordering::Acquire) {
             return;
+        }
+        // A batch far larger than usual (a backlog) is not kept as the next one's capacity.
+        if batch.capacity() > 1 << 16 {
+            batch = Vec::new();
         }
         if journaled {
             // Make the next segment ahead of time, without holding the lock (it takes a few
