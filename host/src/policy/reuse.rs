@@ -2,8 +2,7 @@
 //! such a plugin's price may depend on — the key (its id and the very settings it had), the method,
 //! the tool and the started KiB of arguments — and kept until their window closes.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use super::pricing::Price;
@@ -49,16 +48,19 @@ impl Entry {
 }
 
 /// The reusable charges of one loaded pricing plugin (a reload or swap starts an empty one).
+///
+/// Hashed with foldhash, seeded per cache (SipHash, std's default, cost more than the rest of a
+/// lookup); the map is keyed by that hash, and an entry is reused only if its inputs match.
 pub struct ReuseCache {
-    hasher: RandomState,
-    shards: [Mutex<HashMap<u64, Entry>>; SHARDS],
+    hasher: foldhash::fast::RandomState,
+    shards: [Mutex<foldhash::HashMap<u64, Entry>>; SHARDS],
 }
 
 impl Default for ReuseCache {
     fn default() -> Self {
         ReuseCache {
-            hasher: RandomState::new(),
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            hasher: foldhash::fast::RandomState::default(),
+            shards: std::array::from_fn(|_| Mutex::new(foldhash::HashMap::default())),
         }
     }
 }
