@@ -406,8 +406,8 @@ pub struct Store {
 
 struct Inner {
     path: PathBuf,
-    /// The last sequence number given out, the sender and the journal, under one lock so that
-    /// numbers reach the writer (and the journal) in order.
+    /// The last sequence number given out, the writer's queue and the journal, under one lock so
+    /// that numbers reach the writer (and the journal) in order.
     submit: Mutex<Submit>,
     committed: AtomicU64,
     failed: AtomicBool,
