@@ -1069,7 +1069,8 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool) {
     let _stopped = Stopped(&inner);
     let mut batch: Vec<(u64, Op)> = Vec::new();
     let mut retired: Vec<super::journal::Retired> = Vec::new();
-    let mut last_commit = std::time::Instant::now();
+    // When the writer last took the queue: with the journal, the next take is POLL after it.
+    let mut last_take = std::time::Instant::now();
     loop {
         // With the journal, at most one commit per POLL (unless a waiter wakes the writer): a
         // commit takes longer than the gap between two calls, so committing whatever arrived
@@ -1077,7 +1078,7 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool) {
         // handful of pages again (measured: ~7 page writes per call at c=1, against well under
         // one when commits are paced). Without it, a submitter's wake-up ends the wait.
         let wait = if journaled {
-            POLL.checked_sub(last_commit.elapsed())
+            POLL.checked_sub(last_take.elapsed())
         } else {
             Some(POLL)
         };
@@ -1086,15 +1087,12 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool) {
         }
         // Everything queued goes into this commit: under load, many calls share one.
         std::mem::swap(&mut batch, &mut inner.submit.lock().unwrap().pending);
+        last_take = std::time::Instant::now();
         if batch.is_empty() {
-            if journaled {
-                std::thread::park_timeout(POLL);
-            }
             continue;
         }
         let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
         let started = std::time::Instant::now();
-        last_commit = started;
         match apply(&mut conn, &batch) {
             Ok(()) => {
                 inner.committed.store(last, Ordering::Release);
