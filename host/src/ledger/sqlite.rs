@@ -1004,7 +1004,12 @@ fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Rete
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
         }
-        match prune(&conn, super::now_ms() - retention.max_age_ms, retention.max_rows) {
+        match prune(
+            &conn,
+            super::now_ms() - retention.max_age_ms,
+            retention.max_rows,
+            PRUNE_BUDGET,
+        ) {
             Ok(n) if n > 0 => tracing::debug!(rows = n, "request log pruned"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning the request log failed"),
@@ -1012,18 +1017,26 @@ fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Rete
     }
 }
 
+/// How long one pass of pruning may run (a pass every 500 ms, between checkpoints).
+const PRUNE_BUDGET: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Deletes request-log rows past the retention (older than `cutoff`, or beyond the newest
 /// `max_rows`) and admin events older than `cutoff`, except what a webhook destination has not
-/// delivered yet and the newest request row. Oldest first, a few hundred rows per transaction
-/// with pauses between: one big delete would hold the write lock for as long as it takes (~30 µs
+/// delivered yet and the newest request row. Oldest first, in transactions of a few thousand rows
+/// with pauses between: one big delete would hold the write lock for as long as it takes (~0.3 µs
 /// a row), and every admin change (and every admin read that waits for the database to catch up)
 /// would wait behind it.
-fn prune(conn: &Connection, cutoff: i64, max_rows: i64) -> rusqlite::Result<usize> {
-    // Up to 5,000 rows per tick (10,000 a second), between the checkpoints on the same thread.
-    const CHUNK: i64 = 500;
-    const MAX_CHUNKS: usize = 10;
+///
+/// A pass goes on until nothing is past the retention or it has run for `budget`, so the log
+/// keeps to its bounds under any sustained load (a pass every 500 ms clears well over a hundred
+/// thousand rows a second; it used to stop at 5,000 rows a pass, and a gateway settling more than
+/// 10,000 calls a second outgrew its `log_max_rows` without end).
+fn prune(conn: &Connection, cutoff: i64, max_rows: i64, budget: std::time::Duration) -> rusqlite::Result<usize> {
+    // A chunk holds the write lock for ~1-2 ms; the pause lets the writer and admin changes in.
+    const CHUNK: i64 = 5_000;
+    let started = std::time::Instant::now();
     let mut total = 0;
-    for _ in 0..MAX_CHUNKS {
+    while started.elapsed() < budget {
         let n = conn.execute(
             // Never the newest row: a new row's seq is one past the largest left (no
             // AUTOINCREMENT), so keeping it keeps every seq ever handed out unique and increasing.
@@ -1037,7 +1050,7 @@ fn prune(conn: &Connection, cutoff: i64, max_rows: i64) -> rusqlite::Result<usiz
         if n == 0 {
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(2));
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     total += conn.execute(
         "DELETE FROM events WHERE created_at < ?1
@@ -1347,6 +1360,9 @@ mod tests {
         .unwrap()
     }
 
+    /// A pruning pass with all the time it needs (a loaded test machine is no measure of its pace).
+    const ANY_TIME: std::time::Duration = std::time::Duration::from_secs(60);
+
     /// A store holding `n` request-log rows made at `created_at`, committed, and a connection to
     /// its database (the directory lives as long as the first value).
     async fn log_of(n: usize, created_at: i64) -> (tempfile::TempDir, Store, Connection) {
@@ -1375,8 +1391,8 @@ mod tests {
         let now = crate::ledger::now_ms();
         let (_dir, store, conn) = log_of(2_300, now).await;
 
-        // Past 1,000 rows, the oldest go, in one pass of a few small transactions.
-        assert_eq!(prune(&conn, 0, 1_000).unwrap(), 1_300);
+        // Past 1,000 rows, the oldest go, in one pass.
+        assert_eq!(prune(&conn, 0, 1_000, ANY_TIME).unwrap(), 1_300);
         assert_eq!(seqs(&conn), (1_000, 1_301, 2_300));
 
         // A destination that has delivered up to seq 1,500 holds the rest, whatever their age.
@@ -1389,8 +1405,18 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(prune(&conn, now + 1, 1_000).unwrap(), 200);
+        assert_eq!(prune(&conn, now + 1, 1_000, ANY_TIME).unwrap(), 200);
         assert_eq!(seqs(&conn), (800, 1_501, 2_300));
+    }
+
+    #[tokio::test]
+    async fn one_pass_of_pruning_clears_a_backlog_of_many_chunks_so_the_log_keeps_its_bound_under_load() {
+        // 60,000 rows over a bound of 1,000: a gateway settling 100,000 calls a second between two
+        // passes. The pass deletes all 59,000 (it used to stop at 5,000, and the log outgrew the
+        // bound under sustained load).
+        let (_dir, _store, conn) = log_of(60_000, crate::ledger::now_ms()).await;
+        assert_eq!(prune(&conn, 0, 1_000, ANY_TIME).unwrap(), 59_000);
+        assert_eq!(seqs(&conn), (1_000, 59_001, 60_000));
     }
 
     #[tokio::test]
@@ -1415,7 +1441,7 @@ mod tests {
         let (_dir, store, conn) = log_of(10, now).await;
 
         // Every row is past its age; the newest stays, so the next one is numbered after it.
-        assert_eq!(prune(&conn, now + 1, 1_000).unwrap(), 9);
+        assert_eq!(prune(&conn, now + 1, 1_000, ANY_TIME).unwrap(), 9);
         assert_eq!(seqs(&conn), (1, 10, 10));
         store.write(Op::Request(row(10, now))).await.unwrap();
         assert_eq!(seqs(&conn), (2, 10, 11));
@@ -1629,7 +1655,7 @@ mod tests {
         assert_eq!(counts, count_distinct_tools(&conn));
 
         // Once the three oldest calls are pruned, key_1's "search" and "echo" are out of the log.
-        assert_eq!(prune(&conn, 0, 5).unwrap(), 3);
+        assert_eq!(prune(&conn, 0, 5, ANY_TIME).unwrap(), 3);
         let counts = store.unique_tools(&ids).unwrap();
         assert_eq!(counts, [("key_1".to_string(), 1), ("key_3".to_string(), 1)].into());
         assert_eq!(counts, count_distinct_tools(&conn));
