@@ -1017,8 +1017,11 @@ fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Rete
     }
 }
 
-/// How long one pass of pruning may run (a pass every 500 ms, between checkpoints).
-const PRUNE_BUDGET: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long one pass of pruning may run (a pass every 500 ms, between checkpoints). Under steady
+/// load a pass takes a few milliseconds; the bound matters when a large backlog is cleared (a
+/// lowered retention, an old log at start-up), when the writer can find the lock taken at each
+/// of its retries and wait for up to a pass.
+const PRUNE_BUDGET: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Deletes request-log rows past the retention (older than `cutoff`, or beyond the newest
 /// `max_rows`) and admin events older than `cutoff`, except what a webhook destination has not
@@ -1032,7 +1035,7 @@ const PRUNE_BUDGET: std::time::Duration = std::time::Duration::from_millis(250);
 /// thousand rows a second; it used to stop at 5,000 rows a pass, and a gateway settling more than
 /// 10,000 calls a second outgrew its `log_max_rows` without end).
 fn prune(conn: &Connection, cutoff: i64, max_rows: i64, budget: std::time::Duration) -> rusqlite::Result<usize> {
-    // A chunk holds the write lock for ~1-2 ms; the pause lets the writer and admin changes in.
+    // A chunk holds the write lock for a few milliseconds; the pause gives the writer a chance.
     const CHUNK: i64 = 5_000;
     let started = std::time::Instant::now();
     let mut total = 0;
