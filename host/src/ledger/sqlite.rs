@@ -563,8 +563,8 @@ impl Store {
         Ok(seq)
     }
 
-    /// Without the journal, every change is committed as soon as the writer can: it is woken
-    /// for each (with the journal it keeps its pace; see [`writer`]).
+    /// Wakes the writer to commit at once rather than at its next paced commit: for every change
+    /// without the journal, and for whoever waits for a commit (see [`writer`]).
     fn wake_writer(&self) {
         if let Some(writer) = self.inner.writer.get() {
             writer.unpark();
@@ -616,10 +616,8 @@ impl Store {
     /// Waits until operation `seq` (and every one before it) is committed. A caller that has to
     /// wait wakes the writer, which commits at once instead of at its next paced commit.
     pub async fn durable(&self, seq: u64) -> Result<(), StoreError> {
-        if self.inner.committed.load(Ordering::Acquire) < seq
-            && let Some(writer) = self.inner.writer.get()
-        {
-            writer.unpark();
+        if self.inner.committed.load(Ordering::Acquire) < seq {
+            self.wake_writer();
         }
         loop {
             if self.inner.failed.load(Ordering::Acquire) {
