@@ -558,12 +558,12 @@ impl Gate {
     fn row(&self, r: &CallRecord<'_>, outcome: &str, reason: Option<&str>, credits: i64) -> crate::ledger::RequestRow {
         let row = crate::ledger::RequestRow {
             seq: 0,
-            request_id: r.request_id.to_string(),
-            key_id: r.key_id.map(str::to_string),
-            method: r.method.to_string(),
-            tool: r.tool.map(str::to_string),
-            outcome: outcome.to_string(),
-            reason: reason.map(str::to_string),
+            request_id: r.request_id.into(),
+            key_id: r.key_id.map(Into::into),
+            method: r.method.into(),
+            tool: r.tool.map(Into::into),
+            outcome: outcome.into(),
+            reason: reason.map(Into::into),
             credits,
             duration_us: r.started.elapsed().as_micros() as i64,
             created_at: crate::ledger::now_ms(),
@@ -639,11 +639,12 @@ pub fn client_ip(peer: std::net::IpAddr, headers: &HeaderMap, trusted: &[ipnet::
 }
 
 /// The tool a `tools/call` names, and its arguments as JSON text.
-pub fn tool_call(msg: &Message) -> (Option<String>, Option<&str>) {
+pub fn tool_call(msg: &Message) -> (Option<compact_str::CompactString>, Option<&str>) {
     #[derive(Deserialize)]
     struct Call<'a> {
-        #[serde(borrow)]
-        name: Option<std::borrow::Cow<'a, str>>,
+        // Inline when short (most tool names): no allocation. (`#[serde(borrow)]` on an
+        // `Option<Cow<str>>` still allocates.)
+        name: Option<compact_str::CompactString>,
         #[serde(borrow)]
         arguments: Option<&'a serde_json::value::RawValue>,
     }
@@ -651,7 +652,7 @@ pub fn tool_call(msg: &Message) -> (Option<String>, Option<&str>) {
         return (None, None);
     };
     match serde_json::from_str::<Call>(raw.get()) {
-        Ok(c) => (c.name.map(|n| n.into_owned()), c.arguments.map(|a| a.get())),
+        Ok(c) => (c.name, c.arguments.map(|a| a.get())),
         Err(_) => (None, None),
     }
 }

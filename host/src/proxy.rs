@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use compact_str::CompactString;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use serde_json::Value;
@@ -449,7 +450,8 @@ async fn post_inner(
             let charge = match state.gate() {
                 Some(gate) if !gate.is_free(method) => {
                     trace.gated = true;
-                    let request_id = trace.id.clone();
+                    // Inline copies (no allocation) of what the charge and its record keep.
+                    let request_id = CompactString::from(trace.id.as_str());
                     // Parsed once: the tool lists, the rate limits and the price all use it.
                     let (tool, arguments) = if method == "tools/call" {
                         gate::tool_call(&msg)
@@ -462,7 +464,7 @@ async fn post_inner(
                     let shadow = gate.is_shadow();
                     let admitted = (|| {
                         let key = gate.key_of(headers)?;
-                        key_id = Some(key.id.clone());
+                        key_id = Some(CompactString::from(key.id.as_str()));
                         // One read of the key's settings serves every check and the price.
                         let settings = key.settings();
                         gate.check_ip(&settings, client_ip_of(state, headers, peer))?;
@@ -496,7 +498,7 @@ async fn post_inner(
                             gate: gate.clone(),
                             reservation: Some(reservation),
                             price: price.unwrap_or(Price::flat(0)),
-                            method: method.to_string(),
+                            method: method.into(),
                             tool,
                             started,
                             client_request_id: trace.client.clone(),
@@ -602,8 +604,8 @@ struct Charge {
     /// Taken by settlement.
     reservation: Option<Reservation>,
     price: Price,
-    method: String,
-    tool: Option<String>,
+    method: CompactString,
+    tool: Option<CompactString>,
     started: std::time::Instant,
     client_request_id: Option<String>,
     /// When the call was handed to the upstream: its time runs to the final answer.
@@ -615,7 +617,7 @@ impl Charge {
     /// durable before it returns.
     async fn settle(mut self, outcome: Outcome, answer_bytes: usize) -> Result<Settled, Error> {
         let r = self.reservation.take().expect("a charge is settled once");
-        let (request_id, key_id) = (r.request_id.clone(), r.key.id.clone());
+        let (request_id, key_id) = (r.request_id.clone(), CompactString::from(r.key.id.as_str()));
         let record = self.record(&request_id, &key_id);
         let credits = self.gate.settle(r, self.price, answer_bytes, outcome, &record).await?;
         Ok(Settled { credits })
@@ -637,7 +639,7 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         let Some(r) = self.reservation.take() else { return };
-        let (request_id, key_id) = (r.request_id.clone(), r.key.id.clone());
+        let (request_id, key_id) = (r.request_id.clone(), CompactString::from(r.key.id.as_str()));
         let record = self.record(&request_id, &key_id);
         tracing::debug!(request_id = %request_id, "the client went away before its answer");
         if let Err(e) = self.gate.settle_now(r, self.price, 0, Outcome::Abandoned, &record) {
@@ -667,7 +669,10 @@ struct Settled {
 
 fn with_credits(mut r: Response<Body>, settled: Option<Settled>) -> Response<Body> {
     if let Some(s) = settled {
-        r.headers_mut().insert(CREDITS_HEADER, HeaderValue::from(s.credits));
+        // Formatted on the stack: `HeaderValue::from(i64)` grows a buffer in steps (~5 allocations).
+        let mut digits = itoa::Buffer::new();
+        let v = HeaderValue::from_str(digits.format(s.credits)).expect("digits are a valid header value");
+        r.headers_mut().insert(CREDITS_HEADER, v);
     }
     r
 }

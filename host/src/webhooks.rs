@@ -674,7 +674,7 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
 struct Usage {
     seq: i64,
     created_at: i64,
-    key_id: Option<String>,
+    key_id: Option<compact_str::CompactString>,
     json: Arc<str>,
 }
 

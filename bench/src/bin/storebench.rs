@@ -55,8 +55,8 @@ fn main() {
         let refunded = i % 10 == 0;
         let row = RequestRow {
             seq: 0,
-            request_id,
-            key_id: Some(key.id.clone()),
+            request_id: request_id.into(),
+            key_id: Some(key.id.as_str().into()),
             method: "tools/call".into(),
             tool: Some(if i % 3 == 0 { "search" } else { "echo" }.into()),
             outcome: if refunded { "refunded" } else { "allowed" }.into(),

@@ -313,8 +313,8 @@ fn parse(line: &str) -> Option<Op> {
         _ => return None,
     };
     let op = Op::Ledger {
-        request_id: f.next()?.to_string(),
-        key_id: f.next()?.to_string(),
+        request_id: f.next()?.into(),
+        key_id: f.next()?.into(),
         entry,
         amount: f.next()?.parse().ok()?,
         at: f.next()?.parse().ok()?,
@@ -506,7 +506,7 @@ mod tests {
                 ..super::super::sqlite::RequestRow::sample(odd)
             },
             super::super::sqlite::RequestRow {
-                method: String::new(),
+                method: Default::default(),
                 tool: Some((0u8..0x20).map(char::from).collect()),
                 outcome: "refunded".into(),
                 ..super::super::sqlite::RequestRow::sample("")

@@ -64,7 +64,7 @@ struct Inner {
 pub struct Reservation {
     pub key: Arc<Key>,
     pub amount: i64,
-    pub request_id: String,
+    pub request_id: compact_str::CompactString,
     /// When it was charged (Unix ms), to give a refund back to the right day and month.
     pub at: i64,
 }
@@ -127,7 +127,12 @@ impl Ledger {
     ) -> Result<(Arc<Key>, String), LedgerError> {
         let secret = keys::new_secret();
         let hash = keys::hash(&secret);
-        let id = keys::new_id();
+        let id = loop {
+            let id = keys::new_id();
+            if !self.inner.by_id.read().unwrap().contains_key(&id) {
+                break id;
+            }
+        };
         let prefix = keys::display_prefix(&secret);
         let now = now_ms();
         let key = Arc::new(Key::new(id.clone(), name.to_string(), hash, prefix.clone(), now, 0));
@@ -142,8 +147,8 @@ impl Ledger {
         })?;
         key.set_settings(settings);
         let seq = store.submit(Op::Ledger {
-            request_id: format!("grant-{id}"),
-            key_id: id.clone(),
+            request_id: compact_str::format_compact!("grant-{id}"),
+            key_id: id.as_str().into(),
             entry: Entry::Grant,
             amount: credits,
             at: now,
@@ -248,7 +253,7 @@ impl Ledger {
         Ok(Reservation {
             key: key.clone(),
             amount,
-            request_id: request_id.to_string(),
+            request_id: request_id.into(),
             at,
         })
     }
@@ -263,7 +268,7 @@ impl Ledger {
         let now = now_ms();
         let ledger_row = |entry, amount, at| Op::Ledger {
             request_id: r.request_id.clone(),
-            key_id: r.key.id.clone(),
+            key_id: r.key.id.as_str().into(),
             entry,
             amount,
             at,
@@ -315,8 +320,8 @@ impl Ledger {
         self.inner
             .store
             .write(Op::Ledger {
-                request_id: request_id.to_string(),
-                key_id: id.to_string(),
+                request_id: request_id.into(),
+                key_id: id.into(),
                 entry: Entry::Topup,
                 amount,
                 at: now_ms(),
@@ -639,7 +644,7 @@ mod tests {
                 .store()
                 .write(Op::Ledger {
                     request_id: "same".into(),
-                    key_id: key.id.clone(),
+                    key_id: key.id.as_str().into(),
                     entry: Entry::Charge,
                     amount: 3,
                     at: 0,
@@ -650,7 +655,7 @@ mod tests {
                 .store()
                 .write(Op::Ledger {
                     request_id: "same".into(),
-                    key_id: key.id.clone(),
+                    key_id: key.id.as_str().into(),
                     entry: Entry::Charge,
                     amount: 3,
                     at: 0,

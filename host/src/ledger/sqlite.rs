@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use compact_str::CompactString;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::Notify;
 
@@ -254,8 +255,8 @@ pub enum Op {
     },
     /// A ledger row; the key's balance columns move with it, in the same transaction.
     Ledger {
-        request_id: String,
-        key_id: String,
+        request_id: CompactString,
+        key_id: CompactString,
         entry: Entry,
         amount: i64,
         at: i64,
@@ -346,14 +347,14 @@ pub struct StoredKey {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RequestRow {
     pub seq: i64,
-    pub request_id: String,
-    pub key_id: Option<String>,
-    pub method: String,
-    pub tool: Option<String>,
+    pub request_id: CompactString,
+    pub key_id: Option<CompactString>,
+    pub method: CompactString,
+    pub tool: Option<CompactString>,
     /// `allowed` (charge kept), `refunded`, or `denied`.
-    pub outcome: String,
+    pub outcome: CompactString,
     /// Why it was denied or refunded.
-    pub reason: Option<String>,
+    pub reason: Option<CompactString>,
     /// Credits actually kept.
     pub credits: i64,
     pub duration_us: i64,
@@ -578,17 +579,31 @@ impl Store {
     /// (`durability = "power"`), the last one's commit.
     pub fn submit_money<const N: usize>(&self, ops: [Op; N]) -> Result<u64, StoreError> {
         self.check()?;
-        // Formatted before taking the lock.
-        let mut lines = Vec::with_capacity(256 * N);
+        // Formatted before taking the lock, into this thread's buffer (no allocation per call).
+        thread_local! {
+            static LINES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        LINES.with_borrow_mut(|lines| {
+            lines.clear();
+            let submitted = self.submit_lines(ops, lines);
+            // A rare large record's buffer is not kept.
+            if lines.capacity() > 1 << 16 {
+                *lines = Vec::new();
+            }
+            submitted
+        })
+    }
+
+    fn submit_lines<const N: usize>(&self, ops: [Op; N], lines: &mut Vec<u8>) -> Result<u64, StoreError> {
         let mut all = true;
         for op in &ops {
-            all &= super::journal::write_line(op, &mut lines);
+            all &= super::journal::write_line(op, lines);
         }
         let mut guard = self.inner.submit.lock().unwrap();
         let last_seq = guard.seq;
         let journaled = match guard.journal.as_mut() {
             Some(j) => {
-                if let Err(e) = j.append(&lines, last_seq) {
+                if let Err(e) = j.append(lines, last_seq) {
                     tracing::error!(error = %e, "the charge journal cannot be written; the ledger stops accepting changes");
                     self.inner.failed.store(true, Ordering::Release);
                     return Err(StoreError::WriterFailed);
@@ -925,15 +940,25 @@ fn stable_plans(conn: &Connection) -> rusqlite::Result<()> {
         .map(drop)
 }
 
+/// Column `i` as text (kept inline when short).
+fn text(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<CompactString> {
+    Ok(CompactString::from(r.get_ref(i)?.as_str()?))
+}
+
+/// Column `i` as text, or `None` where it is NULL.
+fn optional_text(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<CompactString>> {
+    Ok(r.get_ref(i)?.as_str_or_null()?.map(CompactString::from))
+}
+
 fn request_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
     Ok(RequestRow {
         seq: r.get(0)?,
-        request_id: r.get(1)?,
-        key_id: r.get(2)?,
-        method: r.get(3)?,
-        tool: r.get(4)?,
-        outcome: r.get(5)?,
-        reason: r.get(6)?,
+        request_id: text(r, 1)?,
+        key_id: optional_text(r, 2)?,
+        method: text(r, 3)?,
+        tool: optional_text(r, 4)?,
+        outcome: text(r, 5)?,
+        reason: optional_text(r, 6)?,
         credits: r.get(7)?,
         duration_us: r.get(8)?,
         created_at: r.get(9)?,
@@ -1212,7 +1237,14 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
                     at,
                 } => {
                     // A row already there (same request and kind) changes nothing: no double charge.
-                    if insert_row.execute(params![request_id, key_id, entry.as_str(), amount, at])? == 0 {
+                    if insert_row.execute(params![
+                        request_id.as_str(),
+                        key_id.as_str(),
+                        entry.as_str(),
+                        amount,
+                        at
+                    ])? == 0
+                    {
                         if *entry == Entry::Charge {
                             replayed = Some(request_id);
                         }
@@ -1241,12 +1273,12 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
                         continue;
                     }
                     insert_request.execute(params![
-                        r.request_id,
-                        r.key_id,
-                        r.method,
-                        r.tool,
-                        r.outcome,
-                        r.reason,
+                        r.request_id.as_str(),
+                        r.key_id.as_deref(),
+                        r.method.as_str(),
+                        r.tool.as_deref(),
+                        r.outcome.as_str(),
+                        r.reason.as_deref(),
                         r.credits,
                         r.duration_us,
                         r.created_at
@@ -1471,8 +1503,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), false, Retention::keep_all()).unwrap();
         let entry = |request_id: String, key_id: &str, entry, amount| Op::Ledger {
-            request_id,
-            key_id: key_id.to_string(),
+            request_id: request_id.into(),
+            key_id: key_id.into(),
             entry,
             amount,
             at: 0,
@@ -1640,9 +1672,9 @@ mod tests {
         for (i, (key, tool, outcome)) in calls.iter().enumerate() {
             store
                 .submit(Op::Request(RequestRow {
-                    key_id: Some(key.to_string()),
-                    tool: tool.map(str::to_string),
-                    outcome: outcome.to_string(),
+                    key_id: Some((*key).into()),
+                    tool: tool.map(Into::into),
+                    outcome: (*outcome).into(),
                     ..RequestRow::sample(&format!("req_{i}"))
                 }))
                 .unwrap();
