@@ -462,6 +462,22 @@ mod tests {
     }
 
     #[test]
+    fn a_new_key_id_is_key_and_twenty_hex_digits_short_enough_to_be_copied_without_allocating() {
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_id()).collect();
+        assert_eq!(ids.len(), 1000, "ids repeat");
+        for id in &ids {
+            let digits = id.strip_prefix("key_").expect("starts with key_");
+            assert_eq!(digits.len(), 20, "{id}");
+            assert!(digits.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+            // What a paid call copies into its ledger op and request-log row.
+            assert!(
+                !compact_str::CompactString::from(id.as_str()).is_heap_allocated(),
+                "{id}"
+            );
+        }
+    }
+
+    #[test]
     fn a_secret_is_long_random_and_recognisable() {
         let a = new_secret();
         let b = new_secret();
