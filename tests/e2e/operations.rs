@@ -843,3 +843,35 @@ async fn a_config_reload_applies_prices_and_webhooks_live_and_refuses_an_invalid
         .unwrap();
     assert_eq!(limited.status(), 429);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_json_logs_every_line_is_one_json_object_and_a_request_line_carries_its_fields() {
+    let g = Gateway::wrap_billed(&["--log-format", "json", "--", FIXTURE, "--stdio"])
+        .ready()
+        .await;
+    let (id, secret) = g.admin().create_key("hana", 10).await;
+    let c = client(&g, &secret).await;
+    let (request_id, ok) = paid_call(&c, "echo").await;
+    assert!(ok);
+
+    let log = eventually(Duration::from_secs(5), "the request line", || async {
+        let log = g.proc.stderr();
+        log.contains(&request_id).then_some(log)
+    })
+    .await;
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON object ({e}): {l}")))
+        .collect();
+    let request = lines
+        .iter()
+        .find(|v| v["target"] == "tollgate::request" && v["fields"]["request_id"] == request_id.as_str())
+        .unwrap_or_else(|| panic!("no request line for {request_id}:\n{log}"));
+    assert_eq!(request["fields"]["key_id"], id.as_str());
+    assert_eq!(request["fields"]["method"], "tools/call");
+    assert_eq!(request["fields"]["tool"], "echo");
+    assert_eq!(request["fields"]["outcome"], "allowed");
+    assert_eq!(request["fields"]["credits"], 1);
+    assert!(!log.contains(&secret), "the key's secret reached the log");
+}

@@ -380,3 +380,74 @@ async fn check_validates_a_config_and_names_the_bad_field() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("lisen"));
 }
+
+#[test]
+fn every_command_documents_its_options_in_its_help() {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(TOLLGATE).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let wanted: [(&[&str], &[&str]); 4] = [
+        (
+            &["--help"],
+            &[
+                "wrap",
+                "serve",
+                "check",
+                "--log-level",
+                "--log-format",
+                "json",
+                "pretty",
+            ],
+        ),
+        (
+            &["wrap", "--help"],
+            &[
+                "--listen",
+                "--remote-url",
+                "--price",
+                "--tool-price",
+                "--data-dir",
+                "--log-level",
+                "--log-format",
+                "server-everything",
+            ],
+        ),
+        (
+            &["serve", "--help"],
+            &["--config", "--listen", "--log-level", "--log-format"],
+        ),
+        (&["check", "--help"], &["--config", "--log-level", "--log-format"]),
+    ];
+    for (args, options) in wanted {
+        let text = help(args);
+        for option in options {
+            assert!(
+                text.contains(option),
+                "`tollgate {}` does not mention {option}:\n{text}",
+                args.join(" ")
+            );
+        }
+        // Every option says what it does: no option line stands alone before the next one.
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.trim_start().starts_with("--") || line.trim_start().starts_with("-c, --") {
+                let described = line.trim_end().split("  ").filter(|s| !s.trim().is_empty()).count() > 1
+                    || lines.get(i + 1).is_some_and(|next| {
+                        let next = next.trim_start();
+                        !next.is_empty() && !next.starts_with('-')
+                    });
+                assert!(
+                    described,
+                    "`tollgate {}`: {line:?} has no description:\n{text}",
+                    args.join(" ")
+                );
+            }
+        }
+    }
+}
