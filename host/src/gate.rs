@@ -596,7 +596,7 @@ impl Gate {
 /// start time in microseconds, so ids stay unique across restarts (a process would need a million
 /// calls a second to reach the next one's start), and the ledger's and request log's indexes on
 /// them grow at one end instead of being written all over.
-pub fn next_request_id() -> String {
+pub fn next_request_id() -> compact_str::CompactString {
     static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU64> = std::sync::OnceLock::new();
     let next = NEXT.get_or_init(|| {
         let start = std::time::SystemTime::now()
@@ -605,7 +605,8 @@ pub fn next_request_id() -> String {
             .unwrap_or(0);
         std::sync::atomic::AtomicU64::new(start)
     });
-    format!("req_{:016x}", next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    // 20 characters: kept inline, never allocated, however often a call copies it.
+    compact_str::format_compact!("req_{:016x}", next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 /// The client's address: the peer's, unless the peer is a trusted proxy, in which case the last

@@ -272,7 +272,7 @@ fn check_headers(headers: &HeaderMap, msg: &Message) -> Result<(), Error> {
 /// What the request's log line and metrics need, filled in as the request goes.
 struct Trace {
     /// The gateway's id for this request (the ledger's, when it is charged).
-    id: String,
+    id: CompactString,
     /// The client's valid `X-Request-Id`, returned as given.
     client: Option<String>,
     method: Option<&'static str>,
@@ -342,7 +342,7 @@ async fn post(state: &AppState, req: Request<hyper::body::Incoming>, peer: IpAdd
         );
     }
     let h = r.headers_mut();
-    let shown = trace.client.as_deref().unwrap_or(&trace.id);
+    let shown = trace.client.as_deref().unwrap_or(trace.id.as_str());
     if let Ok(v) = HeaderValue::from_str(shown) {
         h.insert(REQUEST_ID_HEADER, v);
     }
@@ -450,8 +450,7 @@ async fn post_inner(
             let charge = match state.gate() {
                 Some(gate) if !gate.is_free(method) => {
                     trace.gated = true;
-                    // Inline copies (no allocation) of what the charge and its record keep.
-                    let request_id = CompactString::from(trace.id.as_str());
+                    let request_id = trace.id.clone();
                     // Parsed once: the tool lists, the rate limits and the price all use it.
                     let (tool, arguments) = if method == "tools/call" {
                         gate::tool_call(&msg)
@@ -669,7 +668,8 @@ struct Settled {
 
 fn with_credits(mut r: Response<Body>, settled: Option<Settled>) -> Response<Body> {
     if let Some(s) = settled {
-        // Formatted on the stack: `HeaderValue::from(i64)` grows a buffer in steps (~5 allocations).
+        // Formatted on the stack and copied once: `HeaderValue::from(i64)` allocates a buffer and,
+        // freezing it with room to spare, a shared header for it too.
         let mut digits = itoa::Buffer::new();
         let v = HeaderValue::from_str(digits.format(s.credits)).expect("digits are a valid header value");
         r.headers_mut().insert(CREDITS_HEADER, v);
