@@ -4,9 +4,13 @@
 //!
 //! The `metrics` crate's facade records; `metrics-exporter-prometheus` renders the text format for
 //! `GET /metrics`. Until [`install`] runs (unit tests), every record is a no-op.
+//!
+//! The per-request counters are counted per thread first ([`Counts`]) and summed into the
+//! exporter's counters when `/metrics` is rendered: a paid call counted straight into the shared
+//! counters made five atomic read-modify-writes on cache lines the other connection thread writes
+//! too, ~1 µs of its CPU at c=32 (measured with the counting skipped).
 
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Histogram, counter, histogram};
@@ -57,7 +61,11 @@ pub fn install() -> &'static PrometheusHandle {
 
 /// The metrics in the Prometheus text format.
 pub fn render() -> String {
-    install().render()
+    let handle = install();
+    if let Some(h) = handles() {
+        publish(h);
+    }
+    handle.render()
 }
 
 fn describe() {
@@ -148,7 +156,7 @@ pub fn method_label(method: &str) -> &'static str {
 }
 
 /// Handles registered once for every label combination of the per-request metrics, so that
-/// recording is an atomic add, not a registry lookup with its allocations.
+/// summing the per-thread counts into them is a store, not a registry lookup with its allocations.
 struct Handles {
     /// `[method][outcome]`
     requests: Vec<Vec<Counter>>,
@@ -156,8 +164,10 @@ struct Handles {
     credits: Counter,
     upstream: Histogram,
     gateway: Histogram,
-    /// Per tool the upstream listed (and `other`): one counter per outcome.
-    tools: RwLock<HashMap<String, Arc<Vec<Counter>>>>,
+    /// The tools the upstream listed (index 0: `other`), read on every call without a lock.
+    tool_index: arc_swap::ArcSwap<foldhash::HashMap<String, usize>>,
+    /// Per tool index: one counter per outcome. Written only when a tool is learned.
+    tools: Mutex<Vec<Vec<Counter>>>,
 }
 
 static HANDLES: OnceLock<Handles> = OnceLock::new();
@@ -166,19 +176,17 @@ fn handles() -> Option<&'static Handles> {
     HANDLES.get()
 }
 
-fn tool_counters(tool: &str) -> Arc<Vec<Counter>> {
+fn tool_counters(tool: &str) -> Vec<Counter> {
     let t = tool.to_string();
-    Arc::new(
-        OUTCOMES
-            .iter()
-            .map(|o| counter!("tollgate_tool_calls_total", "tool" => t.clone(), "outcome" => *o))
-            .collect(),
-    )
+    OUTCOMES
+        .iter()
+        .map(|o| counter!("tollgate_tool_calls_total", "tool" => t.clone(), "outcome" => *o))
+        .collect()
 }
 
 fn register() -> Handles {
-    let mut tools = HashMap::new();
-    tools.insert(OTHER.to_string(), tool_counters(OTHER));
+    let mut index = foldhash::HashMap::default();
+    index.insert(OTHER.to_string(), 0);
     Handles {
         requests: METHODS
             .iter()
@@ -196,7 +204,8 @@ fn register() -> Handles {
         credits: counter!("tollgate_credits_charged_total"),
         upstream: histogram!("tollgate_upstream_latency_seconds"),
         gateway: histogram!("tollgate_gateway_latency_seconds"),
-        tools: RwLock::new(tools),
+        tool_index: arc_swap::ArcSwap::from_pointee(index),
+        tools: Mutex::new(vec![tool_counters(OTHER)]),
     }
 }
 
@@ -208,16 +217,90 @@ const MAX_TOOLS: usize = 256;
 pub fn learn_tools<'a>(names: impl IntoIterator<Item = &'a str>) {
     let Some(h) = handles() else { return };
     let names: Vec<&str> = names.into_iter().collect();
-    if names.iter().all(|n| h.tools.read().unwrap().contains_key(*n)) {
+    if names.iter().all(|n| h.tool_index.load().contains_key(*n)) {
         return;
     }
-    let mut tools = h.tools.write().unwrap();
+    // One learner at a time: the lock orders the index's copies.
+    let mut tools = h.tools.lock().unwrap();
+    let mut index = (**h.tool_index.load()).clone();
     for n in names {
         if tools.len() > MAX_TOOLS {
             break;
         }
-        if n.len() <= 128 && !tools.contains_key(n) {
-            tools.insert(n.to_string(), tool_counters(n));
+        if n.len() <= 128 && !index.contains_key(n) {
+            index.insert(n.to_string(), tools.len());
+            tools.push(tool_counters(n));
+        }
+    }
+    h.tool_index.store(std::sync::Arc::new(index));
+}
+
+/// One thread's per-request counts since start, summed into the exporter's counters at render.
+struct Counts {
+    /// `[method][outcome]`
+    requests: [[u64; OUTCOMES.len()]; METHODS.len()],
+    refusals: [u64; REASONS.len()],
+    credits: u64,
+    /// Per tool index, per outcome.
+    tools: Vec<[u64; OUTCOMES.len()]>,
+}
+
+impl Counts {
+    const fn new() -> Counts {
+        Counts {
+            requests: [[0; OUTCOMES.len()]; METHODS.len()],
+            refusals: [0; REASONS.len()],
+            credits: 0,
+            tools: Vec::new(),
+        }
+    }
+}
+
+/// Every thread's counts. A thread's lock is taken by that thread on each request and by
+/// [`render`] (rarely), so it is almost never contended and its line stays with its thread.
+static COUNTS: std::sync::LazyLock<thread_local::ThreadLocal<Mutex<Counts>>> =
+    std::sync::LazyLock::new(thread_local::ThreadLocal::new);
+
+fn count(f: impl FnOnce(&mut Counts)) {
+    f(&mut COUNTS.get_or(|| Mutex::new(Counts::new())).lock().unwrap());
+}
+
+/// Sums every thread's counts into the exporter's counters (which only ever grow to the sums).
+fn publish(h: &Handles) {
+    let mut total = Counts::new();
+    for shard in COUNTS.iter() {
+        let c = shard.lock().unwrap();
+        for (t, s) in total.requests.iter_mut().zip(&c.requests) {
+            for (t, s) in t.iter_mut().zip(s) {
+                *t += s;
+            }
+        }
+        for (t, s) in total.refusals.iter_mut().zip(&c.refusals) {
+            *t += s;
+        }
+        total.credits += c.credits;
+        if total.tools.len() < c.tools.len() {
+            total.tools.resize(c.tools.len(), [0; OUTCOMES.len()]);
+        }
+        for (t, s) in total.tools.iter_mut().zip(&c.tools) {
+            for (t, s) in t.iter_mut().zip(s) {
+                *t += s;
+            }
+        }
+    }
+    for (counters, sums) in h.requests.iter().zip(&total.requests) {
+        for (c, s) in counters.iter().zip(sums) {
+            c.absolute(*s);
+        }
+    }
+    for (c, s) in h.refusals.iter().zip(&total.refusals) {
+        c.absolute(*s);
+    }
+    h.credits.absolute(total.credits);
+    let tools = h.tools.lock().unwrap();
+    for (counters, sums) in tools.iter().zip(&total.tools) {
+        for (c, s) in counters.iter().zip(sums) {
+            c.absolute(*s);
         }
     }
 }
@@ -226,26 +309,38 @@ pub fn learn_tools<'a>(names: impl IntoIterator<Item = &'a str>) {
 pub fn call(r: &CallRecord<'_>, row: &RequestRow) {
     let Some(h) = handles() else { return };
     let outcome = index(&row.outcome, OUTCOMES);
-    h.requests[index(r.method, METHODS)][outcome].increment(1);
-    if matches!(OUTCOMES[outcome], "denied" | "error") {
-        h.refusals[index(row.reason.as_deref().unwrap_or(""), REASONS)].increment(1);
-    }
-    if row.credits > 0 {
-        h.credits.increment(row.credits as u64);
-    }
-    if let Some(tool) = r.tool.filter(|_| r.method == "tools/call") {
-        let tools = h.tools.read().unwrap();
-        if let Some(c) = tools.get(tool).or_else(|| tools.get(OTHER)) {
-            c[outcome].increment(1);
+    let method = index(r.method, METHODS);
+    let refusal =
+        matches!(OUTCOMES[outcome], "denied" | "error").then(|| index(row.reason.as_deref().unwrap_or(""), REASONS));
+    let tool = r
+        .tool
+        .filter(|_| r.method == "tools/call")
+        .map(|tool| h.tool_index.load().get(tool).copied().unwrap_or(0));
+    count(|c| {
+        c.requests[method][outcome] += 1;
+        if let Some(reason) = refusal {
+            c.refusals[reason] += 1;
         }
-    }
+        if row.credits > 0 {
+            c.credits += row.credits as u64;
+        }
+        if let Some(t) = tool {
+            if c.tools.len() <= t {
+                c.tools.resize(t + 1, [0; OUTCOMES.len()]);
+            }
+            c.tools[t][outcome] += 1;
+        }
+    });
 }
 
 /// A request that did not go through the gate (free methods, notifications, refused early).
 pub fn free(method: &str, failed: bool) {
-    let Some(h) = handles() else { return };
-    let outcome = if failed { "error" } else { "free" };
-    h.requests[index(method, METHODS)][index(outcome, OUTCOMES)].increment(1);
+    if handles().is_none() {
+        return;
+    }
+    let outcome = index(if failed { "error" } else { "free" }, OUTCOMES);
+    let method = index(method, METHODS);
+    count(|c| c.requests[method][outcome] += 1);
 }
 
 /// How long a forwarded request took upstream, and what the gateway added.
@@ -315,5 +410,34 @@ mod tests {
         assert_eq!(REASONS[index("rate_limited", REASONS)], "rate_limited");
         assert_eq!(REASONS[index("shadow: would charge 3", REASONS)], "other");
         assert_eq!(OUTCOMES[index("weird", OUTCOMES)], "other");
+    }
+
+    #[test]
+    fn counts_made_on_many_threads_are_all_rendered() {
+        install();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    for _ in 0..1000 {
+                        free("resources/unsubscribe", true);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let text = render();
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with("tollgate_requests_total{")
+                    && l.contains("resources/unsubscribe")
+                    && l.contains("\"error\"")
+            })
+            .expect("the counter is rendered");
+        assert_eq!(line.rsplit(' ').next(), Some("4000"), "{line}");
+        // Rendering again neither loses nor doubles anything.
+        assert!(render().contains(line));
     }
 }
