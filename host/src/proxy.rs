@@ -465,7 +465,7 @@ async fn post_inner(
                         let key = gate.key_of(headers)?;
                         key_id = Some(CompactString::from(key.id.as_str()));
                         // One read of the key's settings serves every check and the price.
-                        let settings = key.settings();
+                        let settings = key.settings_now();
                         gate.check_ip(&settings, client_ip_of(state, headers, peer))?;
                         gate.check_call(&key, &settings, gate_tool)?;
                         let input = CallInput {

@@ -236,8 +236,9 @@ pub struct Key {
     spent: AtomicI64,
     /// Calls charged.
     calls: AtomicU64,
-    /// Replaced whole on change; a request reads one consistent snapshot.
-    settings: std::sync::RwLock<std::sync::Arc<KeySettings>>,
+    /// Replaced whole on change; a request reads one consistent snapshot. An `ArcSwap`, not a
+    /// lock: reading it on every paid call writes no line the other connection thread shares.
+    settings: arc_swap::ArcSwap<KeySettings>,
     /// The settings' expiry (Unix ms; `i64::MAX`: never), readable without the settings' lock, so
     /// that reports walking a million keys touch less memory.
     expires_at: AtomicI64,
@@ -268,7 +269,7 @@ impl Key {
             credits: AtomicI64::new(credits),
             spent: AtomicI64::new(0),
             calls: AtomicU64::new(0),
-            settings: std::sync::RwLock::new(std::sync::Arc::new(KeySettings::default())),
+            settings: arc_swap::ArcSwap::from_pointee(KeySettings::default()),
             expires_at: AtomicI64::new(i64::MAX),
             usage: std::sync::Mutex::new(Usage::default()),
         }
@@ -287,14 +288,21 @@ impl Key {
     }
 
     pub fn settings(&self) -> std::sync::Arc<KeySettings> {
-        self.settings.read().unwrap().clone()
+        self.settings.load_full()
+    }
+
+    /// The settings for the span of one request's checks, without taking a reference count
+    /// (hold it briefly: a thread has a few such slots, past them it falls back to one).
+    pub fn settings_now(&self) -> arc_swap::Guard<std::sync::Arc<KeySettings>> {
+        self.settings.load()
     }
 
     pub fn set_settings(&self, s: KeySettings) {
-        let mut slot = self.settings.write().unwrap();
+        // Callers change a key's settings one at a time (the ledger holds a lock across a change's
+        // write and this); a reader may see the new expiry a moment before the new settings.
         self.expires_at
             .store(s.expires_at.unwrap_or(i64::MAX), Ordering::Release);
-        *slot = std::sync::Arc::new(s);
+        self.settings.store(std::sync::Arc::new(s));
     }
 
     /// Whether the key's expiry has passed at `now_ms`.

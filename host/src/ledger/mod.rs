@@ -56,6 +56,9 @@ struct Inner {
     /// (a million keys: ~15 ms instead of ~100 ms).
     all: RwLock<Vec<Arc<Key>>>,
     store: Store,
+    /// Held across a settings change's write and its swap into the key, so that changes reach
+    /// memory in the order the database has them (and a key's expiry always matches its settings).
+    settings_change: tokio::sync::Mutex<()>,
 }
 
 /// Credits taken for one call, not yet settled.
@@ -109,6 +112,7 @@ impl Ledger {
                 by_id: RwLock::new(by_id),
                 all: RwLock::new(all),
                 store,
+                settings_change: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -162,11 +166,15 @@ impl Ledger {
     }
 
     /// The key a secret belongs to, if any (looked up by hash, compared in constant time).
+    ///
+    /// The hash is compared with the one the map holds the key under, inside the map's read lock:
+    /// a rotation replaces that entry under the write lock, so this sees the key's current hash
+    /// without reading (and locking) the key's own copy.
     pub fn authenticate(&self, secret: &str) -> Option<Arc<Key>> {
         let hash = keys::hash(secret);
-        let key = self.inner.by_hash.read().unwrap().get(&hash).cloned()?;
-        let same = keys::same_hash(&key.hash.read().unwrap(), &hash);
-        same.then_some(key)
+        let by_hash = self.inner.by_hash.read().unwrap();
+        let (stored, key) = by_hash.get_key_value(&hash)?;
+        keys::same_hash(stored, &hash).then(|| key.clone())
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Key>> {
@@ -366,6 +374,7 @@ impl Ledger {
         if key.status() == Status::Revoked {
             return Err(LedgerError::Revoked);
         }
+        let _one_at_a_time = self.inner.settings_change.lock().await;
         self.inner
             .store
             .write(Op::SetSettings {
