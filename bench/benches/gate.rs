@@ -45,7 +45,7 @@ fn paid_call(c: &mut Criterion) {
         let started = Instant::now();
         let request_id = next_request_id();
         let key = gate.key_of(&headers).unwrap();
-        let settings = key.settings();
+        let settings = key.settings_now();
         gate.check_ip(&settings, ip).unwrap();
         gate.check_call(&key, &settings, Some("echo")).unwrap();
         let input = CallInput {
@@ -56,7 +56,7 @@ fn paid_call(c: &mut Criterion) {
             now_ms: now_ms(),
         };
         let price = gate.price(&key, &settings, &input).unwrap();
-        let reservation = gate.reserve(&key, price.reserved(), &request_id).unwrap();
+        let reservation = gate.reserve(key.clone(), price.reserved(), &request_id).unwrap();
         let record = CallRecord {
             request_id: &request_id,
             client_request_id: None,

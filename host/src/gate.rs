@@ -465,7 +465,7 @@ impl Gate {
     }
 
     /// Reserves the price of a call on `key` under `request_id`.
-    pub fn reserve(&self, key: &Arc<Key>, amount: i64, request_id: &str) -> Result<Reservation, Refusal> {
+    pub fn reserve(&self, key: Arc<Key>, amount: i64, request_id: &str) -> Result<Reservation, Refusal> {
         Ok(self.inner.ledger.reserve(key, amount, request_id)?)
     }
 

@@ -481,7 +481,7 @@ async fn post_inner(
                             gate.would_reserve(&key, p.reserved())?;
                             return Ok(None);
                         }
-                        gate.reserve(&key, p.reserved(), &request_id).map(Some)
+                        gate.reserve(key, p.reserved(), &request_id).map(Some)
                     })();
                     let record = CallRecord {
                         request_id: &request_id,

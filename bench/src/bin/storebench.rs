@@ -51,7 +51,7 @@ fn main() {
     let started = Instant::now();
     for i in 0..n {
         let request_id = format!("req_{i:016x}");
-        let r = ledger.reserve(&key, 2, &request_id).unwrap();
+        let r = ledger.reserve(key.clone(), 2, &request_id).unwrap();
         let refunded = i % 10 == 0;
         let row = RequestRow {
             seq: 0,

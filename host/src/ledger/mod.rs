@@ -254,12 +254,13 @@ impl Ledger {
     /// If the gateway dies before settling, the call was never answered and is not charged (as
     /// a timed-out call is refunded by default); the restored balance comes from the store.
     /// Refused once the store has failed: a call that could not be recorded is not forwarded.
-    pub fn reserve(&self, key: &Arc<Key>, amount: i64, request_id: &str) -> Result<Reservation, LedgerError> {
+    /// Takes the caller's reference to the key (no count to bump on a line both threads write).
+    pub fn reserve(&self, key: Arc<Key>, amount: i64, request_id: &str) -> Result<Reservation, LedgerError> {
         self.inner.store.check()?;
         let at = now_ms();
         key.charge(amount, at)?;
         Ok(Reservation {
-            key: key.clone(),
+            key,
             amount,
             request_id: request_id.into(),
             at,
@@ -493,7 +494,7 @@ mod tests {
                     let ledger = ledger.clone();
                     let key = key.clone();
                     tokio::spawn(async move {
-                        match ledger.reserve(&key, 1, &format!("req-{i}")) {
+                        match ledger.reserve(key.clone(), 1, &format!("req-{i}")) {
                             Ok(r) => {
                                 let seq = ledger.settle(r, 1, row(&format!("req-{i}"), 1)).unwrap();
                                 ledger.durable(seq).await.unwrap();
@@ -525,9 +526,9 @@ mod tests {
         let (id, secret) = rt().block_on(async {
             let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
             let (key, secret) = ledger.create_key("bob", 100, KeySettings::default()).await.unwrap();
-            let kept = ledger.reserve(&key, 7, "r1").unwrap();
+            let kept = ledger.reserve(key.clone(), 7, "r1").unwrap();
             let s1 = ledger.settle(kept, 3, row("r1", 3)).unwrap();
-            let refunded = ledger.reserve(&key, 5, "r2").unwrap();
+            let refunded = ledger.reserve(key.clone(), 5, "r2").unwrap();
             let s2 = ledger.settle(refunded, 0, row("r2", 0)).unwrap();
             ledger.durable(s1.max(s2)).await.unwrap();
             ledger.topup(&key.id, 20, "t1").await.unwrap();
@@ -566,7 +567,7 @@ mod tests {
             let (key, _) = ledger.create_key("carol", 100, KeySettings::default()).await.unwrap();
             // Kept, refunded, kept in part.
             for (id, kept) in [("r1", 2), ("r2", 0), ("r3", 1)] {
-                let r = ledger.reserve(&key, 2, id).unwrap();
+                let r = ledger.reserve(key.clone(), 2, id).unwrap();
                 ledger.settle(r, kept, row(id, kept)).unwrap();
             }
             ledger.store().sync().await.unwrap();
@@ -628,7 +629,7 @@ mod tests {
             };
             for i in 0..20 {
                 let id = format!("power-{i}");
-                let r = ledger.reserve(&key, 2, &id).unwrap();
+                let r = ledger.reserve(key.clone(), 2, &id).unwrap();
                 let seq = ledger.settle(r, if i % 2 == 0 { 2 } else { 0 }, row(&id, 2)).unwrap();
                 assert!(seq > 0, "a settled call has a commit to wait for");
                 ledger.store().durable(seq).await.unwrap();
