@@ -579,7 +579,6 @@ impl Gate {
             .window
             .record(row.created_at, outcome, credits, row.duration_us as u64);
         crate::metrics::call(r, &row);
-        crate::metrics::latency(std::time::Duration::from_micros(row.duration_us as u64), r.upstream);
         // The request's one log line (the key's id, never its secret).
         tracing::info!(
             target: "tollgate::request",

@@ -265,6 +265,16 @@ impl Counts {
         }
     }
 
+    /// Holds a forwarded request's latency sample; a full run goes to the histograms.
+    fn sample(&mut self, h: &Handles, total: Duration, upstream: Option<Duration>) {
+        let Some(u) = upstream else { return };
+        self.samples
+            .push((u.as_secs_f64(), total.saturating_sub(u).as_secs_f64()));
+        if self.samples.len() >= SAMPLES {
+            self.record_samples(h);
+        }
+    }
+
     fn record_samples(&mut self, h: &Handles) {
         for (upstream, gateway) in self.samples.drain(..) {
             h.upstream.record(upstream);
@@ -290,41 +300,42 @@ fn publish(h: &Handles) {
         let mut c = shard.lock().unwrap();
         c.record_samples(h);
         for (t, s) in total.requests.iter_mut().zip(&c.requests) {
-            for (t, s) in t.iter_mut().zip(s) {
-                *t += s;
-            }
+            add(t, s);
         }
-        for (t, s) in total.refusals.iter_mut().zip(&c.refusals) {
-            *t += s;
-        }
+        add(&mut total.refusals, &c.refusals);
         total.credits += c.credits;
         if total.tools.len() < c.tools.len() {
             total.tools.resize(c.tools.len(), [0; OUTCOMES.len()]);
         }
         for (t, s) in total.tools.iter_mut().zip(&c.tools) {
-            for (t, s) in t.iter_mut().zip(s) {
-                *t += s;
-            }
+            add(t, s);
         }
     }
     for (counters, sums) in h.requests.iter().zip(&total.requests) {
-        for (c, s) in counters.iter().zip(sums) {
-            c.absolute(*s);
-        }
+        set(counters, sums);
     }
-    for (c, s) in h.refusals.iter().zip(&total.refusals) {
-        c.absolute(*s);
-    }
+    set(&h.refusals, &total.refusals);
     h.credits.absolute(total.credits);
     let tools = h.tools.lock().unwrap();
     for (counters, sums) in tools.iter().zip(&total.tools) {
-        for (c, s) in counters.iter().zip(sums) {
-            c.absolute(*s);
-        }
+        set(counters, sums);
     }
 }
 
-/// One request that went through the gate (its request-log row).
+fn add(total: &mut [u64], counts: &[u64]) {
+    for (t, c) in total.iter_mut().zip(counts) {
+        *t += c;
+    }
+}
+
+fn set(counters: &[Counter], sums: &[u64]) {
+    for (c, s) in counters.iter().zip(sums) {
+        c.absolute(*s);
+    }
+}
+
+/// One request that went through the gate (its request-log row), with its latency if it was
+/// forwarded.
 pub fn call(r: &CallRecord<'_>, row: &RequestRow) {
     let Some(h) = handles() else { return };
     let outcome = index(&row.outcome, OUTCOMES);
@@ -349,30 +360,19 @@ pub fn call(r: &CallRecord<'_>, row: &RequestRow) {
             }
             c.tools[t][outcome] += 1;
         }
+        c.sample(h, Duration::from_micros(row.duration_us as u64), r.upstream);
     });
 }
 
-/// A request that did not go through the gate (free methods, notifications, refused early).
-pub fn free(method: &str, failed: bool) {
-    if handles().is_none() {
-        return;
-    }
+/// A request that did not go through the gate (free methods, notifications, refused early): its
+/// whole time, and the upstream's if it was forwarded.
+pub fn free(method: &str, failed: bool, total: Duration, upstream: Option<Duration>) {
+    let Some(h) = handles() else { return };
     let outcome = index(if failed { "error" } else { "free" }, OUTCOMES);
     let method = index(method, METHODS);
-    count(|c| c.requests[method][outcome] += 1);
-}
-
-/// How long a forwarded request took upstream, and what the gateway added.
-pub fn latency(total: Duration, upstream: Option<Duration>) {
-    let (Some(h), Some(u)) = (handles(), upstream) else {
-        return;
-    };
-    let sample = (u.as_secs_f64(), total.saturating_sub(u).as_secs_f64());
     count(|c| {
-        c.samples.push(sample);
-        if c.samples.len() >= SAMPLES {
-            c.record_samples(h);
-        }
+        c.requests[method][outcome] += 1;
+        c.sample(h, total, upstream);
     });
 }
 
@@ -449,12 +449,10 @@ mod tests {
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 std::thread::spawn(|| {
-                    for _ in 0..1000 {
-                        free("resources/unsubscribe", true);
-                    }
-                    // Fewer than a run: all of them still held by the thread when it ends.
-                    for _ in 0..10 {
-                        latency(Duration::from_micros(300), Some(Duration::from_micros(200)));
+                    for i in 0..1000 {
+                        // Ten forwarded: fewer than a run, all still held by the thread when it ends.
+                        let upstream = (i < 10).then_some(Duration::from_micros(200));
+                        free("resources/unsubscribe", true, Duration::from_micros(300), upstream);
                     }
                 })
             })

@@ -326,8 +326,7 @@ async fn post(state: &AppState, req: Request<hyper::body::Incoming>, peer: IpAdd
     if !trace.gated {
         let method = trace.method.unwrap_or("other");
         let elapsed = started.elapsed();
-        crate::metrics::free(method, error.is_some());
-        crate::metrics::latency(elapsed, trace.upstream);
+        crate::metrics::free(method, error.is_some(), elapsed, trace.upstream);
         tracing::info!(
             target: "tollgate::request",
             request_id = %trace.id,
