@@ -123,7 +123,8 @@ pub struct BillingConfig {
     pub rate_limit: Option<String>,
     /// Request-log rows older than this are pruned.
     pub log_retention_days: i64,
-    /// At most this many request-log rows are kept.
+    /// At most this many request-log rows are kept, give or take a fifth: the oldest rows are
+    /// dropped a segment (a fifth of this) at a time.
     pub log_max_rows: i64,
     /// Evaluate and log every decision, enforce none, charge none.
     pub shadow: bool,
@@ -528,7 +529,7 @@ pub struct RawBilling {
     pub rate_limit: Option<String>,
     /// Days of request log kept (default 30).
     pub log_retention_days: Option<u64>,
-    /// Rows of request log kept at most (default 1,000,000).
+    /// Rows of request log kept at most, give or take a fifth (default 1,000,000).
     pub log_max_rows: Option<u64>,
     /// Shadow mode: log what would be refused or charged, refuse and charge nothing.
     pub shadow: Option<bool>,

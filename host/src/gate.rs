@@ -226,10 +226,7 @@ impl Gate {
     /// one, a key is generated at first start, returned here to be shown once, and only its hash
     /// is kept.
     pub fn open(config: &BillingConfig) -> Result<(Gate, Option<String>), GateError> {
-        let retention = crate::ledger::Retention {
-            max_age_ms: config.log_retention_days * 86_400_000,
-            max_rows: config.log_max_rows,
-        };
+        let retention = crate::ledger::Retention::new(config.log_retention_days * 86_400_000, config.log_max_rows);
         let ledger = Ledger::open(&config.data_dir, config.power_safe, retention)?;
         let (admin_hash, shown_once) = match &config.admin_key {
             Some(k) => (keys::hash(k), None),

@@ -1079,7 +1079,7 @@ mod tests {
         let first = outbox.after(&conn, 0, 100).unwrap();
         assert_eq!(first.len(), 10);
         // Gone from the database, the rows are still read from the shared window ...
-        rw.execute("DELETE FROM requests", []).unwrap();
+        rw.execute("DELETE FROM requests_0", []).unwrap();
         let second = outbox.after(&conn, 0, 100).unwrap();
         assert_eq!(
             second.iter().map(|u| u.seq).collect::<Vec<_>>(),

@@ -25,10 +25,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // Opening the store creates the database and runs the migrations.
-    let retention = tollgate::ledger::Retention {
-        max_age_ms: 30 * 86_400_000,
-        max_rows: 10_000_000,
-    };
+    let retention = tollgate::ledger::Retention::new(30 * 86_400_000, 10_000_000);
     drop(tollgate::ledger::Store::open(&args.data_dir, false, retention)?);
     let mut conn = rusqlite::Connection::open(args.data_dir.join("tollgate.db"))?;
     conn.pragma_update(None, "synchronous", "OFF")?;
@@ -80,7 +77,7 @@ fn main() -> anyhow::Result<()> {
             ids.push(id);
         }
         let mut request = tx.prepare(
-            "INSERT INTO requests (request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at)
+            "INSERT INTO requests_0 (request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at)
              VALUES (?1, ?2, 'tools/call', ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
         for i in 0..args.requests {

@@ -32,10 +32,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     // KEEP_ROWS=N: the request log keeps N rows, so pruning runs throughout (its cost included).
     let retention = match std::env::var("KEEP_ROWS").ok().and_then(|v| v.parse().ok()) {
-        Some(max_rows) => Retention {
-            max_rows,
-            ..Retention::keep_all()
-        },
+        Some(max_rows) => Retention::new(Retention::keep_all().max_age_ms, max_rows),
         None => Retention::keep_all(),
     };
     let ledger = Ledger::open(dir.path(), false, retention).unwrap();

@@ -410,10 +410,7 @@ impl Ledger {
 mod tests {
     use super::*;
 
-    const TEST_RETENTION: Retention = Retention {
-        max_age_ms: 86_400_000,
-        max_rows: 1000,
-    };
+    const TEST_RETENTION: Retention = Retention::new(86_400_000, 1000);
 
     /// The request-log row a settlement records with it.
     fn row(request_id: &str, credits: i64) -> RequestRow {

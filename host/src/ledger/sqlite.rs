@@ -17,6 +17,28 @@ use tokio::sync::Notify;
 use super::keys::{KeyHash, Status};
 
 /// The schema, one migration per version; `PRAGMA user_version` records how many ran.
+/// A segment of the request log (migration 11): the columns of migration 8's `requests`.
+macro_rules! segment_table {
+    ($name:literal) => {
+        concat!(
+            "CREATE TABLE ",
+            $name,
+            " (
+                seq INTEGER PRIMARY KEY,
+                request_id TEXT NOT NULL,
+                key_id TEXT,
+                method TEXT NOT NULL,
+                tool TEXT,
+                outcome TEXT NOT NULL,
+                reason TEXT,
+                credits INTEGER NOT NULL,
+                duration_us INTEGER NOT NULL,
+                created_at INTEGER NOT NULL
+             );"
+        )
+    };
+}
+
 const MIGRATIONS: &[&str] = &[
     // 1: keys and the ledger.
     "CREATE TABLE keys (
@@ -163,6 +185,58 @@ const MIGRATIONS: &[&str] = &[
         SELECT key_id, tool, MAX(seq) FROM requests
         WHERE outcome = 'allowed' AND key_id IS NOT NULL AND tool IS NOT NULL GROUP BY key_id, tool;
      DROP INDEX requests_by_key;",
+    // 11: the request log in segments, so that pruning drops a whole segment at once instead of
+    // deleting its rows one by one (see `LogTail` and `prune`). The log as it was becomes the
+    // first segment; `requests` is a view of them all, in which reads see one log.
+    concat!(
+        "ALTER TABLE requests RENAME TO requests_0;",
+        segment_table!("requests_1"),
+        segment_table!("requests_2"),
+        segment_table!("requests_3"),
+        segment_table!("requests_4"),
+        segment_table!("requests_5"),
+        segment_table!("requests_6"),
+        segment_table!("requests_7"),
+        "CREATE VIEW requests AS
+            SELECT * FROM requests_0 UNION ALL SELECT * FROM requests_1
+            UNION ALL SELECT * FROM requests_2 UNION ALL SELECT * FROM requests_3
+            UNION ALL SELECT * FROM requests_4 UNION ALL SELECT * FROM requests_5
+            UNION ALL SELECT * FROM requests_6 UNION ALL SELECT * FROM requests_7;"
+    ),
+];
+
+/// The request log's segment tables, in the order the writer fills them (round and round).
+const SEGMENTS: [&str; 8] = [
+    "requests_0",
+    "requests_1",
+    "requests_2",
+    "requests_3",
+    "requests_4",
+    "requests_5",
+    "requests_6",
+    "requests_7",
+];
+
+/// The writer's insert into each segment, in the order of [`SEGMENTS`].
+macro_rules! insert_into {
+    ($name:literal) => {
+        concat!(
+            "INSERT INTO ",
+            $name,
+            " (seq, request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+        )
+    };
+}
+const SEGMENT_INSERTS: [&str; 8] = [
+    insert_into!("requests_0"),
+    insert_into!("requests_1"),
+    insert_into!("requests_2"),
+    insert_into!("requests_3"),
+    insert_into!("requests_4"),
+    insert_into!("requests_5"),
+    insert_into!("requests_6"),
+    insert_into!("requests_7"),
 ];
 
 /// How long and how many request-log rows are kept.
@@ -170,15 +244,27 @@ const MIGRATIONS: &[&str] = &[
 pub struct Retention {
     pub max_age_ms: i64,
     pub max_rows: i64,
+    /// How many rows the writer puts in a segment of the log before it moves to the next. The
+    /// count bound drops whole segments, so the log holds up to this many rows past `max_rows`.
+    pub segment_rows: i64,
 }
 
 impl Retention {
+    /// Rows older than `max_age_ms`, and those past the newest `max_rows` (give or take a
+    /// segment, a fifth of that), are pruned. A ring of eight segments of a fifth each leaves room
+    /// for a segment or two that a webhook destination has not delivered yet.
+    pub const fn new(max_age_ms: i64, max_rows: i64) -> Retention {
+        let segment_rows = max_rows / 5;
+        Retention {
+            max_age_ms,
+            max_rows,
+            segment_rows: if segment_rows > 0 { segment_rows } else { 1 },
+        }
+    }
+
     /// A retention that never prunes (tests and benchmarks).
     pub const fn keep_all() -> Retention {
-        Retention {
-            max_age_ms: i64::MAX / 4,
-            max_rows: i64::MAX / 4,
-        }
+        Retention::new(i64::MAX / 4, i64::MAX / 4)
     }
 }
 
@@ -487,6 +573,7 @@ impl Store {
             tx.commit()?;
             tracing::info!(version = i + 1, path = %path.display(), "database migrated");
         }
+        let mut tail = LogTail::load(&conn, retention)?;
         // Charges the database had not committed when the gateway stopped are in the journal.
         let journal_dir = dir.join("journal");
         let journal_err = |source| StoreError::Journal {
@@ -499,7 +586,7 @@ impl Store {
                 source,
             })?;
             let batch: Vec<(u64, Op)> = ops.into_iter().map(|op| (0, op)).collect();
-            apply(&mut conn, &batch)?;
+            apply(&mut conn, &batch, &mut tail)?;
             tracing::info!(segment = %segment.display(), records = batch.len(), "journal replayed");
             std::fs::remove_file(&segment).map_err(journal_err)?;
         }
@@ -526,7 +613,7 @@ impl Store {
         let writer_inner = inner.clone();
         let thread = std::thread::Builder::new()
             .name("tollgate-db-writer".into())
-            .spawn(move || writer(conn, writer_inner, journaled))
+            .spawn(move || writer(conn, writer_inner, journaled, tail))
             .expect("spawning the database writer");
         let _ = inner.writer.set(thread.thread().clone());
         let checkpoint_conn = Connection::open(&path).map_err(open_err)?;
@@ -789,7 +876,13 @@ impl Store {
             return Ok(counts);
         }
         let conn = self.reader()?;
-        let Some(oldest) = conn.query_row("SELECT MIN(seq) FROM requests", [], |r| r.get::<_, Option<i64>>(0))? else {
+        // (Ordered, not `MIN`: over the segments' view, the first row of a merge of their ends.)
+        let Some(oldest) = conn
+            .query_row("SELECT seq FROM requests ORDER BY seq LIMIT 1", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()?
+        else {
             return Ok(counts);
         };
         let mut count = conn.prepare("SELECT COUNT(*) FROM key_tools WHERE key_id = ?1 AND last_seq >= ?2")?;
@@ -852,7 +945,8 @@ impl Store {
     /// Where the outboxes end now: (last request row, last event).
     pub fn outbox_ends(conn: &Connection) -> Result<(i64, i64), StoreError> {
         Ok(conn.query_row(
-            "SELECT COALESCE((SELECT MAX(seq) FROM requests), 0), COALESCE((SELECT MAX(seq) FROM events), 0)",
+            "SELECT COALESCE((SELECT seq FROM requests ORDER BY seq DESC LIMIT 1), 0),
+                    COALESCE((SELECT MAX(seq) FROM events), 0)",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?)
@@ -1046,37 +1140,74 @@ fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Rete
 /// of its retries and wait for up to a pass.
 const PRUNE_BUDGET: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Deletes request-log rows past the retention (older than `cutoff`, or beyond the newest
-/// `max_rows`) and admin events older than `cutoff`, except what a webhook destination has not
-/// delivered yet and the newest request row. Oldest first, in transactions of a few thousand rows
-/// with pauses between: one big delete would hold the write lock for as long as it takes (~0.3 µs
-/// a row), and every admin change (and every admin read that waits for the database to catch up)
-/// would wait behind it.
+/// Prunes the request log to its retention, and admin events older than `cutoff`, except what a
+/// webhook destination has not delivered yet and the segment holding the newest request row (so a
+/// new row's seq is past every seq handed out).
+///
+/// By count, a segment at a time: a segment whose rows are all past the newest `max_rows` is
+/// emptied with one `DELETE` without a `WHERE`, which SQLite does by freeing the table's pages
+/// rather than deleting row by row (~0.3 µs a row, which the checkpointer used to spend on every
+/// call once the log was full). By age, row by row from the oldest, in transactions of a few
+/// thousand rows with pauses between: a segment holds rows of many ages, and one big delete would
+/// hold the write lock for as long as it takes, so every admin change (and every admin read that
+/// waits for the database to catch up) would wait behind it.
 ///
 /// A pass goes on until nothing is past the retention or it has run for `budget`, so the log
-/// keeps to its bounds under any sustained load (a pass every 500 ms clears well over a hundred
-/// thousand rows a second; it used to stop at 5,000 rows a pass, and a gateway settling more than
-/// 10,000 calls a second outgrew its `log_max_rows` without end).
+/// keeps to its bounds under any sustained load.
 fn prune(conn: &Connection, cutoff: i64, max_rows: i64, budget: std::time::Duration) -> rusqlite::Result<usize> {
     // A chunk holds the write lock for a few milliseconds; the pause gives the writer a chance.
     const CHUNK: i64 = 5_000;
     let started = std::time::Instant::now();
     let mut total = 0;
-    while started.elapsed() < budget {
-        let n = conn.execute(
-            // Never the newest row: a new row's seq is one past the largest left (no
-            // AUTOINCREMENT), so keeping it keeps every seq ever handed out unique and increasing.
-            "DELETE FROM requests WHERE seq <= (SELECT MIN(seq) FROM requests) + ?3
-                AND seq < (SELECT MAX(seq) FROM requests)
-                AND (created_at < ?1 OR seq <= (SELECT MAX(seq) FROM requests) - ?2)
-                AND seq <= COALESCE((SELECT MIN(request_seq) FROM webhook_cursors), 9223372036854775807)",
-            params![cutoff, max_rows, CHUNK - 1],
-        )?;
-        total += n;
-        if n == 0 {
+    // Each segment holding rows: (oldest seq, newest seq, which), oldest first.
+    let mut segments = Vec::with_capacity(SEGMENTS.len());
+    for (i, table) in SEGMENTS.iter().enumerate() {
+        let ends: (Option<i64>, Option<i64>) = conn
+            // Two subqueries, each a look at one end of the table; `MIN(seq), MAX(seq)` together
+            // would read every row.
+            .prepare_cached(&format!(
+                "SELECT (SELECT MIN(seq) FROM {table}), (SELECT MAX(seq) FROM {table})"
+            ))?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if let (Some(oldest), Some(newest)) = ends {
+            segments.push((oldest, newest, i));
+        }
+    }
+    segments.sort_unstable();
+    let delivered: i64 = conn.query_row(
+        "SELECT COALESCE(MIN(request_seq), 9223372036854775807) FROM webhook_cursors",
+        [],
+        |r| r.get(0),
+    )?;
+    let newest = segments.last().map_or(0, |s| s.1);
+    'segments: for &(_, last, i) in &segments {
+        let table = SEGMENTS[i];
+        if last < newest && last <= newest - max_rows && last <= delivered {
+            total += conn.prepare_cached(&format!("DELETE FROM {table}"))?.execute([])?;
+            continue;
+        }
+        let mut by_age = conn.prepare_cached(&format!(
+            "DELETE FROM {table} WHERE seq <= (SELECT MIN(seq) FROM {table}) + ?2
+                AND created_at < ?1 AND seq < ?3 AND seq <= ?4"
+        ))?;
+        loop {
+            if started.elapsed() >= budget {
+                break 'segments;
+            }
+            let n = by_age.execute(params![cutoff, CHUNK - 1, newest, delivered])?;
+            total += n;
+            if n == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Younger rows follow in the next segment only if this one is gone.
+        let emptied: bool = conn
+            .prepare_cached(&format!("SELECT NOT EXISTS (SELECT 1 FROM {table})"))?
+            .query_row([], |r| r.get(0))?;
+        if !emptied {
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     total += conn.execute(
         "DELETE FROM events WHERE created_at < ?1
@@ -1091,7 +1222,7 @@ fn prune(conn: &Connection, cutoff: i64, max_rows: i64, budget: std::time::Durat
 /// With the journal, nothing on the hot path waits for a commit, so the writer keeps a pace:
 /// callers never pay for waking it, and a busy interval's charges share one commit. Without it,
 /// every charge waits for its commit, so submitters wake the writer and it commits at once.
-fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool) {
+fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool, mut tail: LogTail) {
     // Each commit writes every page it dirtied to the WAL once: fewer, larger commits write far
     // fewer pages per call, and cost less per call besides (~0.2 ms of CPU each, whatever they
     // hold). Nothing on the request path waits for them; whoever does (an admin change, a read
@@ -1132,7 +1263,7 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool) {
         }
         let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
         let started = std::time::Instant::now();
-        match apply(&mut conn, &batch) {
+        match apply(&mut conn, &batch, &mut tail) {
             Ok(()) => {
                 inner.committed.store(last, Ordering::Release);
                 crate::metrics::commit(started.elapsed(), batch.len());
@@ -1190,7 +1321,68 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool) {
     }
 }
 
-fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
+/// Where the writer appends to the request log: which segment, how many rows it holds, and the
+/// seq the next row gets. Seqs are handed out here, one past the newest row (or a webhook cursor,
+/// if one is further), so they only ever increase: pruning never drops the segment that holds the
+/// newest row.
+#[derive(Debug, Clone, Copy)]
+struct LogTail {
+    segment: usize,
+    rows: i64,
+    next_seq: i64,
+    segment_rows: i64,
+}
+
+impl LogTail {
+    fn load(conn: &Connection, retention: Retention) -> rusqlite::Result<LogTail> {
+        let mut tail = LogTail {
+            segment: 0,
+            rows: 0,
+            next_seq: 1,
+            segment_rows: retention.segment_rows,
+        };
+        let mut newest = 0;
+        for (i, table) in SEGMENTS.iter().enumerate() {
+            let max: Option<i64> = conn.query_row(&format!("SELECT MAX(seq) FROM {table}"), [], |r| r.get(0))?;
+            if let Some(max) = max.filter(|m| *m > newest) {
+                newest = max;
+                tail.segment = i;
+            }
+        }
+        let delivered: i64 = conn.query_row("SELECT COALESCE(MAX(request_seq), 0) FROM webhook_cursors", [], |r| {
+            r.get(0)
+        })?;
+        tail.next_seq = newest.max(delivered) + 1;
+        tail.rows = conn.query_row(&format!("SELECT COUNT(*) FROM {}", SEGMENTS[tail.segment]), [], |r| {
+            r.get(0)
+        })?;
+        Ok(tail)
+    }
+
+    /// The segment the next row goes into: the next one round once this one is full, if that
+    /// one is empty (pruning has dropped it); otherwise this one, for as long as it takes. `held`:
+    /// the next one was found still holding rows in this commit, so it is not looked at again.
+    fn segment_for_next(&mut self, tx: &rusqlite::Transaction<'_>, held: &mut bool) -> rusqlite::Result<usize> {
+        if self.rows >= self.segment_rows && !*held {
+            let next = (self.segment + 1) % SEGMENTS.len();
+            let empty: bool = tx
+                .prepare_cached(&format!("SELECT NOT EXISTS (SELECT 1 FROM {})", SEGMENTS[next]))?
+                .query_row([], |r| r.get(0))?;
+            if empty {
+                self.segment = next;
+                self.rows = 0;
+            } else {
+                *held = true;
+            }
+        }
+        Ok(self.segment)
+    }
+}
+
+fn apply(conn: &mut Connection, batch: &[(u64, Op)], log: &mut LogTail) -> rusqlite::Result<()> {
+    // Changed in place only once the commit has succeeded.
+    let mut tail = *log;
+    let mut held = false;
     let tx = conn.transaction()?;
     // Balance moves per key, summed over the batch: one UPDATE per key per commit.
     let mut moves: std::collections::HashMap<&str, (i64, i64, i64)> = std::collections::HashMap::new();
@@ -1204,10 +1396,8 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
              ON CONFLICT (request_id, kind) DO NOTHING",
         )?;
         let mut set_status = tx.prepare_cached("UPDATE keys SET status = ?2 WHERE id = ?1")?;
-        let mut insert_request = tx.prepare_cached(
-            "INSERT INTO requests (request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )?;
+        // The insert into the segment the log's rows go to (see `LogTail`).
+        let mut insert_request: Option<(usize, rusqlite::CachedStatement<'_>)> = None;
         // A journal record replayed after its commit: the request id whose charge row was already
         // there. Its request row, the record's last op, was committed with it and is skipped.
         let mut replayed: Option<&str> = None;
@@ -1272,7 +1462,19 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
                     if replayed.take_if(|id| *id == r.request_id).is_some() {
                         continue;
                     }
+                    let segment = tail.segment_for_next(&tx, &mut held)?;
+                    let seq = tail.next_seq;
+                    // One statement for the rows of a segment, not a cache lookup per row.
+                    let insert_request = match &mut insert_request {
+                        Some((s, stmt)) if *s == segment => stmt,
+                        _ => {
+                            &mut insert_request
+                                .insert((segment, tx.prepare_cached(SEGMENT_INSERTS[segment])?))
+                                .1
+                        }
+                    };
                     insert_request.execute(params![
+                        seq,
                         r.request_id.as_str(),
                         r.key_id.as_deref(),
                         r.method.as_str(),
@@ -1283,8 +1485,10 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
                         r.duration_us,
                         r.created_at
                     ])?;
+                    tail.next_seq += 1;
+                    tail.rows += 1;
                     if let (Some(key_id), Some(tool), "allowed") = (&r.key_id, &r.tool, r.outcome.as_str()) {
-                        tools.insert((key_id.as_str(), tool.as_str()), tx.last_insert_rowid());
+                        tools.insert((key_id.as_str(), tool.as_str()), seq);
                     }
                 }
                 Op::Rotate { key_id, hash, prefix } => {
@@ -1352,7 +1556,9 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)]) -> rusqlite::Result<()> {
             used.execute(params![key_id, tool, seq])?;
         }
     }
-    tx.commit()
+    tx.commit()?;
+    *log = tail;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1399,8 +1605,22 @@ mod tests {
     /// A store holding `n` request-log rows made at `created_at`, committed, and a connection to
     /// its database (the directory lives as long as the first value).
     async fn log_of(n: usize, created_at: i64) -> (tempfile::TempDir, Store, Connection) {
+        log_in_segments_of(i64::MAX, n, created_at).await
+    }
+
+    /// The same, the writer moving to the next segment every `segment_rows` rows (nothing is
+    /// pruned but by the test's own calls of `prune`).
+    async fn log_in_segments_of(
+        segment_rows: i64,
+        n: usize,
+        created_at: i64,
+    ) -> (tempfile::TempDir, Store, Connection) {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), false, Retention::keep_all()).unwrap();
+        let retention = Retention {
+            segment_rows,
+            ..Retention::keep_all()
+        };
+        let (store, _) = Store::open(dir.path(), false, retention).unwrap();
         for i in 0..n {
             store.submit(Op::Request(row(i, created_at))).unwrap();
         }
@@ -1419,16 +1639,32 @@ mod tests {
         conn
     }
 
+    /// How many rows each segment of the log holds, in ring order.
+    fn segment_sizes(conn: &Connection) -> Vec<i64> {
+        SEGMENTS
+            .iter()
+            .map(|t| {
+                conn.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))
+                    .unwrap()
+            })
+            .collect()
+    }
+
     #[tokio::test]
-    async fn pruning_keeps_the_newest_rows_and_what_a_webhook_has_not_delivered() {
+    async fn pruning_by_count_drops_whole_segments_and_keeps_what_a_webhook_has_not_delivered() {
         let now = crate::ledger::now_ms();
-        let (_dir, store, conn) = log_of(2_300, now).await;
+        // Seven segments of 200 rows; the eighth was still full when the ring came round, so the
+        // writer stayed in the last one.
+        let (_dir, store, conn) = log_in_segments_of(200, 2_300, now).await;
+        assert_eq!(segment_sizes(&conn), [200, 200, 200, 200, 200, 200, 200, 900]);
 
-        // Past 1,000 rows, the oldest go, in one pass.
-        assert_eq!(prune(&conn, 0, 1_000, ANY_TIME).unwrap(), 1_300);
-        assert_eq!(seqs(&conn), (1_000, 1_301, 2_300));
+        // Past 1,000 rows, the segments whose rows are all older go, in one pass. The one holding
+        // seq 1,300 (the 1,000th newest) stays whole.
+        assert_eq!(prune(&conn, 0, 1_000, ANY_TIME).unwrap(), 1_200);
+        assert_eq!(seqs(&conn), (1_100, 1_201, 2_300));
 
-        // A destination that has delivered up to seq 1,500 holds the rest, whatever their age.
+        // By age, rows go one by one, but a destination that has delivered up to seq 1,500 holds
+        // the rest, whatever their age.
         store
             .write(Op::WebhookCursor {
                 destination: "d".into(),
@@ -1438,18 +1674,46 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(prune(&conn, now + 1, 1_000, ANY_TIME).unwrap(), 200);
+        assert_eq!(prune(&conn, now + 1, 1_000, ANY_TIME).unwrap(), 300);
         assert_eq!(seqs(&conn), (800, 1_501, 2_300));
     }
 
     #[tokio::test]
-    async fn one_pass_of_pruning_clears_a_backlog_of_many_chunks_so_the_log_keeps_its_bound_under_load() {
-        // 60,000 rows over a bound of 1,000: a gateway settling 100,000 calls a second between two
-        // passes. The pass deletes all 59,000 (it used to stop at 5,000, and the log outgrew the
-        // bound under sustained load).
-        let (_dir, _store, conn) = log_of(60_000, crate::ledger::now_ms()).await;
-        assert_eq!(prune(&conn, 0, 1_000, ANY_TIME).unwrap(), 59_000);
-        assert_eq!(seqs(&conn), (1_000, 59_001, 60_000));
+    async fn under_steady_load_the_log_goes_round_its_segments_within_a_segment_of_its_bound() {
+        let now = crate::ledger::now_ms();
+        let (_dir, store, conn) = log_in_segments_of(200, 0, now).await;
+        // 6,000 calls, a pass after each hundred: nearly four times round the ring of eight.
+        for batch in 0..60 {
+            for i in 0..100 {
+                store.submit(Op::Request(row(batch * 100 + i, now))).unwrap();
+            }
+            store.sync().await.unwrap();
+            prune(&conn, 0, 1_000, ANY_TIME).unwrap();
+            let (count, oldest, newest) = seqs(&conn);
+            assert_eq!(newest, (batch as i64 + 1) * 100);
+            assert_eq!(count, newest - oldest + 1, "the newest rows, none missing");
+            assert!(
+                (newest.min(1_000)..=1_200).contains(&count),
+                "{count} rows after {newest} calls"
+            );
+        }
+        assert!(
+            segment_sizes(&conn).iter().all(|n| *n <= 200),
+            "{:?}",
+            segment_sizes(&conn)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_writer_started_again_goes_on_in_the_segment_of_the_newest_row_with_the_next_seq() {
+        let (dir, _store, _) = log_in_segments_of(200, 900, 0).await;
+        let conn = Connection::open(dir.path().join("tollgate.db")).unwrap();
+        let retention = Retention {
+            segment_rows: 200,
+            ..Retention::keep_all()
+        };
+        let tail = LogTail::load(&conn, retention).unwrap();
+        assert_eq!((tail.segment, tail.rows, tail.next_seq), (4, 100, 901));
     }
 
     #[tokio::test]
@@ -1658,7 +1922,12 @@ mod tests {
     #[tokio::test]
     async fn unique_tools_counts_each_keys_distinct_successful_tools_as_count_distinct_does() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), false, Retention::keep_all()).unwrap();
+        // A segment a row, so that pruning by count can drop them one by one.
+        let retention = Retention {
+            segment_rows: 1,
+            ..Retention::keep_all()
+        };
+        let (store, _) = Store::open(dir.path(), false, retention).unwrap();
         let calls: &[(&str, Option<&str>, &str)] = &[
             ("key_1", Some("search"), "allowed"),
             ("key_1", Some("echo"), "allowed"),
