@@ -1159,10 +1159,15 @@ fn prune(conn: &Connection, cutoff: i64, max_rows: i64, budget: std::time::Durat
     const CHUNK: i64 = 5_000;
     let started = std::time::Instant::now();
     let mut total = 0;
+    // What the segments hold and what the destinations have delivered, read and acted on in one
+    // write transaction: read outside one, a segment could be emptied after the writer had
+    // added rows to it that the read did not see (rows within the bound, or not yet delivered).
+    // Emptying whole segments takes milliseconds at most; the writer waits that long.
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
     // Each segment holding rows: (oldest seq, newest seq, which), oldest first.
     let mut segments = Vec::with_capacity(SEGMENTS.len());
     for (i, table) in SEGMENTS.iter().enumerate() {
-        let ends: (Option<i64>, Option<i64>) = conn
+        let ends: (Option<i64>, Option<i64>) = tx
             // Two subqueries, each a look at one end of the table; `MIN(seq), MAX(seq)` together
             // would read every row.
             .prepare_cached(&format!(
@@ -1174,18 +1179,29 @@ fn prune(conn: &Connection, cutoff: i64, max_rows: i64, budget: std::time::Durat
         }
     }
     segments.sort_unstable();
-    let delivered: i64 = conn.query_row(
+    let delivered: i64 = tx.query_row(
         "SELECT COALESCE(MIN(request_seq), 9223372036854775807) FROM webhook_cursors",
         [],
         |r| r.get(0),
     )?;
     let newest = segments.last().map_or(0, |s| s.1);
-    'segments: for &(_, last, i) in &segments {
-        let table = SEGMENTS[i];
-        if last < newest && last <= newest - max_rows && last <= delivered {
-            total += conn.prepare_cached(&format!("DELETE FROM {table}"))?.execute([])?;
-            continue;
+    // By count: the oldest segments whose every row is past the bound and delivered.
+    let mut left = segments.as_slice();
+    while let [(_, last, i), rest @ ..] = left {
+        if !(*last < newest && *last <= newest - max_rows && *last <= delivered) {
+            break;
         }
+        total += tx
+            .prepare_cached(&format!("DELETE FROM {}", SEGMENTS[*i]))?
+            .execute([])?;
+        left = rest;
+    }
+    tx.commit()?;
+    // By age, from the oldest segment left. The bounds read above only fall behind the writer's
+    // (it only adds rows past `newest`; cursors only move on, and a new destination starts at
+    // the log's end), so they stay safe to delete by.
+    'segments: for &(_, _, i) in left {
+        let table = SEGMENTS[i];
         let mut by_age = conn.prepare_cached(&format!(
             "DELETE FROM {table} WHERE seq <= (SELECT MIN(seq) FROM {table}) + ?2
                 AND created_at < ?1 AND seq < ?3 AND seq <= ?4"
