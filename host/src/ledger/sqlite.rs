@@ -218,26 +218,14 @@ const SEGMENTS: [&str; 8] = [
 ];
 
 /// The writer's insert into each segment, in the order of [`SEGMENTS`].
-macro_rules! insert_into {
-    ($name:literal) => {
-        concat!(
-            "INSERT INTO ",
-            $name,
-            " (seq, request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at)
+static SEGMENT_INSERTS: std::sync::LazyLock<[String; 8]> = std::sync::LazyLock::new(|| {
+    SEGMENTS.map(|table| {
+        format!(
+            "INSERT INTO {table} (seq, request_id, key_id, method, tool, outcome, reason, credits, duration_us, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
         )
-    };
-}
-const SEGMENT_INSERTS: [&str; 8] = [
-    insert_into!("requests_0"),
-    insert_into!("requests_1"),
-    insert_into!("requests_2"),
-    insert_into!("requests_3"),
-    insert_into!("requests_4"),
-    insert_into!("requests_5"),
-    insert_into!("requests_6"),
-    insert_into!("requests_7"),
-];
+    })
+});
 
 /// How long and how many request-log rows are kept.
 #[derive(Debug, Clone, Copy)]
@@ -1140,6 +1128,25 @@ fn checkpointer(conn: Connection, inner: std::sync::Weak<Inner>, retention: Rete
 /// of its retries and wait for up to a pass.
 const PRUNE_BUDGET: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Each segment of the request log holding rows: (oldest seq, newest seq, which), oldest first.
+fn segment_ends(conn: &Connection) -> rusqlite::Result<Vec<(i64, i64, usize)>> {
+    let mut segments = Vec::with_capacity(SEGMENTS.len());
+    for (i, table) in SEGMENTS.iter().enumerate() {
+        let ends: (Option<i64>, Option<i64>) = conn
+            // Two subqueries, each a look at one end of the table; `MIN(seq), MAX(seq)` together
+            // would read every row.
+            .prepare_cached(&format!(
+                "SELECT (SELECT MIN(seq) FROM {table}), (SELECT MAX(seq) FROM {table})"
+            ))?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if let (Some(oldest), Some(newest)) = ends {
+            segments.push((oldest, newest, i));
+        }
+    }
+    segments.sort_unstable();
+    Ok(segments)
+}
+
 /// Prunes the request log to its retention, and admin events older than `cutoff`, except what a
 /// webhook destination has not delivered yet and the segment holding the newest request row (so a
 /// new row's seq is past every seq handed out).
@@ -1164,21 +1171,7 @@ fn prune(conn: &Connection, cutoff: i64, max_rows: i64, budget: std::time::Durat
     // added rows to it that the read did not see (rows within the bound, or not yet delivered).
     // Emptying whole segments takes milliseconds at most; the writer waits that long.
     let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
-    // Each segment holding rows: (oldest seq, newest seq, which), oldest first.
-    let mut segments = Vec::with_capacity(SEGMENTS.len());
-    for (i, table) in SEGMENTS.iter().enumerate() {
-        let ends: (Option<i64>, Option<i64>) = tx
-            // Two subqueries, each a look at one end of the table; `MIN(seq), MAX(seq)` together
-            // would read every row.
-            .prepare_cached(&format!(
-                "SELECT (SELECT MIN(seq) FROM {table}), (SELECT MAX(seq) FROM {table})"
-            ))?
-            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        if let (Some(oldest), Some(newest)) = ends {
-            segments.push((oldest, newest, i));
-        }
-    }
-    segments.sort_unstable();
+    let segments = segment_ends(&tx)?;
     let delivered: i64 = tx.query_row(
         "SELECT COALESCE(MIN(request_seq), 9223372036854775807) FROM webhook_cursors",
         [],
@@ -1347,39 +1340,30 @@ struct LogTail {
     rows: i64,
     next_seq: i64,
     segment_rows: i64,
+    /// The next segment was found still holding rows in this commit: not looked at again.
+    held: bool,
 }
 
 impl LogTail {
     fn load(conn: &Connection, retention: Retention) -> rusqlite::Result<LogTail> {
-        let mut tail = LogTail {
-            segment: 0,
-            rows: 0,
-            next_seq: 1,
-            segment_rows: retention.segment_rows,
-        };
-        let mut newest = 0;
-        for (i, table) in SEGMENTS.iter().enumerate() {
-            let max: Option<i64> = conn.query_row(&format!("SELECT MAX(seq) FROM {table}"), [], |r| r.get(0))?;
-            if let Some(max) = max.filter(|m| *m > newest) {
-                newest = max;
-                tail.segment = i;
-            }
-        }
+        let (newest, segment) = segment_ends(conn)?.last().map_or((0, 0), |&(_, newest, i)| (newest, i));
         let delivered: i64 = conn.query_row("SELECT COALESCE(MAX(request_seq), 0) FROM webhook_cursors", [], |r| {
             r.get(0)
         })?;
-        tail.next_seq = newest.max(delivered) + 1;
-        tail.rows = conn.query_row(&format!("SELECT COUNT(*) FROM {}", SEGMENTS[tail.segment]), [], |r| {
-            r.get(0)
-        })?;
-        Ok(tail)
+        let rows = conn.query_row(&format!("SELECT COUNT(*) FROM {}", SEGMENTS[segment]), [], |r| r.get(0))?;
+        Ok(LogTail {
+            segment,
+            rows,
+            next_seq: newest.max(delivered) + 1,
+            segment_rows: retention.segment_rows,
+            held: false,
+        })
     }
 
     /// The segment the next row goes into: the next one round once this one is full, if that
-    /// one is empty (pruning has dropped it); otherwise this one, for as long as it takes. `held`:
-    /// the next one was found still holding rows in this commit, so it is not looked at again.
-    fn segment_for_next(&mut self, tx: &rusqlite::Transaction<'_>, held: &mut bool) -> rusqlite::Result<usize> {
-        if self.rows >= self.segment_rows && !*held {
+    /// one is empty (pruning has dropped it); otherwise this one, for as long as it takes.
+    fn segment_for_next(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<usize> {
+        if self.rows >= self.segment_rows && !self.held {
             let next = (self.segment + 1) % SEGMENTS.len();
             let empty: bool = tx
                 .prepare_cached(&format!("SELECT NOT EXISTS (SELECT 1 FROM {})", SEGMENTS[next]))?
@@ -1388,7 +1372,7 @@ impl LogTail {
                 self.segment = next;
                 self.rows = 0;
             } else {
-                *held = true;
+                self.held = true;
             }
         }
         Ok(self.segment)
@@ -1397,8 +1381,7 @@ impl LogTail {
 
 fn apply(conn: &mut Connection, batch: &[(u64, Op)], log: &mut LogTail) -> rusqlite::Result<()> {
     // Changed in place only once the commit has succeeded.
-    let mut tail = *log;
-    let mut held = false;
+    let mut tail = LogTail { held: false, ..*log };
     let tx = conn.transaction()?;
     // Balance moves per key, summed over the batch: one UPDATE per key per commit.
     let mut moves: std::collections::HashMap<&str, (i64, i64, i64)> = std::collections::HashMap::new();
@@ -1478,14 +1461,14 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)], log: &mut LogTail) -> rusql
                     if replayed.take_if(|id| *id == r.request_id).is_some() {
                         continue;
                     }
-                    let segment = tail.segment_for_next(&tx, &mut held)?;
+                    let segment = tail.segment_for_next(&tx)?;
                     let seq = tail.next_seq;
                     // One statement for the rows of a segment, not a cache lookup per row.
                     let insert_request = match &mut insert_request {
                         Some((s, stmt)) if *s == segment => stmt,
                         _ => {
                             &mut insert_request
-                                .insert((segment, tx.prepare_cached(SEGMENT_INSERTS[segment])?))
+                                .insert((segment, tx.prepare_cached(&SEGMENT_INSERTS[segment])?))
                                 .1
                         }
                     };
