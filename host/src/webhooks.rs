@@ -7,6 +7,9 @@
 //! into both; a task per destination reads past its cursor, filters, signs and posts a batch,
 //! retries with exponential backoff and jitter, and after the last attempt moves the batch to the
 //! dead-letter table. Nothing here runs on the request path: `/mcp` never waits for a webhook.
+//! Usage events of calls committed while the gateway runs are handed over by the store's writer as
+//! it commits them (see `UsageOutbox`): destinations that keep up read them from memory, and the
+//! database only after a restart or an outage.
 //!
 //! `https://` destinations use rustls (ring) with the public web roots, or the CA a destination
 //! names. Destinations are resolved when a batch is sent and every address is checked against private,
@@ -26,7 +29,7 @@ use hyper::client::conn::http1::SendRequest;
 use serde_json::{Value, json};
 
 use crate::config::WebhookConfig;
-use crate::ledger::{Cursor, EventRow, Key, Ledger, Op, RequestRow, Store, StoreError, now_ms};
+use crate::ledger::{Cursor, EventRow, Key, Ledger, LogFollower, Op, RequestRow, Store, StoreError, is_usage, now_ms};
 
 /// Every event type; a destination's filter names some of these (or `key.*`).
 pub const EVENT_TYPES: &[&str] = &[
@@ -160,6 +163,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        self.ledger.store().follow(None);
         self.sweeper.abort();
         for r in self.running.get_mut().unwrap().values() {
             r.task.abort();
@@ -245,6 +249,14 @@ impl Webhooks {
         let names: Vec<String> = running.keys().cloned().collect();
         let wants_expired = running.values().any(|r| wanted_type(&r.target.config, "key.expired"));
         self.inner.wants_expired.store(wants_expired, Ordering::Relaxed);
+        // The outbox follows the log's commits only while some destination takes usage events.
+        let store = self.inner.ledger.store();
+        if running.values().any(|r| wanted_type(&r.target.config, "usage")) {
+            store.follow(Some(self.inner.usage.clone()));
+        } else {
+            store.follow(None);
+            self.inner.usage.stop();
+        }
         drop(running);
         if let Err(e) = self.inner.ledger.store().submit(Op::WebhookKeepOnly(names)) {
             tracing::warn!(error = %e, "could not forget removed webhook destinations");
@@ -561,6 +573,9 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
     let limit = c.batch_size * (READ_AHEAD / c.batch_size).max(1);
     // The key an event is about, when the destination filters by key.
     let key_of = |id: Option<&str>| c.filters_keys().then(|| id.and_then(|id| ledger.get(id))).flatten();
+    // Whether a batch that is not whole may go (the flush interval is up), and when it will be.
+    let mut flush = true;
+    let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
         let (r, s, o) = (reader.clone(), store.clone(), outbox.clone());
         let read = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
@@ -585,11 +600,12 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
             Err(_) => return,
         };
         // Oldest first across both outboxes, a batch at a time; each cursor moves past what it took.
-        // A read that came back short has everything there is: what is left waits for the next
-        // flush.
+        // Only whole batches go until the flush interval has passed: then what there is goes too.
+        // A read that came back short has everything there is.
         let (mut u, mut e) = (usage.iter().peekable(), events.iter().peekable());
-        let mut left = limit;
-        let mut caught_up = false;
+        let read = (usage.len() + events.len()).min(limit);
+        let mut left = if flush { read } else { read - read % c.batch_size };
+        let mut caught_up = read < limit || left < read;
         while left > 0 {
             let mut next = cursor;
             let mut batch = Vec::new();
@@ -617,10 +633,6 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
                 }
             }
             left -= taken;
-            if taken == 0 {
-                caught_up = true;
-                break;
-            }
             let count = batch.len();
             let mut delivered = 0;
             if count > 0 {
@@ -643,6 +655,7 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
                             // Not recorded: the cursor stays, and the batch is read and tried again.
                             tracing::error!(destination = %c.name, error = %e, "cannot record a dead letter");
                             tokio::time::sleep(c.retry_max).await;
+                            caught_up = false;
                             break;
                         }
                     }
@@ -658,13 +671,15 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
                 tracing::error!(destination = %c.name, error = %e, "cannot record webhook progress");
             }
             cursor = next;
-            if taken < c.batch_size {
-                caught_up = true;
-                break;
-            }
         }
         if caught_up {
-            tokio::time::sleep(c.flush_interval).await;
+            // Until a whole batch of usage events has come in, or the flush interval is up (from
+            // when the destination first had nothing whole to send).
+            let deadline = *flush_at.get_or_insert_with(|| tokio::time::Instant::now() + c.flush_interval);
+            flush = outbox.wait(cursor.request_seq, c.batch_size, deadline).await;
+            if flush {
+                flush_at = None;
+            }
         }
     }
 }
@@ -682,23 +697,30 @@ struct Usage {
 /// each read is a hand-off to a blocking thread, which costs more than reading the rows.
 const READ_AHEAD: usize = 1_000;
 
-/// How many usage events the shared outbox keeps for destinations that trail the first reader
-/// (about 5 MiB). One that trails further reads the database itself.
+/// How many usage events the shared window keeps (about 5 MiB): more than a few commits' worth at
+/// any rate the gateway reaches (the writer commits ten times a second), so destinations that keep
+/// up never read the database. One that trails further reads the database itself.
 const SHARED_USAGE: usize = 16_384;
 
-/// The usage outbox as every destination reads it: the settled calls after a cursor, read from the
-/// database and serialized once and shared, so that N destinations cost one read and one
-/// serialization per call, not N. It holds every usage row with `lo < seq <= hi` (request-log seqs
-/// only grow, and a read sees whole commits, so a read that returned a row saw every row before
-/// it).
+/// The usage outbox as every destination reads it. It follows the request log (see
+/// [`LogFollower`]): the writer hands it each commit's rows, which it serializes once and keeps in
+/// a window of the newest events, shared by every destination. Destinations that keep up cost no
+/// database read and one serialization per call, however many there are. It holds every usage row
+/// with `lo < seq <= hi`; a destination behind it (after a restart, or after its endpoint was down)
+/// reads the database until it catches up.
 struct UsageOutbox {
     /// How many events the window keeps.
     cap: usize,
     shared: Mutex<SharedUsage>,
+    /// Woken after each commit that added usage events.
+    grown: tokio::sync::Notify,
 }
 
 #[derive(Default)]
 struct SharedUsage {
+    /// Told of a commit since it last started: until then it holds nothing and every read goes to
+    /// the database.
+    started: bool,
     lo: i64,
     hi: i64,
     rows: std::collections::VecDeque<Arc<Usage>>,
@@ -709,47 +731,89 @@ impl UsageOutbox {
         UsageOutbox {
             cap,
             shared: Mutex::new(SharedUsage::default()),
+            grown: tokio::sync::Notify::new(),
         }
     }
 
-    /// Up to `limit` usage events after `after`, oldest first: what the shared window holds, then
-    /// what the database has past it, which joins the window. A read that extends the window holds
-    /// its lock (on a blocking thread, never across an await), so destinations that ask for the
-    /// same rows at once wait for one read instead of each making its own.
+    /// Up to `limit` usage events after `after`, oldest first: from the window if it reaches back
+    /// that far, else from the database.
     fn after(&self, conn: &rusqlite::Connection, after: i64, limit: usize) -> Result<Vec<Arc<Usage>>, StoreError> {
+        {
+            let shared = self.shared.lock().unwrap();
+            if shared.started && after >= shared.lo {
+                let start = shared.rows.partition_point(|u| u.seq <= after);
+                return Ok(shared.rows.range(start..).take(limit).cloned().collect());
+            }
+        }
+        read_usage(conn, after, limit)
+    }
+
+    /// How many usage events after `after` the window holds.
+    fn available_after(&self, after: i64) -> usize {
+        let shared = self.shared.lock().unwrap();
+        shared.rows.len() - shared.rows.partition_point(|u| u.seq <= after)
+    }
+
+    /// Waits until the window holds at least `wanted` usage events after `after` (`false`), or
+    /// until `deadline` (`true`).
+    async fn wait(&self, after: i64, wanted: usize, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let grown = self.grown.notified();
+            tokio::pin!(grown);
+            // Registered before looking, so that a commit between the look and the wait wakes it.
+            grown.as_mut().enable();
+            if self.available_after(after) >= wanted {
+                return false;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return true,
+                _ = grown => {}
+            }
+        }
+    }
+
+    /// Forgets everything: the store no longer tells it of commits.
+    fn stop(&self) {
+        *self.shared.lock().unwrap() = SharedUsage::default();
+    }
+}
+
+impl LogFollower for UsageOutbox {
+    fn committed(&self, after: i64, last: i64, rows: &mut dyn Iterator<Item = (i64, &RequestRow)>) {
+        // Serialized before taking the lock: readers wait only for the hand-over.
+        let fresh: Vec<Arc<Usage>> = rows
+            .filter(|(_, r)| is_usage(r))
+            .map(|(seq, r)| Arc::new(Usage::of(seq, r)))
+            .collect();
         let mut shared = self.shared.lock().unwrap();
-        if after < shared.lo {
-            // Trails the window: reads its own rows.
-            drop(shared);
-            return read_usage(conn, after, limit);
+        if !shared.started || shared.hi != after {
+            // The first commit it is told of: what came before is in the database only.
+            shared.rows.clear();
+            shared.started = true;
+            shared.lo = after;
         }
-        let mut out = Vec::with_capacity(limit);
-        let mut from = after;
-        if after < shared.hi {
-            let start = shared.rows.partition_point(|u| u.seq <= after);
-            out.extend(shared.rows.range(start..).take(limit).cloned());
-            if out.len() == limit {
-                return Ok(out);
-            }
-            from = shared.hi;
-        }
-        let fresh = read_usage(conn, from, limit - out.len())?;
-        if let Some(last) = fresh.last() {
-            if from > shared.hi {
-                // Past the window (or the first read): the window starts again here.
-                shared.rows.clear();
-                shared.lo = from;
-            }
-            shared.rows.extend(fresh.iter().cloned());
-            shared.hi = last.seq;
-            while shared.rows.len() > self.cap {
-                let dropped = shared.rows.pop_front().expect("longer than the cap");
-                shared.lo = dropped.seq;
-            }
+        shared.hi = last;
+        let grew = !fresh.is_empty();
+        shared.rows.extend(fresh);
+        while shared.rows.len() > self.cap {
+            let dropped = shared.rows.pop_front().expect("longer than the cap");
+            shared.lo = dropped.seq;
         }
         drop(shared);
-        out.extend(fresh);
-        Ok(out)
+        if grew {
+            self.grown.notify_waiters();
+        }
+    }
+}
+
+impl Usage {
+    fn of(seq: i64, r: &RequestRow) -> Usage {
+        Usage {
+            json: Arc::from(usage_event(r)),
+            seq,
+            created_at: r.created_at,
+            key_id: r.key_id.clone(),
+        }
     }
 }
 
@@ -757,14 +821,7 @@ impl UsageOutbox {
 fn read_usage(conn: &rusqlite::Connection, after: i64, limit: usize) -> Result<Vec<Arc<Usage>>, StoreError> {
     Ok(Store::usage_after(conn, after, limit as i64)?
         .into_iter()
-        .map(|r| {
-            Arc::new(Usage {
-                json: Arc::from(usage_event(&r)),
-                seq: r.seq,
-                created_at: r.created_at,
-                key_id: r.key_id,
-            })
-        })
+        .map(|r| Arc::new(Usage::of(r.seq, &r)))
         .collect())
 }
 
@@ -1021,14 +1078,32 @@ mod tests {
         store.sync().await.unwrap();
     }
 
+    /// Settles `n` calls, every third one denied (not a usage event).
+    async fn settle_calls_some_denied(store: &Store, from: usize, n: usize) {
+        for i in from..from + n {
+            let outcome = if i % 3 == 2 { "denied" } else { "allowed" };
+            store
+                .submit(Op::Request(RequestRow {
+                    created_at: i as i64,
+                    outcome: outcome.into(),
+                    ..RequestRow::sample(&format!("req_{i:08}"))
+                }))
+                .unwrap();
+        }
+        store.sync().await.unwrap();
+    }
+
     #[tokio::test]
-    async fn destinations_sharing_the_usage_outbox_each_read_every_call_once_and_in_order() {
+    async fn destinations_sharing_the_usage_outbox_each_read_every_usage_event_once_and_in_order() {
         let (_dir, store, conn, _) = empty_store();
+        // Calls settled before the outbox follows the log are in the database only.
+        settle_calls_some_denied(&store, 0, 50).await;
         // A small window, so that destinations trail it, catch up with it and run past it.
-        let outbox = UsageOutbox::new(40);
+        let outbox = Arc::new(UsageOutbox::new(40));
+        store.follow(Some(outbox.clone()));
         let mut cursors = [0i64; 3];
         let mut seen: [Vec<i64>; 3] = Default::default();
-        let mut settled = 0;
+        let mut settled = 50;
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut next = |n: u64| {
             rng ^= rng << 13;
@@ -1040,7 +1115,7 @@ mod tests {
             match next(4) {
                 0 => {
                     let n = next(60) as usize;
-                    settle_calls(&store, settled, n).await;
+                    settle_calls_some_denied(&store, settled, n).await;
                     settled += n;
                 }
                 d => {
@@ -1055,6 +1130,7 @@ mod tests {
                 }
             }
         }
+        let usage: Vec<i64> = (1..=settled as i64).filter(|seq| seq % 3 != 0).collect();
         for d in 0..3 {
             loop {
                 let read = outbox.after(&conn, cursors[d], 50).unwrap();
@@ -1062,7 +1138,7 @@ mod tests {
                 cursors[d] = last.seq;
                 seen[d].extend(read.iter().map(|u| u.seq));
             }
-            assert_eq!(seen[d], (1..=settled as i64).collect::<Vec<_>>(), "destination {d}");
+            assert_eq!(seen[d], usage, "destination {d}");
         }
         // Each event is the row's, serialized.
         let first = outbox.after(&conn, 0, 1).unwrap();
@@ -1072,22 +1148,56 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn what_one_destination_read_is_served_to_the_next_from_memory() {
+    async fn committed_calls_are_served_from_memory_serialized_once() {
         let (_dir, store, conn, rw) = empty_store();
-        let outbox = UsageOutbox::new(SHARED_USAGE);
-        settle_calls(&store, 0, 10).await;
-        let first = outbox.after(&conn, 0, 100).unwrap();
-        assert_eq!(first.len(), 10);
-        // Gone from the database, the rows are still read from the shared window ...
-        rw.execute("DELETE FROM requests_0", []).unwrap();
-        let second = outbox.after(&conn, 0, 100).unwrap();
+        settle_calls(&store, 0, 5).await;
+        let outbox = Arc::new(UsageOutbox::new(SHARED_USAGE));
+        store.follow(Some(outbox.clone()));
+        settle_calls(&store, 5, 10).await;
+        // Gone from the database, the rows committed since the outbox followed the log are still
+        // read, from memory ...
+        assert_eq!(rw.execute("DELETE FROM requests_0", []).unwrap(), 15);
+        let first = outbox.after(&conn, 5, 100).unwrap();
+        let second = outbox.after(&conn, 5, 100).unwrap();
         assert_eq!(
             second.iter().map(|u| u.seq).collect::<Vec<_>>(),
-            (1..=10).collect::<Vec<_>>()
+            (6..=15).collect::<Vec<_>>()
         );
         assert!(Arc::ptr_eq(&first[3].json, &second[3].json), "serialized once");
-        // ... and a destination past the window reads the database.
-        assert!(outbox.after(&conn, 10, 100).unwrap().is_empty());
+        assert_eq!(outbox.available_after(5), 10);
+        assert_eq!(outbox.available_after(12), 3);
+        // ... and a destination behind them reads the database.
+        assert!(outbox.after(&conn, 0, 100).unwrap().is_empty());
+        // Once it no longer follows the log, it holds nothing.
+        store.follow(None);
+        outbox.stop();
+        assert!(outbox.after(&conn, 5, 100).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_destination_waits_for_a_whole_batch_or_the_flush_interval() {
+        let (_dir, store, _conn, _) = empty_store();
+        let outbox = Arc::new(UsageOutbox::new(SHARED_USAGE));
+        store.follow(Some(outbox.clone()));
+        let far = tokio::time::Instant::now() + Duration::from_secs(600);
+        let waiting = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.wait(0, 10, far).await }
+        });
+        settle_calls(&store, 0, 9).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "nine events are not a batch of ten");
+        settle_calls(&store, 9, 1).await;
+        let flush = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!flush, "woken by a whole batch, not by the flush interval");
+        let soon = tokio::time::Instant::now() + Duration::from_millis(20);
+        assert!(
+            outbox.wait(10, 10, soon).await,
+            "nothing new: the flush interval ends the wait"
+        );
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use keys::{DebitError, Key, KeySettings, Quota, Status, Usage};
 pub use sqlite::{
-    Cursor, DeadLetter, Entry, EventRow, LedgerFilter, LedgerRow, Op, RequestFilter, RequestRow, Retention, Store,
-    StoreError,
+    Cursor, DeadLetter, Entry, EventRow, LedgerFilter, LedgerRow, LogFollower, Op, RequestFilter, RequestRow,
+    Retention, Store, StoreError, is_usage,
 };
 
 /// Unix time in milliseconds.

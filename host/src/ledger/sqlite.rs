@@ -489,6 +489,17 @@ struct Inner {
     commit_signal: Notify,
     /// The writer thread, woken by whoever waits for a commit (see [`Store::durable`]).
     writer: std::sync::OnceLock<std::thread::Thread>,
+    /// Told of every commit's request rows (see [`Store::follow`]).
+    follower: Mutex<Option<Arc<dyn LogFollower>>>,
+}
+
+/// Follows the request log as the writer commits it (the webhook outbox does), so that it need not
+/// read the rows back: told of each commit's rows on the writer thread, just after the commit. It
+/// must be quick and must not wait for the store.
+pub trait LogFollower: Send + Sync {
+    /// One commit's request rows, oldest first, with their seqs: every row with
+    /// `after < seq <= last` is among them (`after == last` when the commit added none).
+    fn committed(&self, after: i64, last: i64, rows: &mut dyn Iterator<Item = (i64, &RequestRow)>);
 }
 
 struct Submit {
@@ -574,7 +585,7 @@ impl Store {
                 source,
             })?;
             let batch: Vec<(u64, Op)> = ops.into_iter().map(|op| (0, op)).collect();
-            apply(&mut conn, &batch, &mut tail)?;
+            apply(&mut conn, &batch, &mut tail, &mut Vec::new())?;
             tracing::info!(segment = %segment.display(), records = batch.len(), "journal replayed");
             std::fs::remove_file(&segment).map_err(journal_err)?;
         }
@@ -597,6 +608,7 @@ impl Store {
             failed: AtomicBool::new(false),
             commit_signal: Notify::new(),
             writer: std::sync::OnceLock::new(),
+            follower: Mutex::new(None),
         });
         let writer_inner = inner.clone();
         let thread = std::thread::Builder::new()
@@ -624,6 +636,12 @@ impl Store {
             return Err(StoreError::WriterFailed);
         }
         Ok(())
+    }
+
+    /// Makes `follower` the one told of each commit's request rows from the next commit on
+    /// (`None`: nobody).
+    pub fn follow(&self, follower: Option<Arc<dyn LogFollower>>) {
+        *self.inner.follower.lock().unwrap() = follower;
     }
 
     /// Hands an operation to the writer; returns its sequence number.
@@ -996,6 +1014,14 @@ macro_rules! request_columns {
 const REQUEST_COLUMNS: &str = request_columns!();
 
 /// The usage outbox after a seq: settled charges and refunds of keys, not shadow-mode rows.
+/// Whether a request row is a usage event, as [`USAGE_AFTER`] selects them: a key's call whose
+/// charge was kept or refunded, not shadow mode's (which charges nothing).
+pub fn is_usage(r: &RequestRow) -> bool {
+    matches!(r.outcome.as_str(), "allowed" | "refunded")
+        && r.key_id.is_some()
+        && !r.reason.as_deref().is_some_and(|reason| reason.starts_with("shadow:"))
+}
+
 const USAGE_AFTER: &str = concat!(
     request_columns!(),
     " WHERE seq > ?1 AND outcome IN ('allowed', 'refunded') AND key_id IS NOT NULL
@@ -1247,6 +1273,8 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool, mut tail: Lo
     }
     let _stopped = Stopped(&inner);
     let mut batch: Vec<(u64, Op)> = Vec::new();
+    // Where each committed request row is in `batch`, and its seq (for the follower).
+    let mut inserted: Vec<(usize, i64)> = Vec::new();
     let mut retired: Vec<super::journal::Retired> = Vec::new();
     // When the writer last took the queue: with the journal, the next take is POLL after it.
     let mut last_take = std::time::Instant::now();
@@ -1272,7 +1300,8 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool, mut tail: Lo
         }
         let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
         let started = std::time::Instant::now();
-        match apply(&mut conn, &batch, &mut tail) {
+        let log_end = tail.next_seq - 1;
+        match apply(&mut conn, &batch, &mut tail, &mut inserted) {
             Ok(()) => {
                 inner.committed.store(last, Ordering::Release);
                 crate::metrics::commit(started.elapsed(), batch.len());
@@ -1288,7 +1317,17 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool, mut tail: Lo
                 inner.failed.store(true, Ordering::Release);
             }
         }
+        // Whoever follows the log when a commit is announced is told of it (after announcing it,
+        // so that nobody waits for the telling).
+        let follower = inner.follower.lock().unwrap().clone();
         inner.commit_signal.notify_waiters();
+        if let Some(f) = follower.filter(|_| !inner.failed.load(Ordering::Acquire)) {
+            let mut rows = inserted.iter().filter_map(|&(i, seq)| match &batch[i].1 {
+                Op::Request(r) => Some((seq, r)),
+                _ => None,
+            });
+            f.committed(log_end, tail.next_seq - 1, &mut rows);
+        }
         batch.clear();
         if inner.failed.load(Ordering::Acquire) {
             return;
@@ -1379,7 +1418,15 @@ impl LogTail {
     }
 }
 
-fn apply(conn: &mut Connection, batch: &[(u64, Op)], log: &mut LogTail) -> rusqlite::Result<()> {
+/// Applies `batch` in one transaction. `inserted` gets, for each request row it added, the row's
+/// place in `batch` and its seq.
+fn apply(
+    conn: &mut Connection,
+    batch: &[(u64, Op)],
+    log: &mut LogTail,
+    inserted: &mut Vec<(usize, i64)>,
+) -> rusqlite::Result<()> {
+    inserted.clear();
     // Changed in place only once the commit has succeeded.
     let mut tail = LogTail { held: false, ..*log };
     let tx = conn.transaction()?;
@@ -1402,7 +1449,7 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)], log: &mut LogTail) -> rusql
         let mut replayed: Option<&str> = None;
         // The latest successful call's seq per (key, tool) in this batch: one upsert each.
         let mut tools: std::collections::HashMap<(&str, &str), i64> = std::collections::HashMap::new();
-        for (_, op) in batch {
+        for (i, (_, op)) in batch.iter().enumerate() {
             match op {
                 Op::CreateKey {
                     id,
@@ -1484,6 +1531,7 @@ fn apply(conn: &mut Connection, batch: &[(u64, Op)], log: &mut LogTail) -> rusql
                         r.duration_us,
                         r.created_at
                     ])?;
+                    inserted.push((i, seq));
                     tail.next_seq += 1;
                     tail.rows += 1;
                     if let (Some(key_id), Some(tool), "allowed") = (&r.key_id, &r.tool, r.outcome.as_str()) {
@@ -1741,6 +1789,91 @@ mod tests {
         assert_eq!(seqs(&conn), (1, 10, 10));
         store.write(Op::Request(row(10, now))).await.unwrap();
         assert_eq!(seqs(&conn), (2, 10, 11));
+    }
+
+    #[tokio::test]
+    async fn the_rows_a_follower_counts_as_usage_are_the_ones_the_usage_outbox_reads() {
+        let (_dir, store, _) = log_of(0, 0).await;
+        let variants = [
+            ("allowed", Some("key_1"), None),
+            ("refunded", Some("key_1"), Some("upstream error")),
+            ("denied", Some("key_1"), Some("no credits")),
+            ("allowed", None, None),
+            ("allowed", Some("key_1"), Some("shadow: would be denied")),
+            ("refunded", Some("key_1"), Some("shadow:x")),
+            ("allowed", Some("key_1"), Some("a shadow: later")),
+        ];
+        let rows: Vec<RequestRow> = variants
+            .iter()
+            .enumerate()
+            .map(|(i, (outcome, key_id, reason))| RequestRow {
+                outcome: (*outcome).into(),
+                key_id: key_id.map(Into::into),
+                reason: reason.map(Into::into),
+                ..row(i, 0)
+            })
+            .collect();
+        for r in &rows {
+            store.write(Op::Request(r.clone())).await.unwrap();
+        }
+        let conn = store.reader().unwrap();
+        let read: Vec<CompactString> = Store::usage_after(&conn, 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.request_id)
+            .collect();
+        let counted: Vec<CompactString> = rows.into_iter().filter(is_usage).map(|r| r.request_id).collect();
+        assert_eq!(read, counted);
+        assert_eq!(read.len(), 3);
+    }
+
+    /// One commit as a follower was told of it: after, last, and (seq, request id) per row.
+    type Commit = (i64, i64, Vec<(i64, String)>);
+
+    #[derive(Default)]
+    struct Told(Mutex<Vec<Commit>>);
+
+    impl LogFollower for Told {
+        fn committed(&self, after: i64, last: i64, rows: &mut dyn Iterator<Item = (i64, &RequestRow)>) {
+            let rows = rows.map(|(seq, r)| (seq, r.request_id.to_string())).collect();
+            self.0.lock().unwrap().push((after, last, rows));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_follower_is_told_of_each_commits_request_rows_with_their_seqs() {
+        let (_dir, store, _) = log_of(3, 0).await;
+        let told = Arc::new(Told::default());
+        store.follow(Some(told.clone()));
+        // Handed over together: one commit.
+        store
+            .submit_money([Op::Request(row(3, 0)), Op::Request(row(4, 0))])
+            .unwrap();
+        store.sync().await.unwrap();
+        store
+            .write(Op::SetStatus {
+                key_id: "key_1".into(),
+                status: Status::Suspended,
+            })
+            .await
+            .unwrap();
+        store.follow(None);
+        store.write(Op::Request(row(5, 0))).await.unwrap();
+        let told = told.0.lock().unwrap();
+        assert_eq!(
+            *told,
+            vec![
+                (
+                    3,
+                    5,
+                    vec![
+                        (4, row(3, 0).request_id.to_string()),
+                        (5, row(4, 0).request_id.to_string())
+                    ]
+                ),
+                (5, 5, vec![]),
+            ]
+        );
     }
 
     #[tokio::test]
