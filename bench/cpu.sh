@@ -4,6 +4,8 @@
 # gateway thread group's CPU time (from /proc) divided by the calls answered. PERF=1 also records
 # the gateway with perf (call graphs) into /tmp/perf-free.data and /tmp/perf-billed.data.
 # BILLED_BIN: another build to run as the billed gateway (an A/B of one change's CPU cost).
+# HOOKS=1: a billed gateway and the same with two webhook destinations (bench/run.sh's `hooks`),
+#   which also shows the webhook sink's CPU; what delivering usage events costs a call.
 #   C=1 bench/cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,30 @@ free=$(start free "$bin/tollgate" --log-level warn wrap --free --listen 127.0.0.
 billed=$(TOLLGATE_ADMIN_KEY=$admin_key start billed "${BILLED_BIN:-$bin/tollgate}" --log-level warn wrap \
   --listen 127.0.0.1:0 --data-dir "$work/data" --remote-url "$fixture")
 key=$(new_key "$billed" "$admin_key")
+names="free billed"
+if [ -n "${HOOKS:-}" ]; then
+  names="billed hooks"
+  sink=$(start sink "$bin/sink")
+  cat >"$work/hooks.toml" <<TOML
+[upstream]
+url = "$fixture"
+[billing]
+admin_key = "$admin_key"
+data_dir = "$work/hooks-data"
+[[webhooks]]
+name = "one"
+url = "${sink}hook"
+secret = "bench-webhook-secret-0123456789"
+allow_networks = ["127.0.0.0/8"]
+[[webhooks]]
+name = "two"
+url = "${sink}other"
+secret = "bench-webhook-secret-9876543210"
+allow_networks = ["127.0.0.0/8"]
+TOML
+  hooks=$(start hooks "${BILLED_BIN:-$bin/tollgate}" --log-level warn serve --config "$work/hooks.toml" --listen 127.0.0.1:0)
+  hooks_key=$(new_key "$hooks" "$admin_key")
+fi
 # CPU ticks (USER_HZ: 100 a second, 10,000 us each) per thread name, summed over the threads of process $1.
 threads() {
   for t in /proc/"$1"/task/*; do
@@ -29,18 +55,24 @@ threads() {
     echo "$c $(( ${12} + ${13} ))"
   done | awk '{a[$1]+=$2} END {for (k in a) print k, a[k]}' | sort
 }
-for n in free billed; do
+# The gateway's threads, and the sink's (named sink-*) when it runs.
+sample() {
+  { threads "$1"; [ -f "$work/sink.pid" ] && threads "$(cat "$work/sink.pid")" | sed 's/^/sink-/'; } | sort
+}
+for n in $names; do
   pid=$(cat "$work/$n.pid")
   url=$free; h=()
   if [ "$n" = billed ]; then url=$billed; h=(--header "x-api-key: $key"); fi
+  if [ "$n" = hooks ]; then url=$hooks; h=(--header "x-api-key: $hooks_key"); fi
+  quiet
   "$bin/loadgen" --url "$url" --concurrency "$C" --seconds 2 --label warm "${h[@]}" >/dev/null
-  threads "$pid" >"$work/before"
+  sample "$pid" >"$work/before"
   if [ -n "${PERF:-}" ]; then
     perf record --call-graph dwarf,16384 -F 999 -o "/tmp/perf-$n.data" -p "$pid" -- sleep "$SECS" >/dev/null 2>&1 &
   fi
   out=$("$bin/loadgen" --url "$url" --concurrency "$C" --seconds "$SECS" --label "$n" "${h[@]}")
   wait || true
-  threads "$pid" >"$work/after"
+  sample "$pid" >"$work/after"
   calls=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
   echo "$n: $out"
   join "$work/before" "$work/after" | awk -v calls="$calls" '

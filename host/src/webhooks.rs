@@ -440,30 +440,6 @@ async fn sweep_expired(ledger: Ledger, wanted: Arc<std::sync::atomic::AtomicBool
     }
 }
 
-/// A usage event as receivers see it (serialized straight from the row, no intermediate tree).
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct UsageEvent<'a> {
-    id: String,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    created_at: i64,
-    data: UsageData<'a>,
-}
-
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct UsageData<'a> {
-    request_id: &'a str,
-    key_id: Option<&'a str>,
-    method: &'a str,
-    tool: Option<&'a str>,
-    credits: i64,
-    outcome: &'a str,
-    reason: Option<&'a str>,
-    duration_ms: f64,
-}
-
 /// An admin event as receivers see it; its data is stored as JSON and passed through.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -475,23 +451,88 @@ struct AdminEvent<'a> {
     data: &'a serde_json::value::RawValue,
 }
 
+/// A usage event as receivers see it:
+/// `{"id":"usage_<request id>","type":"usage","createdAt":..,"data":{"requestId":..,"keyId":..,
+/// "method":..,"tool":..,"credits":..,"outcome":..,"reason":..,"durationMs":..}}`. Written by hand
+/// (the database writer does it for every settled call; serde's generic path cost twice as much),
+/// and held to what serde writes by a test.
 fn usage_event(r: &RequestRow) -> String {
-    serde_json::to_string(&UsageEvent {
-        id: format!("usage_{}", r.request_id),
-        kind: "usage",
-        created_at: r.created_at,
-        data: UsageData {
-            request_id: &r.request_id,
-            key_id: r.key_id.as_deref(),
-            method: &r.method,
-            tool: r.tool.as_deref(),
-            credits: r.credits,
-            outcome: &r.outcome,
-            reason: r.reason.as_deref(),
-            duration_ms: r.duration_us as f64 / 1000.0,
-        },
-    })
-    .expect("an event serializes")
+    let mut out = String::with_capacity(200 + 2 * r.request_id.len());
+    let mut n = itoa::Buffer::new();
+    out.push_str("{\"id\":\"usage_");
+    push_escaped(&mut out, &r.request_id);
+    out.push_str("\",\"type\":\"usage\",\"createdAt\":");
+    out.push_str(n.format(r.created_at));
+    out.push_str(",\"data\":{\"requestId\":");
+    push_string(&mut out, Some(&r.request_id));
+    out.push_str(",\"keyId\":");
+    push_string(&mut out, r.key_id.as_deref());
+    out.push_str(",\"method\":");
+    push_string(&mut out, Some(&r.method));
+    out.push_str(",\"tool\":");
+    push_string(&mut out, r.tool.as_deref());
+    out.push_str(",\"credits\":");
+    out.push_str(n.format(r.credits));
+    out.push_str(",\"outcome\":");
+    push_string(&mut out, Some(&r.outcome));
+    out.push_str(",\"reason\":");
+    push_string(&mut out, r.reason.as_deref());
+    out.push_str(",\"durationMs\":");
+    push_millis(&mut out, r.duration_us);
+    out.push_str("}}");
+    out
+}
+
+/// A JSON string (quoted and escaped), or `null`.
+fn push_string(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => {
+            out.push('"');
+            push_escaped(out, s);
+            out.push('"');
+        }
+        None => out.push_str("null"),
+    }
+}
+
+/// `s` escaped as inside a JSON string, as serde_json escapes it (control characters, `"` and `\`).
+fn push_escaped(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push_str(s);
+    } else {
+        let quoted = serde_json::to_string(s).expect("a string serializes");
+        out.push_str(&quoted[1..quoted.len() - 1]);
+    }
+}
+
+/// Microseconds as milliseconds, the way serde_json writes the `f64` `us / 1000.0`: the shortest
+/// decimal that reads back as that number, which for fewer than 16 digits is the exact one with its
+/// trailing zeros dropped (and `.0` for a whole number).
+fn push_millis(out: &mut String, us: i64) {
+    if !(0..1_000_000_000_000_000).contains(&us) {
+        out.push_str(&serde_json::to_string(&(us as f64 / 1000.0)).expect("a number serializes"));
+        return;
+    }
+    out.push_str(itoa::Buffer::new().format(us / 1000));
+    out.push('.');
+    let frac = us % 1000;
+    if frac == 0 {
+        out.push('0');
+        return;
+    }
+    let digits = [
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ];
+    let len = if digits[2] != b'0' {
+        3
+    } else if digits[1] != b'0' {
+        2
+    } else {
+        1
+    };
+    out.push_str(std::str::from_utf8(&digits[..len]).expect("ASCII digits"));
 }
 
 fn admin_event(e: &EventRow) -> String {
@@ -504,20 +545,6 @@ fn admin_event(e: &EventRow) -> String {
         data,
     })
     .expect("an event serializes")
-}
-
-/// A JSON array of already-serialized events.
-fn json_array(events: &[Arc<str>]) -> String {
-    let mut out = String::with_capacity(2 + events.iter().map(|e| e.len() + 1).sum::<usize>());
-    out.push('[');
-    for (i, e) in events.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(e);
-    }
-    out.push(']');
-    out
 }
 
 /// The POST body: `{"destination": .., "events": [..]}` around an events array.
@@ -606,9 +633,22 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
         let read = (usage.len() + events.len()).min(limit);
         let mut left = if flush { read } else { read - read % c.batch_size };
         let mut caught_up = read < limit || left < read;
+        // How far this read's batches went and how many events they delivered, recorded once
+        // after them: a kill before the record sends them again, which receivers de-duplicate.
+        let read_from = cursor;
+        let mut delivered = 0;
         while left > 0 {
             let mut next = cursor;
-            let mut batch = Vec::new();
+            let mut events = String::with_capacity(2 + c.batch_size.min(left) * 256);
+            events.push('[');
+            let mut count = 0;
+            let mut push = |events: &mut String, json: &str| {
+                if count > 0 {
+                    events.push(',');
+                }
+                events.push_str(json);
+                count += 1;
+            };
             let mut taken = 0;
             while taken < c.batch_size.min(left) {
                 let take_usage = match (u.peek(), e.peek()) {
@@ -622,24 +662,22 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
                     let row = u.next().expect("peeked");
                     next.request_seq = row.seq;
                     if wanted(&c, "usage", key_of(row.key_id.as_deref()).as_deref()) {
-                        batch.push(row.json.clone());
+                        push(&mut events, &row.json);
                     }
                 } else {
                     let row = e.next().expect("peeked");
                     next.event_seq = row.seq;
                     if wanted(&c, &row.kind, key_of(row.key_id.as_deref()).as_deref()) {
-                        batch.push(Arc::from(admin_event(row)));
+                        push(&mut events, &admin_event(row));
                     }
                 }
             }
+            events.push(']');
             left -= taken;
-            let count = batch.len();
-            let mut delivered = 0;
             if count > 0 {
-                let events = json_array(&batch);
                 let body = batch_body(&c.name, &events);
                 match send_with_retries(&c, tls.as_ref(), &mut kept, &progress, body, count).await {
-                    Ok(()) => delivered = count as i64,
+                    Ok(()) => delivered += count as i64,
                     Err((error, attempts)) => {
                         crate::metrics::webhook(&c.name, "dead", count);
                         tracing::error!(destination = %c.name, events = count, attempts, "webhook batch moved to the dead-letter queue");
@@ -661,16 +699,18 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
                     }
                 }
             }
+            cursor = next;
+        }
+        if cursor.request_seq != read_from.request_seq || cursor.event_seq != read_from.event_seq {
             let op = Op::WebhookCursor {
                 destination: c.name.clone(),
-                request_seq: next.request_seq,
-                event_seq: next.event_seq,
+                request_seq: cursor.request_seq,
+                event_seq: cursor.event_seq,
                 delivered,
             };
             if let Err(e) = store.submit(op) {
                 tracing::error!(destination = %c.name, error = %e, "cannot record webhook progress");
             }
-            cursor = next;
         }
         if caught_up {
             // Until a whole batch of usage events has come in, or the flush interval is up (from
@@ -690,7 +730,7 @@ struct Usage {
     seq: i64,
     created_at: i64,
     key_id: Option<compact_str::CompactString>,
-    json: Arc<str>,
+    json: String,
 }
 
 /// How many events a destination reads from its outboxes at once (in whole batches, at least one):
@@ -809,7 +849,7 @@ impl LogFollower for UsageOutbox {
 impl Usage {
     fn of(seq: i64, r: &RequestRow) -> Usage {
         Usage {
-            json: Arc::from(usage_event(r)),
+            json: usage_event(r),
             seq,
             created_at: r.created_at,
             key_id: r.key_id.clone(),
@@ -1163,7 +1203,7 @@ mod tests {
             second.iter().map(|u| u.seq).collect::<Vec<_>>(),
             (6..=15).collect::<Vec<_>>()
         );
-        assert!(Arc::ptr_eq(&first[3].json, &second[3].json), "serialized once");
+        assert!(Arc::ptr_eq(&first[3], &second[3]), "serialized once");
         assert_eq!(outbox.available_after(5), 10);
         assert_eq!(outbox.available_after(12), 3);
         // ... and a destination behind them reads the database.
@@ -1198,6 +1238,90 @@ mod tests {
             outbox.wait(10, 10, soon).await,
             "nothing new: the flush interval ends the wait"
         );
+    }
+
+    /// A usage event as serde writes it: what the hand-written one must be, byte for byte.
+    fn usage_event_by_serde(r: &RequestRow) -> String {
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct UsageEvent<'a> {
+            id: String,
+            #[serde(rename = "type")]
+            kind: &'static str,
+            created_at: i64,
+            data: UsageData<'a>,
+        }
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct UsageData<'a> {
+            request_id: &'a str,
+            key_id: Option<&'a str>,
+            method: &'a str,
+            tool: Option<&'a str>,
+            credits: i64,
+            outcome: &'a str,
+            reason: Option<&'a str>,
+            duration_ms: f64,
+        }
+        serde_json::to_string(&UsageEvent {
+            id: format!("usage_{}", r.request_id),
+            kind: "usage",
+            created_at: r.created_at,
+            data: UsageData {
+                request_id: &r.request_id,
+                key_id: r.key_id.as_deref(),
+                method: &r.method,
+                tool: r.tool.as_deref(),
+                credits: r.credits,
+                outcome: &r.outcome,
+                reason: r.reason.as_deref(),
+                duration_ms: r.duration_us as f64 / 1000.0,
+            },
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_usage_event_is_written_exactly_as_serde_writes_it() {
+        let durations = [
+            0,
+            1,
+            10,
+            100,
+            999,
+            1_000,
+            1_001,
+            1_010,
+            1_500,
+            12_345,
+            123_456_789,
+            999_999_999_999_999,
+            1_000_000_000_000_000,
+            i64::MAX,
+            -1,
+            -1_500,
+        ];
+        for (i, us) in durations.into_iter().enumerate() {
+            let r = RequestRow {
+                duration_us: us,
+                credits: i as i64 * 7 - 20,
+                created_at: 1_764_000_000_000 + i as i64,
+                ..RequestRow::sample(&format!("req_{i}"))
+            };
+            assert_eq!(usage_event(&r), usage_event_by_serde(&r), "{us} µs");
+        }
+        let odd = RequestRow {
+            request_id: "id \"quoted\" \\ tab\t nl\n \u{1} é 日本 /".into(),
+            key_id: None,
+            tool: None,
+            outcome: "refunded".into(),
+            reason: Some("upstream said \"no\"\r\n".into()),
+            ..RequestRow::sample("x")
+        };
+        assert_eq!(usage_event(&odd), usage_event_by_serde(&odd));
+        let parsed: Value = serde_json::from_str(&usage_event(&odd)).unwrap();
+        assert_eq!(parsed["data"]["requestId"], odd.request_id.as_str());
+        assert_eq!(parsed["data"]["keyId"], Value::Null);
     }
 
     #[test]
