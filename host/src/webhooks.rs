@@ -163,6 +163,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // A store has one `Webhooks` (the gateway makes it once), so its follower is this one's.
         self.ledger.store().follow(None);
         self.sweeper.abort();
         for r in self.running.get_mut().unwrap().values() {
