@@ -253,10 +253,9 @@ impl Webhooks {
         // The outbox follows the log's commits only while some destination takes usage events.
         let store = self.inner.ledger.store();
         if running.values().any(|r| wanted_type(&r.target.config, "usage")) {
-            store.follow(Some(self.inner.usage.clone()));
+            self.inner.usage.follow(store);
         } else {
-            store.follow(None);
-            self.inner.usage.stop();
+            self.inner.usage.unfollow(store);
         }
         drop(running);
         if let Err(e) = self.inner.ledger.store().submit(Op::WebhookKeepOnly(names)) {
@@ -759,6 +758,10 @@ struct UsageOutbox {
 
 #[derive(Default)]
 struct SharedUsage {
+    /// The store tells it of commits. A commit told after it stopped (the writer had already
+    /// taken it as its follower) is ignored: every read then goes to the database, and a window
+    /// no longer kept up to date must not answer a read.
+    following: bool,
     /// Told of a commit since it last started: until then it holds nothing and every read goes to
     /// the database.
     started: bool,
@@ -813,8 +816,15 @@ impl UsageOutbox {
         }
     }
 
-    /// Forgets everything: the store no longer tells it of commits.
-    fn stop(&self) {
+    /// Has `store` tell it of each commit from the next one on.
+    fn follow(self: &Arc<Self>, store: &Store) {
+        self.shared.lock().unwrap().following = true;
+        store.follow(Some(self.clone()));
+    }
+
+    /// Stops following `store`'s commits, and forgets what it holds.
+    fn unfollow(&self, store: &Store) {
+        store.follow(None);
         *self.shared.lock().unwrap() = SharedUsage::default();
     }
 }
@@ -827,6 +837,9 @@ impl LogFollower for UsageOutbox {
             .map(|(seq, r)| Arc::new(Usage::of(seq, r)))
             .collect();
         let mut shared = self.shared.lock().unwrap();
+        if !shared.following {
+            return;
+        }
         if !shared.started || shared.hi != after {
             // The first commit it is told of: what came before is in the database only.
             shared.rows.clear();
@@ -1141,7 +1154,7 @@ mod tests {
         settle_calls_some_denied(&store, 0, 50).await;
         // A small window, so that destinations trail it, catch up with it and run past it.
         let outbox = Arc::new(UsageOutbox::new(40));
-        store.follow(Some(outbox.clone()));
+        outbox.follow(&store);
         let mut cursors = [0i64; 3];
         let mut seen: [Vec<i64>; 3] = Default::default();
         let mut settled = 50;
@@ -1193,7 +1206,7 @@ mod tests {
         let (_dir, store, conn, rw) = empty_store();
         settle_calls(&store, 0, 5).await;
         let outbox = Arc::new(UsageOutbox::new(SHARED_USAGE));
-        store.follow(Some(outbox.clone()));
+        outbox.follow(&store);
         settle_calls(&store, 5, 10).await;
         // Gone from the database, the rows committed since the outbox followed the log are still
         // read, from memory ...
@@ -1209,17 +1222,20 @@ mod tests {
         assert_eq!(outbox.available_after(12), 3);
         // ... and a destination behind them reads the database.
         assert!(outbox.after(&conn, 0, 100).unwrap().is_empty());
-        // Once it no longer follows the log, it holds nothing.
-        store.follow(None);
-        outbox.stop();
+        // Once it no longer follows the log, it holds nothing, and a commit it is told of
+        // anyway (the writer took it as its follower just before) is ignored.
+        outbox.unfollow(&store);
         assert!(outbox.after(&conn, 5, 100).unwrap().is_empty());
+        let late = RequestRow::sample("late");
+        outbox.committed(15, 16, &mut [(16, &late)].into_iter());
+        assert_eq!(outbox.available_after(0), 0);
     }
 
     #[tokio::test]
     async fn a_destination_waits_for_a_whole_batch_or_the_flush_interval() {
         let (_dir, store, _conn, _) = empty_store();
         let outbox = Arc::new(UsageOutbox::new(SHARED_USAGE));
-        store.follow(Some(outbox.clone()));
+        outbox.follow(&store);
         let far = tokio::time::Instant::now() + Duration::from_secs(600);
         let waiting = tokio::spawn({
             let outbox = outbox.clone();

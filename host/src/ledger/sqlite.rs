@@ -1013,7 +1013,6 @@ macro_rules! request_columns {
 }
 const REQUEST_COLUMNS: &str = request_columns!();
 
-/// The usage outbox after a seq: settled charges and refunds of keys, not shadow-mode rows.
 /// Whether a request row is a usage event, as [`USAGE_AFTER`] selects them: a key's call whose
 /// charge was kept or refunded, not shadow mode's (which charges nothing).
 pub fn is_usage(r: &RequestRow) -> bool {
@@ -1022,6 +1021,7 @@ pub fn is_usage(r: &RequestRow) -> bool {
         && !r.reason.as_deref().is_some_and(|reason| reason.starts_with("shadow:"))
 }
 
+/// The usage outbox after a seq: settled charges and refunds of keys, not shadow-mode rows.
 const USAGE_AFTER: &str = concat!(
     request_columns!(),
     " WHERE seq > ?1 AND outcome IN ('allowed', 'refunded') AND key_id IS NOT NULL
