@@ -25,23 +25,7 @@ names="free billed"
 if [ -n "${HOOKS:-}" ]; then
   names="billed hooks"
   sink=$(start sink "$bin/sink")
-  cat >"$work/hooks.toml" <<TOML
-[upstream]
-url = "$fixture"
-[billing]
-admin_key = "$admin_key"
-data_dir = "$work/hooks-data"
-[[webhooks]]
-name = "one"
-url = "${sink}hook"
-secret = "bench-webhook-secret-0123456789"
-allow_networks = ["127.0.0.0/8"]
-[[webhooks]]
-name = "two"
-url = "${sink}other"
-secret = "bench-webhook-secret-9876543210"
-allow_networks = ["127.0.0.0/8"]
-TOML
+  hooks_config "$fixture" "$sink" "$admin_key" >"$work/hooks.toml"
   hooks=$(start hooks "${BILLED_BIN:-$bin/tollgate}" --log-level warn serve --config "$work/hooks.toml" --listen 127.0.0.1:0)
   hooks_key=$(new_key "$hooks" "$admin_key")
 fi

@@ -45,3 +45,26 @@ quiet() {
   done
   true
 }
+
+# hooks_config FIXTURE_URL SINK_URL ADMIN_KEY : the config of a billed gateway in front of the
+# fixture with two webhook destinations on the sink (`hooks` in bench/run.sh and bench/cpu.sh),
+# its database in $work/hooks-data.
+hooks_config() {
+  cat <<TOML
+[upstream]
+url = "$1"
+[billing]
+admin_key = "$3"
+data_dir = "$work/hooks-data"
+[[webhooks]]
+name = "one"
+url = "${2}hook"
+secret = "bench-webhook-secret-0123456789"
+allow_networks = ["127.0.0.0/8"]
+[[webhooks]]
+name = "two"
+url = "${2}other"
+secret = "bench-webhook-secret-9876543210"
+allow_networks = ["127.0.0.0/8"]
+TOML
+}

@@ -37,23 +37,7 @@ billed=$(TOLLGATE_ADMIN_KEY=$admin_key start tollgate-billed "$bin/tollgate" --l
   --data-dir "$work/data" --remote-url "$fixture")
 # The same, with two webhook destinations (issue 5: delivery must not slow /mcp).
 sink=$(start sink "$bin/sink")
-cat >"$work/hooks.toml" <<TOML
-[upstream]
-url = "$fixture"
-[billing]
-admin_key = "$admin_key"
-data_dir = "$work/hooks-data"
-[[webhooks]]
-name = "one"
-url = "${sink}hook"
-secret = "bench-webhook-secret-0123456789"
-allow_networks = ["127.0.0.0/8"]
-[[webhooks]]
-name = "two"
-url = "${sink}other"
-secret = "bench-webhook-secret-9876543210"
-allow_networks = ["127.0.0.0/8"]
-TOML
+hooks_config "$fixture" "$sink" "$admin_key" >"$work/hooks.toml"
 hooks=$(start tollgate-hooks "$bin/tollgate" --log-level warn serve --config "$work/hooks.toml" --listen 127.0.0.1:0)
 sleep 1
 api_key=$(new_key "$billed" "$admin_key")
