@@ -29,6 +29,7 @@ use hyper::client::conn::http1::SendRequest;
 use serde_json::{Value, json};
 
 use crate::config::WebhookConfig;
+use crate::ledger::journal::{json_escaped, json_option, json_string};
 use crate::ledger::{Cursor, EventRow, Key, Ledger, LogFollower, Op, RequestRow, Store, StoreError, is_usage, now_ms};
 
 /// Every event type; a destination's filter names some of these (or `key.*`).
@@ -164,7 +165,7 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         // A store has one `Webhooks` (the gateway makes it once), so its follower is this one's.
-        self.ledger.store().follow(None);
+        self.usage.unfollow(self.ledger.store());
         self.sweeper.abort();
         for r in self.running.get_mut().unwrap().values() {
             r.task.abort();
@@ -457,67 +458,45 @@ struct AdminEvent<'a> {
 /// (the database writer does it for every settled call; serde's generic path cost twice as much),
 /// and held to what serde writes by a test.
 fn usage_event(r: &RequestRow) -> String {
-    let mut out = String::with_capacity(200 + 2 * r.request_id.len());
+    let mut out = Vec::with_capacity(200 + 2 * r.request_id.len());
     let mut n = itoa::Buffer::new();
-    out.push_str("{\"id\":\"usage_");
-    push_escaped(&mut out, &r.request_id);
-    out.push_str("\",\"type\":\"usage\",\"createdAt\":");
-    out.push_str(n.format(r.created_at));
-    out.push_str(",\"data\":{\"requestId\":");
-    push_string(&mut out, Some(&r.request_id));
-    out.push_str(",\"keyId\":");
-    push_string(&mut out, r.key_id.as_deref());
-    out.push_str(",\"method\":");
-    push_string(&mut out, Some(&r.method));
-    out.push_str(",\"tool\":");
-    push_string(&mut out, r.tool.as_deref());
-    out.push_str(",\"credits\":");
-    out.push_str(n.format(r.credits));
-    out.push_str(",\"outcome\":");
-    push_string(&mut out, Some(&r.outcome));
-    out.push_str(",\"reason\":");
-    push_string(&mut out, r.reason.as_deref());
-    out.push_str(",\"durationMs\":");
+    out.extend_from_slice(b"{\"id\":\"usage_");
+    json_escaped(&mut out, &r.request_id);
+    out.extend_from_slice(b"\",\"type\":\"usage\",\"createdAt\":");
+    out.extend_from_slice(n.format(r.created_at).as_bytes());
+    out.extend_from_slice(b",\"data\":{\"requestId\":");
+    json_string(&mut out, &r.request_id);
+    out.extend_from_slice(b",\"keyId\":");
+    json_option(&mut out, r.key_id.as_deref());
+    out.extend_from_slice(b",\"method\":");
+    json_string(&mut out, &r.method);
+    out.extend_from_slice(b",\"tool\":");
+    json_option(&mut out, r.tool.as_deref());
+    out.extend_from_slice(b",\"credits\":");
+    out.extend_from_slice(n.format(r.credits).as_bytes());
+    out.extend_from_slice(b",\"outcome\":");
+    json_string(&mut out, &r.outcome);
+    out.extend_from_slice(b",\"reason\":");
+    json_option(&mut out, r.reason.as_deref());
+    out.extend_from_slice(b",\"durationMs\":");
     push_millis(&mut out, r.duration_us);
-    out.push_str("}}");
-    out
-}
-
-/// A JSON string (quoted and escaped), or `null`.
-fn push_string(out: &mut String, s: Option<&str>) {
-    match s {
-        Some(s) => {
-            out.push('"');
-            push_escaped(out, s);
-            out.push('"');
-        }
-        None => out.push_str("null"),
-    }
-}
-
-/// `s` escaped as inside a JSON string, as serde_json escapes it (control characters, `"` and `\`).
-fn push_escaped(out: &mut String, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.push_str(s);
-    } else {
-        let quoted = serde_json::to_string(s).expect("a string serializes");
-        out.push_str(&quoted[1..quoted.len() - 1]);
-    }
+    out.extend_from_slice(b"}}");
+    String::from_utf8(out).expect("written from strings and ASCII")
 }
 
 /// Microseconds as milliseconds, the way serde_json writes the `f64` `us / 1000.0`: the shortest
 /// decimal that reads back as that number, which for fewer than 16 digits is the exact one with its
 /// trailing zeros dropped (and `.0` for a whole number).
-fn push_millis(out: &mut String, us: i64) {
+fn push_millis(out: &mut Vec<u8>, us: i64) {
     if !(0..1_000_000_000_000_000).contains(&us) {
-        out.push_str(&serde_json::to_string(&(us as f64 / 1000.0)).expect("a number serializes"));
+        serde_json::to_writer(&mut *out, &(us as f64 / 1000.0)).expect("a number serializes");
         return;
     }
-    out.push_str(itoa::Buffer::new().format(us / 1000));
-    out.push('.');
+    out.extend_from_slice(itoa::Buffer::new().format(us / 1000).as_bytes());
+    out.push(b'.');
     let frac = us % 1000;
     if frac == 0 {
-        out.push('0');
+        out.push(b'0');
         return;
     }
     let digits = [
@@ -532,7 +511,7 @@ fn push_millis(out: &mut String, us: i64) {
     } else {
         1
     };
-    out.push_str(std::str::from_utf8(&digits[..len]).expect("ASCII digits"));
+    out.extend_from_slice(&digits[..len]);
 }
 
 fn admin_event(e: &EventRow) -> String {
@@ -1121,25 +1100,21 @@ mod tests {
     }
 
     async fn settle_calls(store: &Store, from: usize, n: usize) {
-        for i in from..from + n {
-            store
-                .submit(Op::Request(RequestRow {
-                    created_at: i as i64,
-                    ..RequestRow::sample(&format!("req_{i:08}"))
-                }))
-                .unwrap();
-        }
-        store.sync().await.unwrap();
+        settle(store, from, n, |_| "allowed").await;
     }
 
     /// Settles `n` calls, every third one denied (not a usage event).
     async fn settle_calls_some_denied(store: &Store, from: usize, n: usize) {
+        settle(store, from, n, |i| if i % 3 == 2 { "denied" } else { "allowed" }).await;
+    }
+
+    /// Settles calls `from..from + n` with the outcome `outcome(i)` and waits for their commit.
+    async fn settle(store: &Store, from: usize, n: usize, outcome: impl Fn(usize) -> &'static str) {
         for i in from..from + n {
-            let outcome = if i % 3 == 2 { "denied" } else { "allowed" };
             store
                 .submit(Op::Request(RequestRow {
                     created_at: i as i64,
-                    outcome: outcome.into(),
+                    outcome: outcome(i).into(),
                     ..RequestRow::sample(&format!("req_{i:08}"))
                 }))
                 .unwrap();

@@ -263,18 +263,26 @@ pub fn write_line(op: &Op, out: &mut Vec<u8>) -> bool {
     }
 }
 
-fn json_option(out: &mut Vec<u8>, s: Option<&str>) {
+/// `s` as a JSON string (see [`json_string`]), or `null`.
+pub fn json_option(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
         Some(s) => json_string(out, s),
         None => out.extend_from_slice(b"null"),
     }
 }
 
-/// `s` as a JSON string, escaped as serde_json escapes it: quote, backslash and the control
-/// characters (short forms where JSON has them, `\u00XX` otherwise); everything else as it is.
-fn json_string(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+/// `s` as a JSON string, escaped as serde_json escapes it (see [`json_escaped`]). Webhook usage
+/// events are written with it too.
+pub fn json_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
+    json_escaped(out, s);
+    out.push(b'"');
+}
+
+/// `s` escaped as inside a JSON string, as serde_json escapes it: quote, backslash and the control
+/// characters (short forms where JSON has them, `\u00XX` otherwise); everything else as it is.
+pub fn json_escaped(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
@@ -298,7 +306,6 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }
 
 fn parse(line: &str) -> Option<Op> {
