@@ -41,7 +41,10 @@ threads() {
 }
 # The gateway's threads, and the sink's (named sink-*) when it runs.
 sample() {
-  { threads "$1"; [ -f "$work/sink.pid" ] && threads "$(cat "$work/sink.pid")" | sed 's/^/sink-/'; } | sort
+  {
+    threads "$1"
+    if [ -f "$work/sink.pid" ]; then threads "$(cat "$work/sink.pid")" | sed 's/^/sink-/'; fi
+  } | sort
 }
 for n in $names; do
   pid=$(cat "$work/$n.pid")
@@ -52,7 +55,7 @@ for n in $names; do
   "$bin/loadgen" --url "$url" --concurrency "$C" --seconds 2 --label warm "${h[@]}" >/dev/null
   sample "$pid" >"$work/before"
   if [ -n "${PERF:-}" ]; then
-    perf record --call-graph dwarf,16384 -F 999 -o "/tmp/perf-$n.data" -p "$pid" -- sleep "$SECS" >/dev/null 2>&1 &
+    perf record ${PERF_ARGS:---call-graph dwarf,16384} -F 999 -o "/tmp/perf-$n.data" -p "$pid" -- sleep "$SECS" >/dev/null 2>&1 &
   fi
   out=$("$bin/loadgen" --url "$url" --concurrency "$C" --seconds "$SECS" --label "$n" "${h[@]}")
   wait || true

@@ -1752,6 +1752,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rows_committed_together_are_logged_field_for_field_across_a_segment_boundary() {
+        // 75 rows, the writer moving to the next segment after the 50th.
+        let (_dir, store, conn) = log_in_segments_of(50, 0, 0).await;
+        let rows: Vec<RequestRow> = (0..75)
+            .map(|i| RequestRow {
+                key_id: (i % 5 != 0).then(|| format!("key_{i}").into()),
+                method: if i % 7 == 0 { "tools/list" } else { "tools/call" }.into(),
+                tool: (i % 3 != 0).then(|| format!("tool_{i}").into()),
+                outcome: if i % 4 == 0 { "refunded" } else { "allowed" }.into(),
+                reason: (i % 4 == 0).then(|| format!("why_{i}").into()),
+                credits: i as i64 * 3,
+                duration_us: i as i64 * 1_000 + 7,
+                created_at: 1_000 + i as i64,
+                ..RequestRow::sample(&format!("req_{i:04}"))
+            })
+            .collect();
+        for r in &rows {
+            store.submit(Op::Request(r.clone())).unwrap();
+        }
+        store.sync().await.unwrap();
+        assert_eq!(segment_sizes(&conn), [50, 25, 0, 0, 0, 0, 0, 0]);
+        let mut logged = store
+            .requests(&RequestFilter {
+                limit: 1_000,
+                ..Default::default()
+            })
+            .unwrap();
+        logged.reverse();
+        let expected: Vec<RequestRow> = rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| RequestRow { seq: i as i64 + 1, ..r })
+            .collect();
+        assert_eq!(logged, expected);
+    }
+
+    #[tokio::test]
     async fn a_writer_started_again_goes_on_in_the_segment_of_the_newest_row_with_the_next_seq() {
         let (dir, _store, _) = log_in_segments_of(200, 900, 0).await;
         let conn = Connection::open(dir.path().join("tollgate.db")).unwrap();
