@@ -630,28 +630,50 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
     // Whether a batch that is not whole may go (the flush interval is up), and when it will be.
     let mut flush = true;
     let mut flush_at: Option<tokio::time::Instant> = None;
+    // What the last read of the admin events found, when it found all there were: the events
+    // version before it and the last event read. While the version stays and the cursor is past
+    // that event, there is no admin event to send, and usage events in the window are read from
+    // memory on this task, not on a blocking thread.
+    let mut events_seen: Option<(u64, i64)> = None;
     loop {
-        let (r, s, o) = (reader.clone(), store.clone(), outbox.clone());
-        let read = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-            let mut guard = r.lock().unwrap();
-            if guard.is_none() {
-                *guard = Some(s.reader()?);
+        let version = store.events_version();
+        let in_memory = match events_seen {
+            Some((seen, last)) if seen == version && cursor.event_seq >= last => {
+                outbox.in_window(cursor.request_seq, limit)
             }
-            let conn = guard.as_ref().expect("opened");
-            let usage = o.after(conn, cursor.request_seq, limit)?;
-            let events = Store::events_after(conn, cursor.event_seq, limit as i64)?;
-            Ok((usage, events))
-        })
-        .await;
-        let (usage, events) = match read {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                tracing::error!(destination = %c.name, error = %e, "cannot read the webhook outbox; retrying");
-                *reader.lock().unwrap() = None;
-                tokio::time::sleep(c.flush_interval).await;
-                continue;
+            _ => None,
+        };
+        let (usage, events) = match in_memory {
+            Some(usage) => (usage, Vec::new()),
+            None => {
+                let (r, s, o) = (reader.clone(), store.clone(), outbox.clone());
+                let read = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+                    let mut guard = r.lock().unwrap();
+                    if guard.is_none() {
+                        *guard = Some(s.reader()?);
+                    }
+                    let conn = guard.as_ref().expect("opened");
+                    let usage = o.after(conn, cursor.request_seq, limit)?;
+                    let events = Store::events_after(conn, cursor.event_seq, limit as i64)?;
+                    Ok((usage, events))
+                })
+                .await;
+                match read {
+                    Ok(Ok((usage, events))) => {
+                        events_seen = (events.len() < limit)
+                            .then(|| (version, events.last().map_or(cursor.event_seq, |e| e.seq)));
+                        (usage, events)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(destination = %c.name, error = %e, "cannot read the webhook outbox; retrying");
+                        *reader.lock().unwrap() = None;
+                        events_seen = None;
+                        tokio::time::sleep(c.flush_interval).await;
+                        continue;
+                    }
+                    Err(_) => return,
+                }
             }
-            Err(_) => return,
         };
         // Oldest first across both outboxes, a batch at a time; each cursor moves past what it took.
         // Only whole batches go until the flush interval has passed: then what there is goes too.
@@ -809,14 +831,19 @@ impl UsageOutbox {
     /// Up to `limit` usage events after `after`, oldest first: from the window if it reaches back
     /// that far, else from the database.
     fn after(&self, conn: &rusqlite::Connection, after: i64, limit: usize) -> Result<Vec<Arc<Usage>>, StoreError> {
-        {
-            let shared = self.shared.lock().unwrap();
-            if shared.started && after >= shared.lo {
-                let start = shared.rows.partition_point(|u| u.seq <= after);
-                return Ok(shared.rows.range(start..).take(limit).cloned().collect());
-            }
+        match self.in_window(after, limit) {
+            Some(rows) => Ok(rows),
+            None => read_usage(conn, after, limit),
         }
-        read_usage(conn, after, limit)
+    }
+
+    /// Up to `limit` usage events after `after` from the window, if it reaches back that far.
+    fn in_window(&self, after: i64, limit: usize) -> Option<Vec<Arc<Usage>>> {
+        let shared = self.shared.lock().unwrap();
+        (shared.started && after >= shared.lo).then(|| {
+            let start = shared.rows.partition_point(|u| u.seq <= after);
+            shared.rows.range(start..).take(limit).cloned().collect()
+        })
     }
 
     /// How many usage events after `after` the window holds.

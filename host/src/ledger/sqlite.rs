@@ -485,6 +485,8 @@ struct Inner {
     /// that numbers reach the writer (and the journal) in order.
     submit: Mutex<Submit>,
     committed: AtomicU64,
+    /// How many commits have held an admin event (see [`Store::events_version`]).
+    event_commits: AtomicU64,
     failed: AtomicBool,
     commit_signal: Notify,
     /// The writer thread, woken by whoever waits for a commit (see [`Store::durable`]).
@@ -605,6 +607,7 @@ impl Store {
                 journal,
             }),
             committed: AtomicU64::new(0),
+            event_commits: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             commit_signal: Notify::new(),
             writer: std::sync::OnceLock::new(),
@@ -912,6 +915,12 @@ impl Store {
     }
 
     /// Admin events after `seq`, oldest first.
+    /// Changes whenever a commit adds admin events: a reader that read every event there was
+    /// after seeing version `v` has nothing new to read while the version is still `v`.
+    pub fn events_version(&self) -> u64 {
+        self.inner.event_commits.load(Ordering::Acquire)
+    }
+
     pub fn events_after(conn: &Connection, seq: i64, limit: i64) -> Result<Vec<EventRow>, StoreError> {
         let mut stmt = conn.prepare_cached(
             "SELECT seq, id, type, key_id, data, created_at FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
@@ -1303,6 +1312,9 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool, mut tail: Lo
         let log_end = tail.next_seq - 1;
         match apply(&mut conn, &batch, &mut tail, &mut inserted) {
             Ok(()) => {
+                if batch.iter().any(|(_, op)| matches!(op, Op::Event(_))) {
+                    inner.event_commits.fetch_add(1, Ordering::Release);
+                }
                 inner.committed.store(last, Ordering::Release);
                 crate::metrics::commit(started.elapsed(), batch.len());
                 tracing::trace!(
@@ -1786,6 +1798,31 @@ mod tests {
             .map(|(i, r)| RequestRow { seq: i as i64 + 1, ..r })
             .collect();
         assert_eq!(logged, expected);
+    }
+
+    #[tokio::test]
+    async fn the_events_version_changes_with_each_commit_that_adds_admin_events_and_only_then() {
+        let (_dir, store, _) = log_of(0, 0).await;
+        let before = store.events_version();
+        store.write(Op::Request(row(1, 0))).await.unwrap();
+        assert_eq!(store.events_version(), before, "a call is not an admin event");
+        let event = |id: &str| {
+            Op::Event(EventRow {
+                seq: 0,
+                id: id.into(),
+                kind: "key.created".into(),
+                key_id: None,
+                data: "{}".into(),
+                created_at: 0,
+            })
+        };
+        store.write(event("evt_1")).await.unwrap();
+        let after_one = store.events_version();
+        assert_ne!(after_one, before);
+        store.write(Op::Request(row(2, 0))).await.unwrap();
+        assert_eq!(store.events_version(), after_one);
+        store.write(event("evt_2")).await.unwrap();
+        assert_ne!(store.events_version(), after_one);
     }
 
     #[tokio::test]
