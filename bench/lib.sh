@@ -8,7 +8,7 @@ start() {
   "$@" >"$work/$name.out" 2>"$work/$name.err" &
   echo $! >"$work/$name.pid"
   for _ in $(seq 1 1200); do
-    if grep -q "listening on " "$work/$name.out"; then
+    if grep -qs "listening on " "$work/$name.out"; then
       grep -o "http://[^ ]*" "$work/$name.out" | head -1
       return
     fi
