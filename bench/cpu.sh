@@ -3,6 +3,8 @@
 # at concurrency C (default 32) for SECS seconds (default 6) after a 2 s warm-up; prints each
 # gateway thread group's CPU time (from /proc) divided by the calls answered. PERF=1 also records
 # the gateway with perf (call graphs) into /tmp/perf-free.data and /tmp/perf-billed.data.
+# PERF_ARGS: perf's call-graph options instead of `--call-graph dwarf,16384` (" " for none: a
+#   flat profile, which perturbs the gateway far less).
 # BILLED_BIN: another build to run as the billed gateway (an A/B of one change's CPU cost).
 # HOOKS=1: a billed gateway and the same with two webhook destinations (bench/run.sh's `hooks`),
 #   which also shows the webhook sink's CPU; what delivering usage events costs a call.
@@ -55,6 +57,8 @@ for n in $names; do
   "$bin/loadgen" --url "$url" --concurrency "$C" --seconds 2 --label warm "${h[@]}" >/dev/null
   sample "$pid" >"$work/before"
   if [ -n "${PERF:-}" ]; then
+    # PERF_ARGS: perf's call-graph options, split into words (PERF_ARGS=" " for none).
+    # shellcheck disable=SC2086
     perf record ${PERF_ARGS:---call-graph dwarf,16384} -F 999 -o "/tmp/perf-$n.data" -p "$pid" -- sleep "$SECS" >/dev/null 2>&1 &
   fi
   out=$("$bin/loadgen" --url "$url" --concurrency "$C" --seconds "$SECS" --label "$n" "${h[@]}")

@@ -914,13 +914,13 @@ impl Store {
         Ok(rows)
     }
 
-    /// Admin events after `seq`, oldest first.
     /// Changes whenever a commit adds admin events: a reader that read every event there was
     /// after seeing version `v` has nothing new to read while the version is still `v`.
     pub fn events_version(&self) -> u64 {
         self.inner.event_commits.load(Ordering::Acquire)
     }
 
+    /// Admin events after `seq`, oldest first.
     pub fn events_after(conn: &Connection, seq: i64, limit: i64) -> Result<Vec<EventRow>, StoreError> {
         let mut stmt = conn.prepare_cached(
             "SELECT seq, id, type, key_id, data, created_at FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
