@@ -576,8 +576,13 @@ fn admin_event(e: &EventRow) -> String {
 
 /// The POST body: `{"destination": .., "events": [..]}` around an events array.
 fn batch_body(destination: &str, events_array: &str) -> Bytes {
+    Bytes::from(format!("{}{events_array}}}", body_head(destination)))
+}
+
+/// A POST body's beginning, up to its events array: `{"destination":"<name>","events":`.
+fn body_head(destination: &str) -> String {
     let name = serde_json::to_string(destination).expect("a string serializes");
-    Bytes::from(format!("{{\"destination\":{name},\"events\":{events_array}}}"))
+    format!("{{\"destination\":{name},\"events\":")
 }
 
 /// Whether a destination's filter takes events of this type.
@@ -635,6 +640,8 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
     // that event, there is no admin event to send, and usage events in the window are read from
     // memory on this task, not on a blocking thread.
     let mut events_seen: Option<(u64, i64)> = None;
+    // Each batch's body is written in place after this (see `batch_body`).
+    let head = body_head(&c.name);
     loop {
         let version = store.events_version();
         let in_memory = match events_seen {
@@ -688,14 +695,15 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
         let mut delivered = 0;
         while left > 0 {
             let mut next = cursor;
-            let mut events = String::with_capacity(2 + c.batch_size.min(left) * 256);
-            events.push('[');
+            let mut body = String::with_capacity(head.len() + 3 + c.batch_size.min(left) * 256);
+            body.push_str(&head);
+            body.push('[');
             let mut count = 0;
-            let mut push = |events: &mut String, json: &str| {
+            let mut push = |body: &mut String, json: &str| {
                 if count > 0 {
-                    events.push(',');
+                    body.push(',');
                 }
-                events.push_str(json);
+                body.push_str(json);
                 count += 1;
             };
             let mut taken = 0;
@@ -711,25 +719,27 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
                     let row = u.next().expect("peeked");
                     next.request_seq = row.seq;
                     if wanted(&c, "usage", key_of(row.key_id.as_deref()).as_deref()) {
-                        push(&mut events, &row.json);
+                        push(&mut body, &row.json);
                     }
                 } else {
                     let row = e.next().expect("peeked");
                     next.event_seq = row.seq;
                     if wanted(&c, &row.kind, key_of(row.key_id.as_deref()).as_deref()) {
-                        push(&mut events, &admin_event(row));
+                        push(&mut body, &admin_event(row));
                     }
                 }
             }
-            events.push(']');
+            body.push_str("]}");
             left -= taken;
             if count > 0 {
-                let body = batch_body(&c.name, &events);
-                match send_with_retries(&c, tls.as_ref(), &mut kept, &progress, body, count).await {
+                let body = Bytes::from(body);
+                match send_with_retries(&c, tls.as_ref(), &mut kept, &progress, body.clone(), count).await {
                     Ok(()) => delivered += count as i64,
                     Err((error, attempts)) => {
                         crate::metrics::webhook(&c.name, "dead", count);
                         tracing::error!(destination = %c.name, events = count, attempts, "webhook batch moved to the dead-letter queue");
+                        // The events array, as a dead letter keeps it.
+                        let events = String::from_utf8_lossy(&body[head.len()..body.len() - 1]).into_owned();
                         let op = Op::DeadLetter {
                             destination: c.name.clone(),
                             events,
