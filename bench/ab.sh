@@ -9,6 +9,9 @@
 #   bench/ab.sh "before=/tmp/tollgate-before after=target/release/tollgate"
 #   FREE=1 CONC=32 bench/ab.sh "before=/tmp/tollgate-before after=target/release/tollgate"
 # EXTRA: more arguments for the named gateways (e.g. EXTRA="--price 2").
+# HOOKS: names (of those given) whose gateways also deliver every usage event to two webhook
+#   destinations on a sink, as bench/run.sh's `hooks` does (EXTRA does not apply to them):
+#   CONC=32 HOOKS="h-before h-after" bench/ab.sh "billed=target/release/tollgate h-before=/tmp/a h-after=target/release/tollgate"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}; SECS=${SECS:-10}; SLICE=${SLICE:-0.5}; CONC=${CONC:-"1 32"}
@@ -26,9 +29,14 @@ if [ -n "${FREE:-}" ]; then
   names+=(yardstick)
   url[yardstick]=$(start yardstick "$bin/yardstick" --upstream "$fixture")
 fi
+if [ -n "${HOOKS:-}" ]; then sink=$(start sink "$bin/sink"); fi
 for spec in $1; do
   n=${spec%%=*}; names+=("$n")
-  if [ -n "${FREE:-}" ]; then
+  if [[ " ${HOOKS:-} " == *" $n "* ]]; then
+    hooks_config "$fixture" "$sink" "$admin_key" "$work/$n-data" >"$work/$n.toml"
+    url[$n]=$(start "$n" "${spec#*=}" --log-level warn serve --config "$work/$n.toml" --listen 127.0.0.1:0)
+    key[$n]=$(new_key "${url[$n]}" "$admin_key")
+  elif [ -n "${FREE:-}" ]; then
     # shellcheck disable=SC2086
     url[$n]=$(start "$n" "${spec#*=}" --log-level warn wrap --free --listen 127.0.0.1:0 --remote-url "$fixture" ${EXTRA:-})
   else

@@ -46,16 +46,16 @@ quiet() {
   true
 }
 
-# hooks_config FIXTURE_URL SINK_URL ADMIN_KEY : the config of a billed gateway in front of the
-# fixture with two webhook destinations on the sink (`hooks` in bench/run.sh and bench/cpu.sh),
-# its database in $work/hooks-data.
+# hooks_config FIXTURE_URL SINK_URL ADMIN_KEY [DATA_DIR] : the config of a billed gateway in front
+# of the fixture with two webhook destinations on the sink (`hooks` in bench/run.sh and
+# bench/cpu.sh), its database in DATA_DIR (default $work/hooks-data).
 hooks_config() {
   cat <<TOML
 [upstream]
 url = "$1"
 [billing]
 admin_key = "$3"
-data_dir = "$work/hooks-data"
+data_dir = "${4:-$work/hooks-data}"
 [[webhooks]]
 name = "one"
 url = "${2}hook"
