@@ -12,6 +12,7 @@
 # HOOKS: names (of those given) whose gateways also deliver every usage event to two webhook
 #   destinations on a sink, as bench/run.sh's `hooks` does (EXTRA does not apply to them):
 #   CONC=32 HOOKS="h-before h-after" bench/ab.sh "billed=target/release/tollgate h-before=/tmp/a h-after=target/release/tollgate"
+#   Their batch size: HOOKS_BATCH, or HOOKS_BATCH_<name> (dashes as underscores) for one of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}; SECS=${SECS:-10}; SLICE=${SLICE:-0.5}; CONC=${CONC:-"1 32"}
@@ -33,7 +34,8 @@ if [ -n "${HOOKS:-}" ]; then sink=$(start sink "$bin/sink"); fi
 for spec in $1; do
   n=${spec%%=*}; names+=("$n")
   if [[ " ${HOOKS:-} " == *" $n "* ]]; then
-    hooks_config "$fixture" "$sink" "$admin_key" "$work/$n-data" >"$work/$n.toml"
+    batch="HOOKS_BATCH_${n//-/_}"
+    HOOKS_BATCH=${!batch:-${HOOKS_BATCH:-}} hooks_config "$fixture" "$sink" "$admin_key" "$work/$n-data" >"$work/$n.toml"
     url[$n]=$(start "$n" "${spec#*=}" --log-level warn serve --config "$work/$n.toml" --listen 127.0.0.1:0)
     key[$n]=$(new_key "${url[$n]}" "$admin_key")
   elif [ -n "${FREE:-}" ]; then

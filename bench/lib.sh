@@ -48,8 +48,10 @@ quiet() {
 
 # hooks_config FIXTURE_URL SINK_URL ADMIN_KEY [DATA_DIR] : the config of a billed gateway in front
 # of the fixture with two webhook destinations on the sink (`hooks` in bench/run.sh and
-# bench/cpu.sh), its database in DATA_DIR (default $work/hooks-data).
+# bench/cpu.sh), its database in DATA_DIR (default $work/hooks-data). HOOKS_BATCH: each
+# destination's batch_size (the gateway's default, 100, if unset).
 hooks_config() {
+  local batch=${HOOKS_BATCH:+batch_size = $HOOKS_BATCH}
   cat <<TOML
 [upstream]
 url = "$1"
@@ -61,10 +63,12 @@ name = "one"
 url = "${2}hook"
 secret = "bench-webhook-secret-0123456789"
 allow_networks = ["127.0.0.0/8"]
+$batch
 [[webhooks]]
 name = "two"
 url = "${2}other"
 secret = "bench-webhook-secret-9876543210"
 allow_networks = ["127.0.0.0/8"]
+$batch
 TOML
 }
