@@ -57,7 +57,7 @@ for n in $names; do
   "$bin/loadgen" --url "$url" --concurrency "$C" --seconds 2 --label warm "${h[@]}" >/dev/null
   sample "$pid" >"$work/before"
   if [ -n "${PERF:-}" ]; then
-    # PERF_ARGS: perf's call-graph options, split into words (PERF_ARGS=" " for none).
+    # PERF_ARGS split into words on purpose (see above).
     # shellcheck disable=SC2086
     perf record ${PERF_ARGS:---call-graph dwarf,16384} -F 999 -o "/tmp/perf-$n.data" -p "$pid" -- sleep "$SECS" >/dev/null 2>&1 &
   fi

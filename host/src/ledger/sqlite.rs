@@ -1311,8 +1311,8 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool, mut tail: Lo
         let started = std::time::Instant::now();
         let log_end = tail.next_seq - 1;
         match apply(&mut conn, &batch, &mut tail, &mut inserted) {
-            Ok(()) => {
-                if batch.iter().any(|(_, op)| matches!(op, Op::Event(_))) {
+            Ok(events) => {
+                if events {
                     inner.event_commits.fetch_add(1, Ordering::Release);
                 }
                 inner.committed.store(last, Ordering::Release);
@@ -1431,14 +1431,15 @@ impl LogTail {
 }
 
 /// Applies `batch` in one transaction. `inserted` gets, for each request row it added, the row's
-/// place in `batch` and its seq.
+/// place in `batch` and its seq. Returns whether the batch held admin events.
 fn apply(
     conn: &mut Connection,
     batch: &[(u64, Op)],
     log: &mut LogTail,
     inserted: &mut Vec<(usize, i64)>,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<bool> {
     inserted.clear();
+    let mut events = false;
     // Changed in place only once the commit has succeeded.
     let mut tail = LogTail { held: false, ..*log };
     let tx = conn.transaction()?;
@@ -1555,6 +1556,7 @@ fn apply(
                         .execute(params![key_id, &hash[..], prefix])?;
                 }
                 Op::Event(e) => {
+                    events = true;
                     tx.prepare_cached(
                         "INSERT INTO events (id, type, key_id, data, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
                          ON CONFLICT (id) DO NOTHING",
@@ -1617,7 +1619,7 @@ fn apply(
     }
     tx.commit()?;
     *log = tail;
-    Ok(())
+    Ok(events)
 }
 
 #[cfg(test)]
