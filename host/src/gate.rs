@@ -314,6 +314,12 @@ impl Gate {
 
     /// The client key a request carries: `X-API-Key`, or `Authorization: Bearer`.
     pub fn key_of(&self, headers: &HeaderMap) -> Result<Arc<Key>, Refusal> {
+        self.admit(self.holder_of(headers)?)
+    }
+
+    /// The key whose secret the request carries, whatever its status (who sends the request, not
+    /// whether it may be served).
+    pub fn holder_of(&self, headers: &HeaderMap) -> Result<Arc<Key>, Refusal> {
         let secret = headers
             .get("x-api-key")
             .and_then(|v| v.to_str().ok())
@@ -326,7 +332,11 @@ impl Gate {
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .ok_or(Refusal::MissingKey)?;
-        let key = self.inner.ledger.authenticate(secret).ok_or(Refusal::UnknownKey)?;
+        self.inner.ledger.authenticate(secret).ok_or(Refusal::UnknownKey)
+    }
+
+    /// `key` if its status lets it be served: active and not expired.
+    pub fn admit(&self, key: Arc<Key>) -> Result<Arc<Key>, Refusal> {
         match key.status() {
             Status::Active if key.is_expired(crate::ledger::now_ms()) => Err(Refusal::Expired),
             Status::Active => Ok(key),

@@ -226,10 +226,39 @@ fn is_loopback_origin(origin: &str) -> bool {
     host == "localhost" || host == "::1" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-fn session_of(state: &AppState, headers: &HeaderMap) -> Result<Arc<Session>, Error> {
+/// The session a request names, if it is live and the request may use it. A session started with
+/// an API key answers only to requests carrying that key (whatever its status now): to a request
+/// with another key it does not exist (404), and one without a valid key is refused as such, so a
+/// session id that leaks lets no one else into the session, its stream or its upstream state.
+/// `holder`: the key the request carries, if the caller has looked it up already (else it is
+/// looked up here when the session has an owner). `gated`: the gate refuses a request without a
+/// valid key next (and logs it), so that refusal is left to it.
+fn session_of(
+    state: &AppState,
+    headers: &HeaderMap,
+    holder: Option<&Result<Arc<Key>, gate::Refusal>>,
+    gated: bool,
+) -> Result<Arc<Session>, Error> {
     let id = headers.get(&SESSION_HEADER).ok_or(Error::MissingSession)?;
     let id = id.to_str().map_err(|_| Error::SessionNotFound)?;
-    state.sessions().get(id).ok_or(Error::SessionNotFound)
+    let session = state.sessions().get(id).ok_or(Error::SessionNotFound)?;
+    if let Some(owner) = session.owner() {
+        let looked_up;
+        let holder = match holder {
+            Some(h) => h,
+            None => {
+                looked_up = state.gate().map(|g| g.holder_of(headers));
+                looked_up.as_ref().ok_or(Error::SessionNotFound)?
+            }
+        };
+        match holder {
+            Ok(key) if key.id == owner => {}
+            Ok(_) => return Err(Error::SessionNotFound),
+            Err(_) if gated => {}
+            Err(refusal) => return Err(refusal.clone().into()),
+        }
+    }
+    Ok(session)
 }
 
 async fn read_body(parts: &Parts, body: hyper::body::Incoming, limit: usize) -> Result<Bytes, Error> {
@@ -400,7 +429,9 @@ async fn post_inner(
 
     match (msg.kind, msg.method()) {
         (Kind::Request, Some("initialize")) => {
-            let session = state.sessions().create()?;
+            // With billing on, the session belongs to the key that starts it.
+            let owner = state.gate().and_then(|g| g.holder_of(headers).ok());
+            let session = state.sessions().create(owner.as_ref().map(|k| k.id.as_str()))?;
             let reply = with_deadline(
                 &deadline,
                 call_timeout,
@@ -435,14 +466,17 @@ async fn post_inner(
             Ok(one(&Message::from_value(&v), accept))
         }
         (Kind::Request, method) => {
-            let session = session_of(state, headers)?;
-            // The gate: a key, then its credits, reserved before anything reaches the upstream.
             let method = method.unwrap_or_default();
+            // The key the request carries, looked up once: for the session's owner, and the gate.
+            let mut holder = state.gate().map(|g| g.holder_of(headers));
+            let gated = state.gate().is_some_and(|g| !g.is_free(method) && !g.is_shadow());
+            let session = session_of(state, headers, holder.as_ref(), gated)?;
+            // The gate: a key, then its credits, reserved before anything reaches the upstream.
             // tools/list shows only what the caller's key may call, with prices.
             let view = match state.gate() {
                 Some(gate) if method == "tools/list" => Some(ToolsView {
                     gate: gate.clone(),
-                    key: gate.key_of(headers).ok(),
+                    key: holder.clone().and_then(Result::ok).and_then(|k| gate.admit(k).ok()),
                 }),
                 _ => None,
             };
@@ -461,7 +495,7 @@ async fn post_inner(
                     let mut price = None;
                     let shadow = gate.is_shadow();
                     let admitted = (|| {
-                        let key = gate.key_of(headers)?;
+                        let key = gate.admit(holder.take().expect("looked up when there is a gate")?)?;
                         key_id = Some(CompactString::from(key.id.as_str()));
                         // One read of the key's settings serves every check and the price.
                         let settings = key.settings_now();
@@ -533,7 +567,7 @@ async fn post_inner(
             }
         }
         (Kind::Notification, _) | (Kind::Response, _) => {
-            let session = session_of(state, headers)?;
+            let session = session_of(state, headers, None, false)?;
             let r = upstream.notify(&session, headers, msg, raw).await;
             gone_ends_session(state, &session, r.map_err(Error::from)).await?;
             Ok(body::status(StatusCode::ACCEPTED))
@@ -817,7 +851,7 @@ async fn get_stream(state: &AppState, req: Request<hyper::body::Incoming>) -> Re
         {
             return Err(Error::UnsupportedVersion(v.to_str().unwrap_or("").to_string()));
         }
-        let session = session_of(state, headers)?;
+        let session = session_of(state, headers, None, false)?;
         let r = state.upstream().open_stream(&session, headers).await;
         let body = gone_ends_session(state, &session, r.map_err(Error::from)).await?;
         Ok(body::sse(body))
@@ -830,7 +864,7 @@ async fn delete(state: &AppState, req: Request<hyper::body::Incoming>) -> Respon
     let headers = req.headers();
     let result = async {
         check_origin(state.config(), headers)?;
-        let session = session_of(state, headers)?;
+        let session = session_of(state, headers, None, false)?;
         state.sessions().remove(&session.id);
         state.upstream().end_session(&session).await;
         tracing::debug!(session = %session.id, "session ended by the client");

@@ -15,6 +15,9 @@ use tokio::sync::mpsc;
 pub struct Session {
     /// The id the client sends as `Mcp-Session-Id` (128 random bits, hex).
     pub id: Arc<str>,
+    /// The id of the API key that started it (billing on and a key sent with `initialize`):
+    /// only requests with that key may use it. Without one, any request with the id may.
+    owner: Option<Box<str>>,
     /// The protocol revision negotiated at `initialize`.
     pub protocol_version: OnceLock<String>,
     /// For an HTTP upstream: the upstream's own session id for this client alone (kept as the
@@ -33,6 +36,11 @@ pub struct Session {
 }
 
 impl Session {
+    /// The id of the API key that started the session, if one did.
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -93,11 +101,12 @@ impl Sessions {
         self.inner.epoch.elapsed().as_millis() as u64
     }
 
-    /// Mints a new session.
-    pub fn create(&self) -> Result<Arc<Session>, SessionError> {
+    /// Mints a new session, bound to the API key `owner` if given.
+    pub fn create(&self, owner: Option<&str>) -> Result<Arc<Session>, SessionError> {
         let id: Arc<str> = format!("{:032x}", rand::random::<u128>()).into();
         let session = Arc::new(Session {
             id: id.clone(),
+            owner: owner.map(Box::from),
             protocol_version: OnceLock::new(),
             upstream_session: OnceLock::new(),
             stream: Mutex::new(None),
@@ -173,7 +182,7 @@ mod tests {
     #[test]
     fn a_session_is_found_until_it_is_removed() {
         let sessions = Sessions::new(10, Duration::from_secs(60));
-        let s = sessions.create().unwrap();
+        let s = sessions.create(None).unwrap();
         assert!(sessions.get(&s.id).is_some());
         sessions.remove(&s.id);
         assert!(sessions.get(&s.id).is_none());
@@ -183,16 +192,16 @@ mod tests {
     #[test]
     fn the_session_limit_is_enforced() {
         let sessions = Sessions::new(2, Duration::from_secs(60));
-        sessions.create().unwrap();
-        sessions.create().unwrap();
-        assert!(matches!(sessions.create(), Err(SessionError::TooMany(2))));
+        sessions.create(None).unwrap();
+        sessions.create(None).unwrap();
+        assert!(matches!(sessions.create(None), Err(SessionError::TooMany(2))));
     }
 
     #[test]
     fn session_ids_are_unique_and_unguessable_in_length() {
         let sessions = Sessions::new(100, Duration::from_secs(60));
-        let a = sessions.create().unwrap();
-        let b = sessions.create().unwrap();
+        let a = sessions.create(None).unwrap();
+        let b = sessions.create(None).unwrap();
         assert_ne!(a.id, b.id);
         assert_eq!(a.id.len(), 32);
     }
@@ -200,7 +209,7 @@ mod tests {
     #[test]
     fn idle_sessions_expire() {
         let sessions = Sessions::new(10, Duration::from_millis(1));
-        let s = sessions.create().unwrap();
+        let s = sessions.create(None).unwrap();
         std::thread::sleep(Duration::from_millis(5));
         let expired = sessions.expire_idle();
         assert_eq!(expired.len(), 1);

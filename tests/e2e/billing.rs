@@ -183,17 +183,50 @@ async fn suspended_and_revoked_keys_are_refused_at_once_even_inside_an_open_sess
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_key_used_on_another_keys_session_is_charged_to_itself() {
+async fn a_session_answers_only_to_the_key_that_started_it() {
     let b = Billed::start(&[]);
     let g = b.gateway.ready_ref().await;
     let admin = g.admin();
     let (a_id, a_secret) = admin.create_key("a", 10).await;
     let (b_id, b_secret) = admin.create_key("b", 10).await;
-    let mut session_of_a = b.client_with(&a_secret).await;
-    session_of_a.api_key = Some(b_secret);
-    assert_eq!(session_of_a.call_text("echo", json!({"text": "x"})).await, "x");
-    assert_eq!(admin.key(&a_id).await["credits"], 10);
-    assert_eq!(admin.key(&b_id).await["credits"], 9);
+    let mut a = b.client_with(&a_secret).await;
+
+    // Another valid key, or no key, with a's session id: to them the session does not exist.
+    let mut intruder = a.clone();
+    intruder.api_key = Some(b_secret);
+    let (status, v) = error_of(&intruder, "echo").await;
+    assert_eq!((status, v["error"]["code"].clone()), (404, json!(-32034)));
+    assert_eq!(
+        intruder.open_stream().await.status(),
+        404,
+        "nor can it take the session's stream"
+    );
+    let cancel = json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}});
+    let r = intruder.post(&cancel).send().await.unwrap();
+    assert_eq!(r.status(), 404, "nor send into it");
+    assert_eq!(intruder.delete().await.status(), 404, "nor end it");
+    // Without a valid key, the request is refused for that, as anywhere.
+    let mut anonymous = a.clone();
+    anonymous.api_key = None;
+    let (status, v) = error_of(&anonymous, "echo").await;
+    assert_eq!((status, v["error"]["code"].clone()), (401, json!(-32003)));
+    assert_eq!(anonymous.open_stream().await.status(), 401);
+
+    // The session is still a's, and nobody paid for what was refused.
+    assert_eq!(a.call_text("echo", json!({"text": "still mine"})).await, "still mine");
+    assert_eq!(admin.key(&a_id).await["credits"], 9);
+    assert_eq!(admin.key(&b_id).await["credits"], 10);
+    assert_eq!(
+        b.upstream_saw("echo"),
+        1,
+        "the refused calls never reached the upstream"
+    );
+
+    // A rotated key is the same key: its new secret goes on using the session.
+    let rotated: Value = admin.action(&a_id, "rotate").await.json().await.unwrap();
+    a.api_key = Some(rotated["key"].as_str().expect("the new secret").to_string());
+    assert_eq!(a.call_text("echo", json!({"text": "rotated"})).await, "rotated");
+    assert_eq!(a.delete().await.status(), 204, "and its owner can end it");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -382,8 +382,7 @@ impl McpClient {
 
     /// Opens the session's server-to-client stream (`GET /mcp`).
     pub async fn open_stream(&self) -> reqwest::Response {
-        self.http
-            .get(&self.url)
+        self.with_key(self.http.get(&self.url))
             .header("accept", "text/event-stream")
             .header("mcp-session-id", self.session.as_deref().unwrap())
             .send()
@@ -392,12 +391,19 @@ impl McpClient {
     }
 
     pub async fn delete(&self) -> reqwest::Response {
-        self.http
-            .delete(&self.url)
+        self.with_key(self.http.delete(&self.url))
             .header("mcp-session-id", self.session.as_deref().unwrap())
             .send()
             .await
             .unwrap()
+    }
+
+    /// The API key on a request, as a client sends it with every request of its session.
+    fn with_key(&self, b: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(k) => b.header("x-api-key", k),
+            None => b,
+        }
     }
 }
 
