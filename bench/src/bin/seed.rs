@@ -1,5 +1,5 @@
 //! Seeds a Tollgate data directory for the scale benchmark: N keys (the first K with known
-//! secrets `tg_bench_<i>`) and M request-log rows spread over the last hour, written straight into
+//! secrets `tg_bench_<i>`, all active) and M request-log rows spread over the last hour, written straight into
 //! the database in one transaction (the admin API would take minutes for a million keys).
 //!
 //! `seed --data-dir DIR --keys 1000000 --requests 1000000 --known 16`
@@ -50,7 +50,9 @@ fn main() -> anyhow::Result<()> {
                 format!("tg_unknown_{i}_{}", rand::random::<u64>())
             };
             let hash = tollgate::ledger::keys::hash(&secret);
+            // Known keys are all active (a load spread over them is never refused).
             let status = match i % 100 {
+                _ if i < args.known => "active",
                 98 => "suspended",
                 99 => "revoked",
                 _ => "active",
@@ -95,11 +97,14 @@ fn main() -> anyhow::Result<()> {
             ])?;
         }
     }
-    // What the database writer keeps alongside the log it writes: each key's successful tools.
+    // What the database writer keeps alongside the log it writes: each key's successful tools;
+    // and that the balances written above hold every ledger row (else a start-up adds the grants
+    // to them again).
     tx.execute_batch(
         "INSERT INTO key_tools (key_id, tool, last_seq)
             SELECT key_id, tool, MAX(seq) FROM requests
-            WHERE outcome = 'allowed' AND key_id IS NOT NULL AND tool IS NOT NULL GROUP BY key_id, tool",
+            WHERE outcome = 'allowed' AND key_id IS NOT NULL AND tool IS NOT NULL GROUP BY key_id, tool;
+         UPDATE balance_mark SET ledger_seq = (SELECT COALESCE(MAX(seq), 0) FROM ledger);",
     )?;
     tx.commit()?;
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;

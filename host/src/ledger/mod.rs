@@ -557,6 +557,50 @@ mod tests {
     }
 
     #[test]
+    fn balances_written_behind_the_ledger_are_exact_after_each_of_two_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw_credits = |id: &str| -> i64 {
+            let conn = rusqlite::Connection::open(dir.path().join("tollgate.db")).unwrap();
+            conn.query_row("SELECT credits FROM keys WHERE id = ?1", [id], |r| r.get(0))
+                .unwrap()
+        };
+        let (id, secret) = rt().block_on(async {
+            let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
+            let (key, secret) = ledger.create_key("carol", 50, KeySettings::default()).await.unwrap();
+            for i in 0..6 {
+                let r = ledger.reserve(key.clone(), 4, &format!("c{i}")).unwrap();
+                // Every third call is refunded whole, the others keep 3 of their 4.
+                let kept = if i % 3 == 0 { 0 } else { 3 };
+                let seq = ledger.settle(r, kept, row(&format!("c{i}"), kept)).unwrap();
+                ledger.durable(seq).await.unwrap();
+            }
+            ledger.topup(&key.id, 9, "t1").await.unwrap();
+            ledger.store().sync().await.unwrap();
+            assert_eq!(key.credits(), 50 - 4 * 3 + 9);
+            let stored = ledger.store().stored_key(&key.id).unwrap().unwrap();
+            assert_eq!((stored.credits, stored.spent, stored.calls), (47, 12, 6));
+            (key.id.clone(), secret)
+        });
+        assert_eq!(
+            raw_credits(&id),
+            0,
+            "the key's row is not written with each commit, so a start-up must add the ledger to it"
+        );
+        for restart in 1..=2 {
+            let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
+            let key = ledger.authenticate(&secret).unwrap();
+            assert_eq!((key.credits(), key.spent()), (47, 12), "restart {restart}");
+            let stored = ledger.store().stored_key(&id).unwrap().unwrap();
+            assert_eq!(
+                (stored.credits, stored.spent, stored.calls),
+                (47, 12, 6),
+                "restart {restart}"
+            );
+            assert_eq!(raw_credits(&id), 47, "the start-up wrote the balance, once");
+        }
+    }
+
+    #[test]
     fn a_restart_replays_the_charge_journal_without_logging_a_call_twice() {
         let dir = tempfile::tempdir().unwrap();
         let (key_id, credits) = rt().block_on(async {

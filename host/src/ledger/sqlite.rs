@@ -203,6 +203,16 @@ const MIGRATIONS: &[&str] = &[
             UNION ALL SELECT * FROM requests_4 UNION ALL SELECT * FROM requests_5
             UNION ALL SELECT * FROM requests_6 UNION ALL SELECT * FROM requests_7;"
     ),
+    // 12: keys' balances (credits, spent, calls) are written behind the ledger, not with each
+    // commit: they hold every ledger row up to `ledger_seq`, and the rows after it are added at
+    // start-up (see `BALANCE_FLUSH`). Per commit, the writer had updated the row of every key that
+    // made a call in it; with calls spread over many keys that is a page written per key per
+    // commit (a million keys, calls spread over 200,000 of them: the writer at 29-42 us a call).
+    "CREATE TABLE balance_mark (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        ledger_seq INTEGER NOT NULL
+     );
+     INSERT INTO balance_mark (id, ledger_seq) SELECT 1, COALESCE(MAX(seq), 0) FROM ledger;",
 ];
 
 /// The request log's segment tables, in the order the writer fills them (round and round).
@@ -587,7 +597,8 @@ impl Store {
                 source,
             })?;
             let batch: Vec<(u64, Op)> = ops.into_iter().map(|op| (0, op)).collect();
-            apply(&mut conn, &batch, &mut tail, &mut Vec::new())?;
+            // Its balance moves are added with the rest by the catch-up below.
+            apply(&mut conn, &batch, &mut tail, &mut Vec::new(), &mut Moves::new(), false)?;
             tracing::info!(segment = %segment.display(), records = batch.len(), "journal replayed");
             std::fs::remove_file(&segment).map_err(journal_err)?;
         }
@@ -596,6 +607,7 @@ impl Store {
         } else {
             Some(super::journal::Journal::open(&journal_dir).map_err(journal_err)?)
         };
+        catch_up_balances(&mut conn)?;
         let keys = load_keys(&conn)?;
 
         let journaled = journal.is_some();
@@ -1006,12 +1018,26 @@ impl Store {
         Ok(rows)
     }
 
-    /// A key as stored now (for checks against the live state).
+    /// A key as stored now, as a restart would load it: its row, and the ledger rows committed
+    /// after the balance mark (for checks against the live state).
     pub fn stored_key(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
         let conn = self.reader()?;
-        Ok(conn
+        let tx = conn.unchecked_transaction()?;
+        let Some(mut key) = tx
             .query_row(&format!("{KEY_COLUMNS} WHERE id = ?1"), params![id], key_from_row)
-            .optional()?)
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let mark: i64 = tx.query_row("SELECT ledger_seq FROM balance_mark", [], |r| r.get(0))?;
+        let (credits, spent, calls): (Option<i64>, Option<i64>, Option<i64>) =
+            tx.query_row(&format!("{BALANCE_DELTAS} AND key_id = ?2"), params![mark, id], |r| {
+                Ok((r.get(1)?, r.get(2)?, r.get(3)?))
+            })?;
+        key.credits += credits.unwrap_or(0);
+        key.spent += spent.unwrap_or(0);
+        key.calls += calls.unwrap_or(0).max(0) as u64;
+        Ok(Some(key))
     }
 }
 
@@ -1287,6 +1313,9 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool, mut tail: Lo
     let mut retired: Vec<super::journal::Retired> = Vec::new();
     // When the writer last took the queue: with the journal, the next take is POLL after it.
     let mut last_take = std::time::Instant::now();
+    // Balance moves committed to the ledger and not yet to the keys, and when they last were.
+    let mut moves = Moves::new();
+    let mut last_flush = std::time::Instant::now();
     loop {
         // With the journal, at most one commit per POLL (unless a waiter wakes the writer): a
         // commit takes longer than the gap between two calls, so committing whatever arrived
@@ -1310,8 +1339,13 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool, mut tail: Lo
         let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
         let started = std::time::Instant::now();
         let log_end = tail.next_seq - 1;
-        match apply(&mut conn, &batch, &mut tail, &mut inserted) {
+        let flush = last_flush.elapsed() >= BALANCE_FLUSH || moves.len() >= BALANCE_FLUSH_KEYS;
+        match apply(&mut conn, &batch, &mut tail, &mut inserted, &mut moves, flush) {
             Ok(events) => {
+                if flush {
+                    moves.clear();
+                    last_flush = std::time::Instant::now();
+                }
                 if events {
                     inner.event_commits.fetch_add(1, Ordering::Release);
                 }
@@ -1430,21 +1464,62 @@ impl LogTail {
     }
 }
 
+/// Balance moves per key not yet written to `keys`: (credits, spent, calls), summed over the
+/// ledger rows committed since the last flush.
+type Moves = std::collections::HashMap<CompactString, (i64, i64, i64)>;
+
+/// How often the writer writes the keys' balances behind the ledger (or sooner, past
+/// `BALANCE_FLUSH_KEYS` keys). A key's balance row is written once per flush however many calls it
+/// made; a start-up after a kill adds at most this long's ledger rows to the balances it reads.
+const BALANCE_FLUSH: std::time::Duration = std::time::Duration::from_secs(30);
+const BALANCE_FLUSH_KEYS: usize = 250_000;
+
+/// What the ledger rows after `?1` add to each key's balance, as `apply` counts them: (key id,
+/// credits, spent, calls).
+const BALANCE_DELTAS: &str = "SELECT key_id,
+        SUM(CASE kind WHEN 'charge' THEN -amount ELSE amount END) AS credits,
+        SUM(CASE kind WHEN 'charge' THEN amount WHEN 'grant' THEN 0 WHEN 'topup' THEN 0 ELSE -amount END) AS spent,
+        SUM(kind = 'charge') AS calls
+     FROM ledger WHERE seq > ?1";
+
+/// Brings the keys' balances up to the ledger: adds the rows after the balance mark (those written
+/// after the last flush, before a kill or a stop, and any a journal replay just committed) and
+/// moves the mark past them, in one transaction.
+fn catch_up_balances(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    let mark: i64 = tx.query_row("SELECT ledger_seq FROM balance_mark", [], |r| r.get(0))?;
+    tx.execute(
+        &format!(
+            "UPDATE keys SET credits = keys.credits + d.credits, spent = keys.spent + d.spent, calls = keys.calls + d.calls
+             FROM ({BALANCE_DELTAS} GROUP BY key_id) AS d WHERE keys.id = d.key_id"
+        ),
+        [mark],
+    )?;
+    tx.execute(
+        "UPDATE balance_mark SET ledger_seq = (SELECT COALESCE(MAX(seq), ?1) FROM ledger)",
+        [mark],
+    )?;
+    tx.commit()
+}
+
 /// Applies `batch` in one transaction. `inserted` gets, for each request row it added, the row's
-/// place in `batch` and its seq. Returns whether the batch held admin events.
+/// place in `batch` and its seq. The balance moves of the ledger rows it adds are summed into
+/// `moves`; with `flush`, `moves` is written to the keys in the same transaction and the balance
+/// mark moved to the last ledger row (the caller clears `moves` once it has committed). Returns
+/// whether the batch held admin events.
 fn apply(
     conn: &mut Connection,
     batch: &[(u64, Op)],
     log: &mut LogTail,
     inserted: &mut Vec<(usize, i64)>,
+    moves: &mut Moves,
+    flush: bool,
 ) -> rusqlite::Result<bool> {
     inserted.clear();
     let mut events = false;
     // Changed in place only once the commit has succeeded.
     let mut tail = LogTail { held: false, ..*log };
     let tx = conn.transaction()?;
-    // Balance moves per key, summed over the batch: one UPDATE per key per commit.
-    let mut moves: std::collections::HashMap<&str, (i64, i64, i64)> = std::collections::HashMap::new();
     {
         let mut insert_key = tx.prepare_cached(
             "INSERT INTO keys (id, name, hash, prefix, status, credits, created_at, settings) VALUES (?1, ?2, ?3, ?4, 'active', 0, ?5, ?6)",
@@ -1499,7 +1574,7 @@ fn apply(
                         }
                     } else {
                         // (credits, spent, calls)
-                        let m = moves.entry(key_id.as_str()).or_default();
+                        let m = moves.entry(key_id.clone()).or_default();
                         match entry {
                             Entry::Grant | Entry::Topup => m.0 += amount,
                             Entry::Charge => {
@@ -1603,11 +1678,16 @@ fn apply(
                 }
             }
         }
-        let mut update = tx.prepare_cached(
-            "UPDATE keys SET credits = credits + ?2, spent = spent + ?3, calls = calls + ?4 WHERE id = ?1",
-        )?;
-        for (key_id, (credits, spent, calls)) in &moves {
-            update.execute(params![key_id, credits, spent, calls])?;
+        if flush {
+            let mut update = tx.prepare_cached(
+                "UPDATE keys SET credits = credits + ?2, spent = spent + ?3, calls = calls + ?4 WHERE id = ?1",
+            )?;
+            for (key_id, (credits, spent, calls)) in moves.iter() {
+                update.execute(params![key_id.as_str(), credits, spent, calls])?;
+            }
+            // Every ledger row so far is in the balances now, this batch's included.
+            tx.prepare_cached("UPDATE balance_mark SET ledger_seq = (SELECT COALESCE(MAX(seq), 0) FROM ledger)")?
+                .execute([])?;
         }
         let mut used = tx.prepare_cached(
             "INSERT INTO key_tools (key_id, tool, last_seq) VALUES (?1, ?2, ?3)
