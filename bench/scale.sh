@@ -4,13 +4,16 @@
 # For each: start-up time and resident memory, throughput and latency at c=32 (one key; medians of
 # ROUNDS interleaved rounds, default 3). With a million keys: GET /admin/consumer-insights and
 # GET /admin/system-health latency, and the proxy's p50/p99 at c=8 with and without those reports
-# running back to back beside it.
+# running back to back beside it. Each round also loads the million-key gateway with its calls
+# spread over SPREAD keys (default 100,000; every call from the next, as that many consumers),
+# which the one-key load does not show: what a commit writes per distinct key.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
 ROUNDS=${ROUNDS:-3}
 KEYS=${KEYS:-1000000}
 ROWS=${ROWS:-1000000}
+SPREAD=${SPREAD:-100000}
 
 cargo build --release --locked -p tollgate -p tollgate-bench >&2
 bin=target/release
@@ -29,7 +32,8 @@ declare -A url
 # readings one after the other moved by ±20 % here, as much as the target's margin.
 for n in 10 "$KEYS"; do
   rows=0; [ "$n" = "$KEYS" ] && rows=$ROWS
-  "$bin/seed" --data-dir "$work/d$n" --keys "$n" --requests "$rows" --known 16 >&2
+  known=16; [ "$n" = "$KEYS" ] && known=$SPREAD
+  "$bin/seed" --data-dir "$work/d$n" --keys "$n" --requests "$rows" --known "$known" >&2
   t0=$(date +%s%N)
   url[$n]=$(TOLLGATE_ADMIN_KEY=$admin_key start "g$n" "$bin/tollgate" --log-level warn wrap --listen 127.0.0.1:0 \
     --data-dir "$work/d$n" --remote-url "$fixture")
@@ -44,6 +48,9 @@ for round in $(seq 1 "$ROUNDS"); do
     "$bin/loadgen" --url "${url[$n]}" --concurrency 32 --seconds "$SECS" --label "keys=$n" --header "x-api-key: tg_bench_0" >>"$results"
     tail -1 "$results" >&2
   done
+  "$bin/loadgen" --url "${url[$KEYS]}" --concurrency 32 --seconds "$SECS" --label spread \
+    --key-cycle "$SPREAD" --header "x-api-key: tg_bench_{n}" >>"$results"
+  tail -1 "$results" >&2
 done
 kill "$(cat "$work/g10.pid")"; rm -f "$work/g10.pid"
 
@@ -74,10 +81,10 @@ while [ "$(date +%s)" -lt "$end" ]; do
 done
 wait $lg
 
-python3 - "$results" "$KEYS" <<'PY'
+python3 - "$results" "$KEYS" "$SPREAD" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-keys = sys.argv[2]
+keys, spread = sys.argv[2], int(sys.argv[3])
 by = lambda label: [r for r in rows if r["label"] == label]
 print("| keys | request-log rows | start-up | RSS | calls/s (c=32) | p50 µs | p99 µs |")
 print("|---|---|---|---|---|---|---|")
@@ -88,7 +95,11 @@ for m in by("memory"):
 small, big = by("keys=10"), by(f"keys={keys}")
 ratios = ", ".join(f"{100 * b['rps'] / s['rps']:.0f} %" for s, b in zip(small, big))
 print(f"\nThroughput at {int(keys):,} keys: {100 * med(f'keys={keys}', 'rps') / med('keys=10', 'rps'):.0f} % of that at 10 keys"
-      f" (medians of {len(small)} rounds; round by round: {ratios}).\n")
+      f" (medians of {len(small)} rounds; round by round: {ratios}).")
+sp = by("spread")
+sp_ratios = ", ".join(f"{100 * b['rps'] / s['rps']:.0f} %" for s, b in zip(small, sp))
+print(f"Calls spread over {spread:,} of the {int(keys):,} keys: {med('spread', 'rps'):.0f} calls/s, p50 {med('spread', 'p50_us'):.0f} µs,"
+      f" {100 * med('spread', 'rps') / med('keys=10', 'rps'):.0f} % of one key at 10 keys (round by round: {sp_ratios}).\n")
 print("| report | alone (median of 3) | beside c=8 load (median, max) |")
 print("|---|---|---|")
 for rep in ("consumer-insights", "system-health"):

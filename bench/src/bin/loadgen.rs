@@ -60,6 +60,23 @@ struct Args {
     /// Extra header for one target, `LABEL=name: value` (repeatable; with --target).
     #[arg(long = "target-header")]
     target_headers: Vec<String>,
+    /// Calls from N consumers: `{n}` in a header value becomes, call by call, each of 0..N in a
+    /// scrambled order (so consecutive calls come from keys far apart), e.g.
+    /// `--key-cycle 100000 --header "x-api-key: tg_bench_{n}"` over `seed --known 100000` keys.
+    #[arg(long, default_value_t = 1)]
+    key_cycle: u64,
+}
+
+/// `--key-cycle`, and how many calls have taken a number from it.
+static KEY_CYCLE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+static KEY_NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `value` with `{n}` replaced by the next consumer's number: a multiplication by a prime modulo
+/// N visits every number below N once per N calls.
+fn next_consumer(value: &str) -> String {
+    let n = *KEY_CYCLE.get().unwrap_or(&1);
+    let i = KEY_NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    value.replace("{n}", &((i % n) * 2_654_435_761 % n).to_string())
 }
 
 struct Target {
@@ -94,6 +111,7 @@ impl Target {
             Bytes::from_static(
                 br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"loadgen","version":"1"}}}"#,
             ),
+            true,
         )
         .await
         .with_context(|| format!("initializing {}", self.label))?;
@@ -102,6 +120,7 @@ impl Target {
             &mut s,
             self,
             Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#),
+            true,
         )
         .await?;
         Ok(())
@@ -123,7 +142,15 @@ async fn connect(t: &Target) -> anyhow::Result<Sender> {
     Ok(sender)
 }
 
-async fn post(sender: &mut Sender, t: &Target, body: Bytes) -> anyhow::Result<(hyper::http::HeaderMap, Bytes)> {
+/// Posts `body` with the target's headers; `opening`: the session's initialize, which goes without
+/// the `--key-cycle` headers (a session started with a key answers to that key alone, and one
+/// session carries every consumer's calls here).
+async fn post(
+    sender: &mut Sender,
+    t: &Target,
+    body: Bytes,
+    opening: bool,
+) -> anyhow::Result<(hyper::http::HeaderMap, Bytes)> {
     let mut req = Request::post(&t.path)
         .header("host", &t.authority)
         .header("content-type", "application/json")
@@ -134,7 +161,13 @@ async fn post(sender: &mut Sender, t: &Target, body: Bytes) -> anyhow::Result<(h
             .header("mcp-protocol-version", "2025-11-25");
     }
     for (k, v) in &t.headers {
-        req = req.header(k, v);
+        if v.contains("{n}") {
+            if !opening {
+                req = req.header(k, next_consumer(v));
+            }
+        } else {
+            req = req.header(k, v);
+        }
     }
     sender.ready().await?;
     let resp = sender.send_request(req.body(Full::new(body))?).await?;
@@ -196,7 +229,7 @@ async fn worker(
             r#"{{"jsonrpc":"2.0","id":{n},"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"hello"}}}}}}"#
         ));
         let start = Instant::now();
-        let ok = match post(&mut sender, t, body).await {
+        let ok = match post(&mut sender, t, body, false).await {
             Ok((_, b)) => memchr_hello(&b),
             Err(_) => {
                 sender = connect(t).await?;
@@ -263,6 +296,7 @@ fn memchr_hello(b: &[u8]) -> bool {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    KEY_CYCLE.set(args.key_cycle.max(1)).expect("set once");
     let mut targets = Vec::new();
     if let Some(url) = &args.url {
         let mut t = Target::new(&args.label, url)?;
