@@ -312,13 +312,14 @@ impl Gate {
         }
     }
 
-    /// The client key a request carries: `X-API-Key`, or `Authorization: Bearer`.
+    /// The client key a request carries (`X-API-Key`, or `Authorization: Bearer`), if it may be
+    /// served.
     pub fn key_of(&self, headers: &HeaderMap) -> Result<Arc<Key>, Refusal> {
         self.admit(self.holder_of(headers)?)
     }
 
-    /// The key whose secret the request carries, whatever its status (who sends the request, not
-    /// whether it may be served).
+    /// The key whose secret the request carries (`X-API-Key`, or `Authorization: Bearer`),
+    /// whatever its status: who sends the request, not whether it may be served.
     pub fn holder_of(&self, headers: &HeaderMap) -> Result<Arc<Key>, Refusal> {
         let secret = headers
             .get("x-api-key")

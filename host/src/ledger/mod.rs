@@ -601,6 +601,52 @@ mod tests {
     }
 
     #[test]
+    fn balances_flushed_behind_the_ledger_are_not_counted_again_by_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw_credits = |id: &str| -> i64 {
+            let conn = rusqlite::Connection::open(dir.path().join("tollgate.db")).unwrap();
+            conn.query_row("SELECT credits FROM keys WHERE id = ?1", [id], |r| r.get(0))
+                .unwrap()
+        };
+        let charge = |ledger: &Ledger, key: &Arc<Key>, request_id: &str| {
+            let r = ledger.reserve(key.clone(), 2, request_id).unwrap();
+            ledger.settle(r, 2, row(request_id, 2)).unwrap()
+        };
+        let (id, secret) = rt().block_on(async {
+            let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
+            // Every commit writes the balances (and moves the mark) while the first calls go in.
+            ledger.store().flush_balances_every(std::time::Duration::ZERO);
+            let (key, secret) = ledger.create_key("dave", 30, KeySettings::default()).await.unwrap();
+            for i in 0..3 {
+                let seq = charge(&ledger, &key, &format!("d{i}"));
+                ledger.durable(seq).await.unwrap();
+            }
+            ledger.store().sync().await.unwrap();
+            assert_eq!(raw_credits(&key.id), 24, "written with the commits");
+            // Then none do: these are after the mark when the gateway stops.
+            ledger
+                .store()
+                .flush_balances_every(std::time::Duration::from_secs(3600));
+            ledger.store().sync().await.unwrap();
+            for i in 3..5 {
+                let seq = charge(&ledger, &key, &format!("d{i}"));
+                ledger.durable(seq).await.unwrap();
+            }
+            ledger.topup(&key.id, 5, "t1").await.unwrap();
+            ledger.store().sync().await.unwrap();
+            assert_eq!(key.credits(), 30 - 5 * 2 + 5);
+            (key.id.clone(), secret)
+        });
+        assert_eq!(raw_credits(&id), 24, "the later calls are in the ledger only");
+        for restart in 1..=2 {
+            let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
+            let key = ledger.authenticate(&secret).unwrap();
+            assert_eq!((key.credits(), key.spent()), (25, 10), "restart {restart}");
+            assert_eq!(raw_credits(&id), 25, "restart {restart}");
+        }
+    }
+
+    #[test]
     fn a_restart_replays_the_charge_journal_without_logging_a_call_twice() {
         let dir = tempfile::tempdir().unwrap();
         let (key_id, credits) = rt().block_on(async {

@@ -207,7 +207,7 @@ const MIGRATIONS: &[&str] = &[
     // commit: they hold every ledger row up to `ledger_seq`, and the rows after it are added at
     // start-up (see `BALANCE_FLUSH`). Per commit, the writer had updated the row of every key that
     // made a call in it; with calls spread over many keys that is a page written per key per
-    // commit (a million keys, calls spread over 200,000 of them: the writer at 29-42 us a call).
+    // commit (a million keys, calls spread over 200,000 of them: the writer at 26-42 us a call).
     "CREATE TABLE balance_mark (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         ledger_seq INTEGER NOT NULL
@@ -503,6 +503,9 @@ struct Inner {
     writer: std::sync::OnceLock<std::thread::Thread>,
     /// Told of every commit's request rows (see [`Store::follow`]).
     follower: Mutex<Option<Arc<dyn LogFollower>>>,
+    /// How often the writer writes the keys' balances behind the ledger, in ms (`BALANCE_FLUSH`;
+    /// tests change it).
+    balance_flush_ms: AtomicU64,
 }
 
 /// Follows the request log as the writer commits it (the webhook outbox does), so that it need not
@@ -624,6 +627,7 @@ impl Store {
             commit_signal: Notify::new(),
             writer: std::sync::OnceLock::new(),
             follower: Mutex::new(None),
+            balance_flush_ms: AtomicU64::new(BALANCE_FLUSH.as_millis() as u64),
         });
         let writer_inner = inner.clone();
         let thread = std::thread::Builder::new()
@@ -1018,6 +1022,15 @@ impl Store {
         Ok(rows)
     }
 
+    /// Has the writer write the keys' balances behind the ledger this often from its next commit
+    /// on (instead of every `BALANCE_FLUSH`).
+    #[cfg(test)]
+    pub fn flush_balances_every(&self, every: std::time::Duration) {
+        self.inner
+            .balance_flush_ms
+            .store(every.as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// A key as stored now, as a restart would load it: its row, and the ledger rows committed
     /// after the balance mark (for checks against the live state).
     pub fn stored_key(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
@@ -1339,7 +1352,8 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool, mut tail: Lo
         let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
         let started = std::time::Instant::now();
         let log_end = tail.next_seq - 1;
-        let flush = last_flush.elapsed() >= BALANCE_FLUSH || moves.len() >= BALANCE_FLUSH_KEYS;
+        let every = std::time::Duration::from_millis(inner.balance_flush_ms.load(Ordering::Relaxed));
+        let flush = last_flush.elapsed() >= every || moves.len() >= BALANCE_FLUSH_KEYS;
         match apply(&mut conn, &batch, &mut tail, &mut inserted, &mut moves, flush) {
             Ok(events) => {
                 if flush {
