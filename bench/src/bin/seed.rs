@@ -1,6 +1,7 @@
 //! Seeds a Tollgate data directory for the scale benchmark: N keys (the first K with known
-//! secrets `tg_bench_<i>`, all active) and M request-log rows spread over the last hour, written straight into
-//! the database in one transaction (the admin API would take minutes for a million keys).
+//! secrets `tg_bench_<i>`, all active) and M request-log rows spread over the last hour, written
+//! straight into the database in one transaction (the admin API would take minutes for a million
+//! keys).
 //!
 //! `seed --data-dir DIR --keys 1000000 --requests 1000000 --known 16`
 
