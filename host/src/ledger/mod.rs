@@ -556,14 +556,17 @@ mod tests {
         assert_eq!(sum, key.credits(), "the balance is the sum of the ledger");
     }
 
+    /// A key's `credits` column as the database holds it (the balance as of the balance mark).
+    fn credits_column(dir: &Path, id: &str) -> i64 {
+        let conn = rusqlite::Connection::open(dir.join("tollgate.db")).unwrap();
+        conn.query_row("SELECT credits FROM keys WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap()
+    }
+
     #[test]
     fn balances_written_behind_the_ledger_are_exact_after_each_of_two_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let raw_credits = |id: &str| -> i64 {
-            let conn = rusqlite::Connection::open(dir.path().join("tollgate.db")).unwrap();
-            conn.query_row("SELECT credits FROM keys WHERE id = ?1", [id], |r| r.get(0))
-                .unwrap()
-        };
+        let raw_credits = |id: &str| credits_column(dir.path(), id);
         let (id, secret) = rt().block_on(async {
             let ledger = Ledger::open(dir.path(), false, TEST_RETENTION).unwrap();
             let (key, secret) = ledger.create_key("carol", 50, KeySettings::default()).await.unwrap();
@@ -603,11 +606,7 @@ mod tests {
     #[test]
     fn balances_flushed_behind_the_ledger_are_not_counted_again_by_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let raw_credits = |id: &str| -> i64 {
-            let conn = rusqlite::Connection::open(dir.path().join("tollgate.db")).unwrap();
-            conn.query_row("SELECT credits FROM keys WHERE id = ?1", [id], |r| r.get(0))
-                .unwrap()
-        };
+        let raw_credits = |id: &str| credits_column(dir.path(), id);
         let charge = |ledger: &Ledger, key: &Arc<Key>, request_id: &str| {
             let r = ledger.reserve(key.clone(), 2, request_id).unwrap();
             ledger.settle(r, 2, row(request_id, 2)).unwrap()
