@@ -467,8 +467,14 @@ async fn post_inner(
         }
         (Kind::Request, method) => {
             let method = method.unwrap_or_default();
-            // The key the request carries, looked up once: for the session's owner, and the gate.
-            let mut holder = state.gate().map(|g| g.holder_of(headers));
+            // The key the request carries, looked up once, where something reads it: the gate (a
+            // method that is not free) and tools/list's view; for a free method on a session with
+            // an owner, `session_of` looks it up itself. A free method on any other session (a
+            // ping) hashes no secret.
+            let mut holder = state
+                .gate()
+                .filter(|g| !g.is_free(method) || method == "tools/list")
+                .map(|g| g.holder_of(headers));
             let gated = state.gate().is_some_and(|g| !g.is_free(method) && !g.is_shadow());
             let session = session_of(state, headers, holder.as_ref(), gated)?;
             // The gate: a key, then its credits, reserved before anything reaches the upstream.
@@ -495,7 +501,7 @@ async fn post_inner(
                     let mut price = None;
                     let shadow = gate.is_shadow();
                     let admitted = (|| {
-                        let key = gate.admit(holder.take().expect("looked up when there is a gate")?)?;
+                        let key = gate.admit(holder.take().expect("looked up for a method that is not free")?)?;
                         key_id = Some(CompactString::from(key.id.as_str()));
                         // One read of the key's settings serves every check and the price.
                         let settings = key.settings_now();
