@@ -213,7 +213,16 @@ const MIGRATIONS: &[&str] = &[
         ledger_seq INTEGER NOT NULL
      );
      INSERT INTO balance_mark (id, ledger_seq) SELECT 1, COALESCE(MAX(seq), 0) FROM ledger;",
+    // 13: `key_tools` is written behind the request log too: it holds every successful call up to
+    // `tools_seq`, and the log's rows after it are added at start-up (see `ToolsPending`). Per
+    // commit, the writer had upserted a row per (key, tool) with a call in it: with calls spread
+    // over many keys, another page written per key per commit.
+    "ALTER TABLE balance_mark ADD COLUMN tools_seq INTEGER NOT NULL DEFAULT 0;
+     UPDATE balance_mark SET tools_seq = (SELECT COALESCE(MAX(seq), 0) FROM requests);",
 ];
+
+/// The database writer's page cache, in KiB (see `Store::open`).
+const WRITER_CACHE_KIB: i64 = 64 << 10;
 
 /// The request log's segment tables, in the order the writer fills them (round and round).
 const SEGMENTS: [&str; 8] = [
@@ -506,6 +515,62 @@ struct Inner {
     /// How often the writer writes the keys' balances behind the ledger, in ms (`BALANCE_FLUSH`;
     /// tests change it).
     balance_flush_ms: AtomicU64,
+    /// Committed (key, tool) pairs not yet in `key_tools` (see [`ToolsPending`]).
+    tools: Mutex<ToolsPending>,
+}
+
+/// Each key's tools with a successful call, by the seq of the latest: (key id -> tool -> seq).
+/// Hashed with foldhash: with calls spread over many keys, SipHash was 0.3 µs a call of the writer's.
+type ToolPairs = foldhash::HashMap<CompactString, foldhash::HashMap<CompactString, i64>>;
+
+/// The (key, tool) pairs of committed request rows that `key_tools` has not got yet. The writer
+/// writes them with the keys' balances (every `BALANCE_FLUSH`, or past `BALANCE_FLUSH_KEYS`
+/// pairs), and moves `balance_mark.tools_seq` to the newest row they cover in the same
+/// transaction; a start-up adds the log's rows after it (`catch_up_tools`). Readers of `key_tools`
+/// add these: `pending` (committed since the last write) and, while a write is under way,
+/// `flushing` (what it writes), which stays until that write has committed.
+#[derive(Default)]
+struct ToolsPending {
+    pending: ToolPairs,
+    /// How many pairs `pending` holds.
+    pairs: usize,
+    flushing: Option<Arc<ToolPairs>>,
+}
+
+impl ToolsPending {
+    /// Adds one commit's pairs (drained from `batch`).
+    fn merge(&mut self, batch: &mut ToolPairs) {
+        for (key_id, tools) in batch.drain() {
+            match self.pending.entry(key_id) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    self.pairs += tools.len();
+                    e.insert(tools);
+                }
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let mine = e.get_mut();
+                    for (tool, seq) in tools {
+                        let was = mine.insert(tool, seq);
+                        // Seqs only grow, so the newer one is the one just inserted.
+                        if was.is_none() {
+                            self.pairs += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The tools of `key_id`, pending or being written, with the seq of the latest call of each.
+    fn tools_of(&self, key_id: &str) -> std::collections::HashMap<CompactString, i64> {
+        let mut of_key = std::collections::HashMap::new();
+        for pairs in std::iter::once(&self.pending).chain(self.flushing.as_deref()) {
+            for (tool, seq) in pairs.get(key_id).into_iter().flatten() {
+                let latest = of_key.entry(tool.clone()).or_insert(*seq);
+                *latest = (*latest).max(*seq);
+            }
+        }
+        of_key
+    }
 }
 
 /// Follows the request log as the writer commits it (the webhook outbox does), so that it need not
@@ -569,6 +634,11 @@ impl Store {
         conn.pragma_update(None, "journal_size_limit", 64 << 20)
             .map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        // The writer's page cache (SQLite's default is 2 MiB), grown only as pages are read. Each
+        // charge checks its key against the keys' index: with calls spread over a million keys,
+        // that index (~40 MiB) was read back from the kernel page by page.
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
+            .map_err(open_err)?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(open_err)?;
@@ -600,8 +670,16 @@ impl Store {
                 source,
             })?;
             let batch: Vec<(u64, Op)> = ops.into_iter().map(|op| (0, op)).collect();
-            // Its balance moves are added with the rest by the catch-up below.
-            apply(&mut conn, &batch, &mut tail, &mut Vec::new(), &mut Moves::new(), false)?;
+            // Its balance moves and tools are added with the rest by the catch-ups below.
+            apply(
+                &mut conn,
+                &batch,
+                &mut tail,
+                &mut Vec::new(),
+                &mut Moves::default(),
+                &mut ToolPairs::default(),
+                None,
+            )?;
             tracing::info!(segment = %segment.display(), records = batch.len(), "journal replayed");
             std::fs::remove_file(&segment).map_err(journal_err)?;
         }
@@ -611,6 +689,7 @@ impl Store {
             Some(super::journal::Journal::open(&journal_dir).map_err(journal_err)?)
         };
         catch_up_balances(&mut conn)?;
+        catch_up_tools(&mut conn)?;
         let keys = load_keys(&conn)?;
 
         let journaled = journal.is_some();
@@ -628,6 +707,7 @@ impl Store {
             writer: std::sync::OnceLock::new(),
             follower: Mutex::new(None),
             balance_flush_ms: AtomicU64::new(BALANCE_FLUSH.as_millis() as u64),
+            tools: Mutex::new(ToolsPending::default()),
         });
         let writer_inner = inner.clone();
         let thread = std::thread::Builder::new()
@@ -890,16 +970,23 @@ impl Store {
 
     /// How many distinct tools each of these keys called successfully (per the request log).
     ///
-    /// Read from `key_tools`, which the writer keeps with the log: one row per (key, tool) and the
-    /// seq of its latest successful call. A pair counts while that call is still in the log, i.e.
-    /// at or past the oldest row left (pruning deletes from the oldest end), so a tool whose calls
-    /// were all pruned drops out as it would from a count over the log. One short range read per
-    /// key, whatever its number of calls.
+    /// Read from `key_tools`, which the writer keeps behind the log: one row per (key, tool) and
+    /// the seq of its latest successful call, and the pairs committed since it last wrote them
+    /// ([`ToolsPending`]). A pair counts while that call is still in the log, i.e. at or past the
+    /// oldest row left (pruning deletes from the oldest end), so a tool whose calls were all pruned
+    /// drops out as it would from a count over the log. One short range read per key, whatever
+    /// its number of calls.
     pub fn unique_tools(&self, key_ids: &[String]) -> Result<std::collections::HashMap<String, i64>, StoreError> {
         let mut counts = std::collections::HashMap::new();
         if key_ids.is_empty() {
             return Ok(counts);
         }
+        // The pending pairs first: a write of them that commits after this still shows in the
+        // database read below, while one that commits before it has already left `pending`.
+        let pending: Vec<_> = {
+            let t = self.inner.tools.lock().unwrap();
+            key_ids.iter().map(|id| t.tools_of(id)).collect()
+        };
         let conn = self.reader()?;
         // (Ordered, not `MIN`: over the segments' view, the first row of a merge of their ends.)
         let Some(oldest) = conn
@@ -910,11 +997,21 @@ impl Store {
         else {
             return Ok(counts);
         };
-        let mut count = conn.prepare("SELECT COUNT(*) FROM key_tools WHERE key_id = ?1 AND last_seq >= ?2")?;
-        for id in key_ids {
-            let n: i64 = count.query_row(params![id, oldest], |r| r.get(0))?;
-            if n > 0 {
-                counts.insert(id.clone(), n);
+        let mut stored = conn.prepare("SELECT tool FROM key_tools WHERE key_id = ?1 AND last_seq >= ?2")?;
+        let mut tools = std::collections::HashSet::new();
+        for (id, pending) in key_ids.iter().zip(pending) {
+            tools.clear();
+            for tool in stored.query_map(params![id, oldest], |r| r.get::<_, String>(0))? {
+                tools.insert(CompactString::from(tool?));
+            }
+            tools.extend(
+                pending
+                    .into_iter()
+                    .filter(|(_, seq)| *seq >= oldest)
+                    .map(|(tool, _)| tool),
+            );
+            if !tools.is_empty() {
+                counts.insert(id.clone(), tools.len() as i64);
             }
         }
         Ok(counts)
@@ -1327,8 +1424,10 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool, mut tail: Lo
     // When the writer last took the queue: with the journal, the next take is POLL after it.
     let mut last_take = std::time::Instant::now();
     // Balance moves committed to the ledger and not yet to the keys, and when they last were.
-    let mut moves = Moves::new();
+    let mut moves = Moves::default();
     let mut last_flush = std::time::Instant::now();
+    // Each commit's (key, tool) pairs, added to `inner.tools` once it has committed.
+    let mut tools = ToolPairs::default();
     loop {
         // With the journal, at most one commit per POLL (unless a waiter wakes the writer): a
         // commit takes longer than the gap between two calls, so committing whatever arrived
@@ -1353,9 +1452,36 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool, mut tail: Lo
         let started = std::time::Instant::now();
         let log_end = tail.next_seq - 1;
         let every = std::time::Duration::from_millis(inner.balance_flush_ms.load(Ordering::Relaxed));
-        let flush = last_flush.elapsed() >= every || moves.len() >= BALANCE_FLUSH_KEYS;
-        match apply(&mut conn, &batch, &mut tail, &mut inserted, &mut moves, flush) {
+        let flush = last_flush.elapsed() >= every
+            || moves.len() >= BALANCE_FLUSH_KEYS
+            || inner.tools.lock().unwrap().pairs >= BALANCE_FLUSH_KEYS;
+        // What this commit writes to `key_tools` stays visible to readers until it has committed.
+        let flushing = flush.then(|| {
+            let mut t = inner.tools.lock().unwrap();
+            t.pairs = 0;
+            let pending = Arc::new(std::mem::take(&mut t.pending));
+            t.flushing = Some(pending.clone());
+            pending
+        });
+        match apply(
+            &mut conn,
+            &batch,
+            &mut tail,
+            &mut inserted,
+            &mut moves,
+            &mut tools,
+            flushing.as_deref(),
+        ) {
             Ok(events) => {
+                {
+                    let mut t = inner.tools.lock().unwrap();
+                    if flush {
+                        t.flushing = None;
+                        tools.clear();
+                    } else {
+                        t.merge(&mut tools);
+                    }
+                }
                 if flush {
                     moves.clear();
                     last_flush = std::time::Instant::now();
@@ -1480,7 +1606,7 @@ impl LogTail {
 
 /// Balance moves per key not yet written to `keys`: (credits, spent, calls), summed over the
 /// ledger rows committed since the last flush.
-type Moves = std::collections::HashMap<CompactString, (i64, i64, i64)>;
+type Moves = foldhash::HashMap<CompactString, (i64, i64, i64)>;
 
 /// How often the writer writes the keys' balances behind the ledger (or sooner, past
 /// `BALANCE_FLUSH_KEYS` keys). A key's balance row is written once per flush however many calls it
@@ -1516,20 +1642,46 @@ fn catch_up_balances(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+/// Brings `key_tools` up to the request log: adds the successful calls after its mark (those
+/// committed after the last write of the pairs, before a kill or a stop, and any a journal replay
+/// just committed) and moves the mark past them, in one transaction. A call pruned meanwhile is
+/// not added, as it would not count anyway.
+fn catch_up_tools(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    let mark: i64 = tx.query_row("SELECT tools_seq FROM balance_mark", [], |r| r.get(0))?;
+    tx.execute(
+        "INSERT INTO key_tools (key_id, tool, last_seq)
+            SELECT key_id, tool, MAX(seq) FROM requests
+            WHERE seq > ?1 AND outcome = 'allowed' AND key_id IS NOT NULL AND tool IS NOT NULL
+            GROUP BY key_id, tool
+         ON CONFLICT (key_id, tool) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
+        [mark],
+    )?;
+    tx.execute(
+        "UPDATE balance_mark SET tools_seq = MAX(?1, (SELECT COALESCE(MAX(seq), 0) FROM requests))",
+        [mark],
+    )?;
+    tx.commit()
+}
+
 /// Applies `batch` in one transaction. `inserted` gets, for each request row it added, the row's
-/// place in `batch` and its seq. The balance moves of the ledger rows it adds are summed into
-/// `moves`; with `flush`, `moves` is written to the keys in the same transaction and the balance
-/// mark moved to the last ledger row (the caller clears `moves` once it has committed). Returns
-/// whether the batch held admin events.
+/// place in `batch` and its seq; `tools`, the (key, tool) pairs of its successful calls. The
+/// balance moves of the ledger rows it adds are summed into `moves`. With `flush` (the pairs not
+/// yet in `key_tools`), `moves` is written to the keys and the pairs, with `tools`, to `key_tools`
+/// in the same transaction, and the marks moved past the last ledger row and the last request
+/// row (the caller clears `moves` and the flushed pairs once it has committed). Returns whether
+/// the batch held admin events.
 fn apply(
     conn: &mut Connection,
     batch: &[(u64, Op)],
     log: &mut LogTail,
     inserted: &mut Vec<(usize, i64)>,
     moves: &mut Moves,
-    flush: bool,
+    tools: &mut ToolPairs,
+    flush: Option<&ToolPairs>,
 ) -> rusqlite::Result<bool> {
     inserted.clear();
+    tools.clear();
     let mut events = false;
     // Changed in place only once the commit has succeeded.
     let mut tail = LogTail { held: false, ..*log };
@@ -1549,8 +1701,6 @@ fn apply(
         // A journal record replayed after its commit: the request id whose charge row was already
         // there. Its request row, the record's last op, was committed with it and is skipped.
         let mut replayed: Option<&str> = None;
-        // The latest successful call's seq per (key, tool) in this batch: one upsert each.
-        let mut tools: std::collections::HashMap<(&str, &str), i64> = std::collections::HashMap::new();
         for (i, (_, op)) in batch.iter().enumerate() {
             match op {
                 Op::CreateKey {
@@ -1637,7 +1787,16 @@ fn apply(
                     tail.next_seq += 1;
                     tail.rows += 1;
                     if let (Some(key_id), Some(tool), "allowed") = (&r.key_id, &r.tool, r.outcome.as_str()) {
-                        tools.insert((key_id.as_str(), tool.as_str()), seq);
+                        let of_key = match tools.get_mut(key_id.as_str()) {
+                            Some(of_key) => of_key,
+                            None => tools.entry(key_id.clone()).or_default(),
+                        };
+                        match of_key.get_mut(tool.as_str()) {
+                            Some(latest) => *latest = seq,
+                            None => {
+                                of_key.insert(tool.clone(), seq);
+                            }
+                        }
                     }
                 }
                 Op::Rotate { key_id, hash, prefix } => {
@@ -1692,23 +1851,37 @@ fn apply(
                 }
             }
         }
-        if flush {
+        if let Some(pending) = flush {
             let mut update = tx.prepare_cached(
                 "UPDATE keys SET credits = credits + ?2, spent = spent + ?3, calls = calls + ?4 WHERE id = ?1",
             )?;
-            for (key_id, (credits, spent, calls)) in moves.iter() {
+            // In key order, so that each page of the keys' index is read and written once, not
+            // once per key on it (with many keys, far more pages than SQLite's cache holds).
+            let mut by_key: Vec<_> = moves.iter().collect();
+            by_key.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (key_id, (credits, spent, calls)) in by_key {
                 update.execute(params![key_id.as_str(), credits, spent, calls])?;
             }
             // Every ledger row so far is in the balances now, this batch's included.
             tx.prepare_cached("UPDATE balance_mark SET ledger_seq = (SELECT COALESCE(MAX(seq), 0) FROM ledger)")?
                 .execute([])?;
-        }
-        let mut used = tx.prepare_cached(
-            "INSERT INTO key_tools (key_id, tool, last_seq) VALUES (?1, ?2, ?3)
-             ON CONFLICT (key_id, tool) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
-        )?;
-        for ((key_id, tool), seq) in &tools {
-            used.execute(params![key_id, tool, seq])?;
+            let mut used = tx.prepare_cached(
+                "INSERT INTO key_tools (key_id, tool, last_seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (key_id, tool) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
+            )?;
+            // In key order too (`key_tools` is ordered by key).
+            let mut pairs: Vec<(&str, &str, i64)> = [pending, &*tools]
+                .into_iter()
+                .flatten()
+                .flat_map(|(key_id, of_key)| of_key.iter().map(|(tool, seq)| (key_id.as_str(), tool.as_str(), *seq)))
+                .collect();
+            pairs.sort_unstable();
+            for (key_id, tool, seq) in pairs {
+                used.execute(params![key_id, tool, seq])?;
+            }
+            // And every successful call so far is in `key_tools`.
+            tx.prepare_cached("UPDATE balance_mark SET tools_seq = ?1")?
+                .execute([tail.next_seq - 1])?;
         }
     }
     tx.commit()?;
@@ -2303,6 +2476,70 @@ mod tests {
             store.unique_tools(&["key_1".into()]).unwrap(),
             [("key_1".to_string(), 3)].into()
         );
+    }
+
+    #[tokio::test]
+    async fn the_tools_each_key_called_count_before_they_are_written_and_after_a_restart_that_never_wrote_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tollgate.db");
+        let written = || -> (i64, i64) {
+            let conn = Connection::open(&db).unwrap();
+            let pairs = conn
+                .query_row("SELECT COUNT(*) FROM key_tools", [], |r| r.get(0))
+                .unwrap();
+            let mark = conn
+                .query_row("SELECT tools_seq FROM balance_mark", [], |r| r.get(0))
+                .unwrap();
+            (pairs, mark)
+        };
+        let call = |store: &Store, i: usize, key: &str, tool: &str| {
+            store
+                .submit(Op::Request(RequestRow {
+                    key_id: Some(key.into()),
+                    tool: Some(tool.into()),
+                    ..RequestRow::sample(&format!("req_{i}"))
+                }))
+                .unwrap();
+        };
+        let ids: Vec<String> = ["key_1", "key_2"].map(String::from).to_vec();
+        {
+            let (store, _) = Store::open(dir.path(), false, Retention::keep_all()).unwrap();
+            for (i, (key, tool)) in [
+                ("key_1", "search"),
+                ("key_1", "echo"),
+                ("key_2", "search"),
+                ("key_1", "search"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                call(&store, i, key, tool);
+            }
+            store.sync().await.unwrap();
+            assert_eq!(written(), (0, 0), "the pairs are not written with each commit");
+            let counts = store.unique_tools(&ids).unwrap();
+            assert_eq!(counts, [("key_1".to_string(), 2), ("key_2".to_string(), 1)].into());
+            // The store is dropped without writing them, as a kill would leave it.
+        }
+        let (store, _) = Store::open(dir.path(), false, Retention::keep_all()).unwrap();
+        assert_eq!(written(), (3, 4), "the start-up added the log's calls after the mark");
+        assert_eq!(
+            store.unique_tools(&ids).unwrap(),
+            [("key_1".to_string(), 2), ("key_2".to_string(), 1)].into()
+        );
+
+        // Written with the balances (here at every commit), the mark moves with them.
+        store.flush_balances_every(std::time::Duration::ZERO);
+        call(&store, 4, "key_1", "fetch");
+        call(&store, 5, "key_2", "search");
+        store.sync().await.unwrap();
+        assert_eq!(written(), (4, 6));
+        let conn = Connection::open(&db).unwrap();
+        assert_eq!(
+            store.unique_tools(&ids).unwrap(),
+            [("key_1".to_string(), 3), ("key_2".to_string(), 1)].into()
+        );
+        assert_eq!(store.unique_tools(&ids).unwrap(), count_distinct_tools(&conn));
     }
 
     #[tokio::test]
