@@ -44,7 +44,8 @@ fn main() -> anyhow::Result<()> {
             "INSERT INTO ledger (request_id, key_id, kind, amount, created_at) VALUES (?1, ?2, 'grant', ?3, ?4)",
         )?;
         for i in 0..args.keys {
-            let id = format!("key_{i:024x}");
+            // 24 characters, as the gateway's own ids (`keys::new_id`), so kept inline as theirs are.
+            let id = format!("key_{i:020x}");
             let secret = if i < args.known {
                 format!("tg_bench_{i}")
             } else {
@@ -100,12 +101,13 @@ fn main() -> anyhow::Result<()> {
     }
     // What the database writer keeps alongside the log it writes: each key's successful tools;
     // and that the balances written above hold every ledger row (else a start-up adds the grants
-    // to them again).
+    // to them again), and `key_tools` every request row.
     tx.execute_batch(
         "INSERT INTO key_tools (key_id, tool, last_seq)
             SELECT key_id, tool, MAX(seq) FROM requests
             WHERE outcome = 'allowed' AND key_id IS NOT NULL AND tool IS NOT NULL GROUP BY key_id, tool;
-         UPDATE balance_mark SET ledger_seq = (SELECT COALESCE(MAX(seq), 0) FROM ledger);",
+         UPDATE balance_mark SET ledger_seq = (SELECT COALESCE(MAX(seq), 0) FROM ledger),
+            tools_seq = (SELECT COALESCE(MAX(seq), 0) FROM requests);",
     )?;
     tx.commit()?;
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
