@@ -5,6 +5,8 @@
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
+use compact_str::CompactString;
+
 use super::pricing::Price;
 use crate::ledger::{Key, KeySettings};
 
@@ -25,12 +27,15 @@ pub struct Inputs<'a> {
     pub kib: u64,
 }
 
+/// Its strings are kept inline (up to 24 bytes: a key id, a method, most tool names), so that
+/// keeping an entry and emptying a full shard allocate and free nothing for them: with calls spread
+/// over more keys than the cache holds, every call does both.
 struct Entry {
-    key_id: Box<str>,
+    key_id: CompactString,
     /// Held, so its address cannot be reused by other settings while the entry lives.
     settings: Arc<KeySettings>,
-    method: Box<str>,
-    tool: Option<Box<str>>,
+    method: CompactString,
+    tool: Option<CompactString>,
     kib: u64,
     price: Price,
     /// Unix ms after which the entry is not reused.
@@ -41,8 +46,8 @@ impl Entry {
     fn matches(&self, i: &Inputs<'_>) -> bool {
         self.kib == i.kib
             && Arc::ptr_eq(&self.settings, i.settings)
-            && *self.key_id == *i.key.id
-            && *self.method == *i.method
+            && self.key_id.as_str() == i.key.id.as_str()
+            && self.method.as_str() == i.method
             && self.tool.as_deref() == i.tool
     }
 }
