@@ -512,8 +512,8 @@ struct Inner {
     writer: std::sync::OnceLock<std::thread::Thread>,
     /// Told of every commit's request rows (see [`Store::follow`]).
     follower: Mutex<Option<Arc<dyn LogFollower>>>,
-    /// How often the writer writes the keys' balances behind the ledger, in ms (`BALANCE_FLUSH`;
-    /// tests change it).
+    /// How often the writer writes the keys' balances behind the ledger, and their tools behind the
+    /// request log, in ms (`BALANCE_FLUSH`; tests change it).
     balance_flush_ms: AtomicU64,
     /// Committed (key, tool) pairs not yet in `key_tools` (see [`ToolsPending`]).
     tools: Mutex<ToolsPending>,
@@ -1119,8 +1119,8 @@ impl Store {
         Ok(rows)
     }
 
-    /// Has the writer write the keys' balances behind the ledger this often from its next commit
-    /// on (instead of every `BALANCE_FLUSH`).
+    /// Has the writer write the keys' balances behind the ledger, and their tools behind the request
+    /// log, this often from its next commit on (instead of every `BALANCE_FLUSH`).
     #[cfg(test)]
     pub fn flush_balances_every(&self, every: std::time::Duration) {
         self.inner
