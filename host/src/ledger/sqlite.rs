@@ -1452,17 +1452,20 @@ fn writer(mut conn: Connection, inner: Arc<Inner>, journaled: bool, mut tail: Lo
         let started = std::time::Instant::now();
         let log_end = tail.next_seq - 1;
         let every = std::time::Duration::from_millis(inner.balance_flush_ms.load(Ordering::Relaxed));
-        let flush = last_flush.elapsed() >= every
-            || moves.len() >= BALANCE_FLUSH_KEYS
-            || inner.tools.lock().unwrap().pairs >= BALANCE_FLUSH_KEYS;
-        // What this commit writes to `key_tools` stays visible to readers until it has committed.
-        let flushing = flush.then(|| {
+        // With a flush, what this commit writes to `key_tools` stays visible to readers until it
+        // has committed.
+        let flushing = {
             let mut t = inner.tools.lock().unwrap();
-            t.pairs = 0;
-            let pending = Arc::new(std::mem::take(&mut t.pending));
-            t.flushing = Some(pending.clone());
-            pending
-        });
+            let due =
+                last_flush.elapsed() >= every || moves.len() >= BALANCE_FLUSH_KEYS || t.pairs >= BALANCE_FLUSH_KEYS;
+            due.then(|| {
+                t.pairs = 0;
+                let pending = Arc::new(std::mem::take(&mut t.pending));
+                t.flushing = Some(pending.clone());
+                pending
+            })
+        };
+        let flush = flushing.is_some();
         match apply(
             &mut conn,
             &batch,
