@@ -500,36 +500,34 @@ struct AdminEvent<'a> {
     data: &'a serde_json::value::RawValue,
 }
 
-/// A usage event as receivers see it:
+/// A usage event as receivers see it, appended to `out`:
 /// `{"id":"usage_<request id>","type":"usage","createdAt":..,"data":{"requestId":..,"keyId":..,
 /// "method":..,"tool":..,"credits":..,"outcome":..,"reason":..,"durationMs":..}}`. Written by hand
 /// (the database writer does it for every settled call; serde's generic path cost twice as much),
 /// and held to what serde writes by a test.
-fn usage_event(r: &RequestRow) -> String {
-    let mut out = Vec::with_capacity(200 + 2 * r.request_id.len());
+fn write_usage_event(out: &mut Vec<u8>, r: &RequestRow) {
     let mut n = itoa::Buffer::new();
     out.extend_from_slice(b"{\"id\":\"usage_");
-    json_escaped(&mut out, &r.request_id);
+    json_escaped(out, &r.request_id);
     out.extend_from_slice(b"\",\"type\":\"usage\",\"createdAt\":");
     out.extend_from_slice(n.format(r.created_at).as_bytes());
     out.extend_from_slice(b",\"data\":{\"requestId\":");
-    json_string(&mut out, &r.request_id);
+    json_string(out, &r.request_id);
     out.extend_from_slice(b",\"keyId\":");
-    json_option(&mut out, r.key_id.as_deref());
+    json_option(out, r.key_id.as_deref());
     out.extend_from_slice(b",\"method\":");
-    json_string(&mut out, &r.method);
+    json_string(out, &r.method);
     out.extend_from_slice(b",\"tool\":");
-    json_option(&mut out, r.tool.as_deref());
+    json_option(out, r.tool.as_deref());
     out.extend_from_slice(b",\"credits\":");
     out.extend_from_slice(n.format(r.credits).as_bytes());
     out.extend_from_slice(b",\"outcome\":");
-    json_string(&mut out, &r.outcome);
+    json_string(out, &r.outcome);
     out.extend_from_slice(b",\"reason\":");
-    json_option(&mut out, r.reason.as_deref());
+    json_option(out, r.reason.as_deref());
     out.extend_from_slice(b",\"durationMs\":");
-    push_millis(&mut out, r.duration_us);
+    push_millis(out, r.duration_us);
     out.extend_from_slice(b"}}");
-    String::from_utf8(out).expect("written from strings and ASCII")
 }
 
 /// Microseconds as milliseconds, the way serde_json writes the `f64` `us / 1000.0`: the shortest
@@ -695,15 +693,15 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
         let mut delivered = 0;
         while left > 0 {
             let mut next = cursor;
-            let mut body = String::with_capacity(head.len() + 3 + c.batch_size.min(left) * 256);
-            body.push_str(&head);
-            body.push('[');
+            let mut body = Vec::with_capacity(head.len() + 3 + c.batch_size.min(left) * 256);
+            body.extend_from_slice(head.as_bytes());
+            body.push(b'[');
             let mut count = 0;
-            let mut push = |body: &mut String, json: &str| {
+            let mut push = |body: &mut Vec<u8>, json: &[u8]| {
                 if count > 0 {
-                    body.push(',');
+                    body.push(b',');
                 }
-                body.push_str(json);
+                body.extend_from_slice(json);
                 count += 1;
             };
             let mut taken = 0;
@@ -718,18 +716,18 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
                 if take_usage {
                     let row = u.next().expect("peeked");
                     next.request_seq = row.seq;
-                    if wanted(&c, "usage", key_of(row.key_id.as_deref()).as_deref()) {
-                        push(&mut body, &row.json);
+                    if wanted(&c, "usage", key_of(row.key_id).as_deref()) {
+                        push(&mut body, row.json);
                     }
                 } else {
                     let row = e.next().expect("peeked");
                     next.event_seq = row.seq;
                     if wanted(&c, &row.kind, key_of(row.key_id.as_deref()).as_deref()) {
-                        push(&mut body, &admin_event(row));
+                        push(&mut body, admin_event(row).as_bytes());
                     }
                 }
             }
-            body.push_str("]}");
+            body.extend_from_slice(b"]}");
             left -= taken;
             if count > 0 {
                 let body = Bytes::from(body);
@@ -783,32 +781,129 @@ async fn deliver(target: Target, ledger: Ledger, outbox: Arc<UsageOutbox>, mut c
     }
 }
 
-/// A settled call's usage event, serialized, with what a destination's filter and the merge with
-/// admin events need.
-struct Usage {
+/// Usage events serialized together, oldest first: one commit's, or one read of the database. Their
+/// JSON is one buffer, so a commit's events cost the writer one allocation and the window one free,
+/// not two of each per event.
+struct UsageChunk {
+    /// The events' JSON, back to back.
+    json: Vec<u8>,
+    events: Vec<UsageMeta>,
+}
+
+/// What a destination's filter and the merge with admin events need of a usage event.
+struct UsageMeta {
     seq: i64,
     created_at: i64,
     key_id: Option<compact_str::CompactString>,
-    json: String,
+    /// Where its JSON ends in the chunk's buffer; it starts where the event before it ends.
+    end: usize,
+}
+
+impl UsageChunk {
+    /// The usage events of these request rows (each a settled call's, see [`is_usage`]).
+    fn of<'a>(rows: impl Iterator<Item = (i64, &'a RequestRow)>) -> UsageChunk {
+        // Room for every row's event at about 256 bytes each (the rows of refused calls are few).
+        let rows_at_most = rows.size_hint().1.unwrap_or(0).min(8192);
+        let mut json = Vec::with_capacity(rows_at_most * 256);
+        let mut events = Vec::with_capacity(rows_at_most);
+        for (seq, r) in rows {
+            write_usage_event(&mut json, r);
+            events.push(UsageMeta {
+                seq,
+                created_at: r.created_at,
+                key_id: r.key_id.clone(),
+                end: json.len(),
+            });
+        }
+        UsageChunk { json, events }
+    }
+
+    fn event(&self, i: usize) -> UsageRef<'_> {
+        let m = &self.events[i];
+        let start = if i == 0 { 0 } else { self.events[i - 1].end };
+        UsageRef {
+            seq: m.seq,
+            created_at: m.created_at,
+            key_id: m.key_id.as_deref(),
+            json: &self.json[start..m.end],
+        }
+    }
+
+    fn last_seq(&self) -> i64 {
+        self.events.last().map_or(i64::MIN, |m| m.seq)
+    }
+}
+
+/// One usage event of a chunk.
+#[derive(Clone, Copy)]
+struct UsageRef<'a> {
+    seq: i64,
+    created_at: i64,
+    key_id: Option<&'a str>,
+    json: &'a [u8],
+}
+
+/// Usage events read at once, oldest first: runs of consecutive events of shared chunks.
+#[derive(Default)]
+struct UsageRead {
+    runs: Vec<(Arc<UsageChunk>, std::ops::Range<usize>)>,
+    len: usize,
+}
+
+impl UsageRead {
+    fn of(chunk: UsageChunk) -> UsageRead {
+        let mut read = UsageRead::default();
+        let all = 0..chunk.events.len();
+        read.push(Arc::new(chunk), all);
+        read
+    }
+
+    fn push(&mut self, chunk: Arc<UsageChunk>, events: std::ops::Range<usize>) {
+        if !events.is_empty() {
+            self.len += events.len();
+            self.runs.push((chunk, events));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = UsageRef<'_>> {
+        self.runs
+            .iter()
+            .flat_map(|(chunk, events)| events.clone().map(|i| chunk.event(i)))
+    }
+
+    #[cfg(test)]
+    fn last(&self) -> Option<UsageRef<'_>> {
+        self.runs.last().map(|(chunk, events)| chunk.event(events.end - 1))
+    }
 }
 
 /// How many events a destination reads from its outboxes at once (in whole batches, at least one):
 /// each read is a hand-off to a blocking thread, which costs more than reading the rows.
 const READ_AHEAD: usize = 1_000;
 
-/// How many usage events the shared window keeps (about 5 MiB): more than a few commits' worth at
-/// any rate the gateway reaches (the writer commits ten times a second), so destinations that keep
-/// up never read the database. One that trails further reads the database itself.
+/// How many usage events the shared window keeps (about 5 MiB), and one commit's more: more than a
+/// few commits' worth at any rate the gateway reaches (the writer commits ten times a second), so
+/// destinations that keep up never read the database. One that trails further reads the database
+/// itself.
 const SHARED_USAGE: usize = 16_384;
 
 /// The usage outbox as every destination reads it. It follows the request log (see
-/// [`LogFollower`]): the writer hands it each commit's rows, which it serializes once and keeps in
-/// a window of the newest events, shared by every destination. Destinations that keep up cost no
-/// database read and one serialization per call, however many there are. It holds every usage row
-/// with `lo < seq <= hi`; a destination behind it (after a restart, or after its endpoint was down)
-/// reads the database until it catches up.
+/// [`LogFollower`]): the writer hands it each commit's rows, which it serializes once, into one
+/// chunk, and keeps in a window of the newest events, shared by every destination. Destinations
+/// that keep up cost no database read and one serialization per call, however many there are. It
+/// holds every usage row with `lo < seq <= hi`; a destination behind it (after a restart, or after
+/// its endpoint was down) reads the database until it catches up.
 struct UsageOutbox {
-    /// How many events the window keeps.
+    /// How many events the window keeps (it drops a chunk only while the rest hold this many).
     cap: usize,
     shared: Mutex<SharedUsage>,
     /// Woken after each commit that added usage events.
@@ -826,7 +921,25 @@ struct SharedUsage {
     started: bool,
     lo: i64,
     hi: i64,
-    rows: std::collections::VecDeque<Arc<Usage>>,
+    /// Non-empty chunks, oldest first, each with how many events were kept before it since the
+    /// window started (so that counting the events after a seq takes no walk over the chunks).
+    chunks: std::collections::VecDeque<(u64, Arc<UsageChunk>)>,
+    /// How many events the chunks hold.
+    len: usize,
+    /// How many events were kept since the window started.
+    kept: u64,
+}
+
+impl SharedUsage {
+    /// The first chunk holding events after `after`, and the first of them in it.
+    fn first_after(&self, after: i64) -> (usize, usize) {
+        let c = self.chunks.partition_point(|(_, chunk)| chunk.last_seq() <= after);
+        let e = self
+            .chunks
+            .get(c)
+            .map_or(0, |(_, chunk)| chunk.events.partition_point(|m| m.seq <= after));
+        (c, e)
+    }
 }
 
 impl UsageOutbox {
@@ -840,26 +953,39 @@ impl UsageOutbox {
 
     /// Up to `limit` usage events after `after`, oldest first: from the window if it reaches back
     /// that far, else from the database.
-    fn after(&self, conn: &rusqlite::Connection, after: i64, limit: usize) -> Result<Vec<Arc<Usage>>, StoreError> {
+    fn after(&self, conn: &rusqlite::Connection, after: i64, limit: usize) -> Result<UsageRead, StoreError> {
         match self.in_window(after, limit) {
-            Some(rows) => Ok(rows),
+            Some(read) => Ok(read),
             None => read_usage(conn, after, limit),
         }
     }
 
     /// Up to `limit` usage events after `after` from the window, if it reaches back that far.
-    fn in_window(&self, after: i64, limit: usize) -> Option<Vec<Arc<Usage>>> {
+    fn in_window(&self, after: i64, limit: usize) -> Option<UsageRead> {
         let shared = self.shared.lock().unwrap();
         (shared.started && after >= shared.lo).then(|| {
-            let start = shared.rows.partition_point(|u| u.seq <= after);
-            shared.rows.range(start..).take(limit).cloned().collect()
+            let mut read = UsageRead::default();
+            let (first, mut from) = shared.first_after(after);
+            for (_, chunk) in shared.chunks.range(first..) {
+                if read.len() >= limit {
+                    break;
+                }
+                let to = chunk.events.len().min(from.saturating_add(limit - read.len()));
+                read.push(chunk.clone(), from..to);
+                from = 0;
+            }
+            read
         })
     }
 
     /// How many usage events after `after` the window holds.
     fn available_after(&self, after: i64) -> usize {
         let shared = self.shared.lock().unwrap();
-        shared.rows.len() - shared.rows.partition_point(|u| u.seq <= after)
+        let (c, e) = shared.first_after(after);
+        shared
+            .chunks
+            .get(c)
+            .map_or(0, |(before, _)| (shared.kept - before) as usize - e)
     }
 
     /// Waits until the window holds at least `wanted` usage events after `after` (`false`), or
@@ -896,26 +1022,33 @@ impl UsageOutbox {
 impl LogFollower for UsageOutbox {
     fn committed(&self, after: i64, last: i64, rows: &mut dyn Iterator<Item = (i64, &RequestRow)>) {
         // Serialized before taking the lock: readers wait only for the hand-over.
-        let fresh: Vec<Arc<Usage>> = rows
-            .filter(|(_, r)| is_usage(r))
-            .map(|(seq, r)| Arc::new(Usage::of(seq, r)))
-            .collect();
+        let fresh = UsageChunk::of(rows.filter(|(_, r)| is_usage(r)));
         let mut shared = self.shared.lock().unwrap();
         if !shared.following {
             return;
         }
         if !shared.started || shared.hi != after {
             // The first commit it is told of: what came before is in the database only.
-            shared.rows.clear();
-            shared.started = true;
-            shared.lo = after;
+            let following = shared.following;
+            *shared = SharedUsage {
+                following,
+                started: true,
+                lo: after,
+                ..SharedUsage::default()
+            };
         }
         shared.hi = last;
-        let grew = !fresh.is_empty();
-        shared.rows.extend(fresh);
-        while shared.rows.len() > self.cap {
-            let dropped = shared.rows.pop_front().expect("longer than the cap");
-            shared.lo = dropped.seq;
+        let grew = !fresh.events.is_empty();
+        if grew {
+            let before = shared.kept;
+            shared.kept += fresh.events.len() as u64;
+            shared.len += fresh.events.len();
+            shared.chunks.push_back((before, Arc::new(fresh)));
+        }
+        while shared.chunks.len() > 1 && shared.len - shared.chunks[0].1.events.len() >= self.cap {
+            let (_, dropped) = shared.chunks.pop_front().expect("more than one");
+            shared.len -= dropped.events.len();
+            shared.lo = dropped.last_seq();
         }
         drop(shared);
         if grew {
@@ -924,23 +1057,10 @@ impl LogFollower for UsageOutbox {
     }
 }
 
-impl Usage {
-    fn of(seq: i64, r: &RequestRow) -> Usage {
-        Usage {
-            json: usage_event(r),
-            seq,
-            created_at: r.created_at,
-            key_id: r.key_id.clone(),
-        }
-    }
-}
-
 /// The usage events after `after` in the database, serialized.
-fn read_usage(conn: &rusqlite::Connection, after: i64, limit: usize) -> Result<Vec<Arc<Usage>>, StoreError> {
-    Ok(Store::usage_after(conn, after, limit as i64)?
-        .into_iter()
-        .map(|r| Arc::new(Usage::of(r.seq, &r)))
-        .collect())
+fn read_usage(conn: &rusqlite::Connection, after: i64, limit: usize) -> Result<UsageRead, StoreError> {
+    let rows = Store::usage_after(conn, after, limit as i64)?;
+    Ok(UsageRead::of(UsageChunk::of(rows.iter().map(|r| (r.seq, r)))))
 }
 
 /// A destination's stored cursor. A new destination starts at the end of the outboxes (it receives
@@ -1237,6 +1357,9 @@ mod tests {
                     let limit = 1 + next(70) as usize;
                     let read = outbox.after(&conn, cursors[d], limit).unwrap();
                     assert!(read.len() <= limit);
+                    if let Some(held) = outbox.in_window(cursors[d], usize::MAX) {
+                        assert_eq!(outbox.available_after(cursors[d]), held.len());
+                    }
                     if let Some(last) = read.last() {
                         cursors[d] = last.seq;
                     }
@@ -1256,7 +1379,7 @@ mod tests {
         }
         // Each event is the row's, serialized.
         let first = outbox.after(&conn, 0, 1).unwrap();
-        let event: Value = serde_json::from_str(&first[0].json).unwrap();
+        let event: Value = serde_json::from_slice(first.iter().next().unwrap().json).unwrap();
         assert_eq!(event["id"], "usage_req_00000000");
         assert_eq!(event["data"]["keyId"], "key_1");
     }
@@ -1277,7 +1400,8 @@ mod tests {
             second.iter().map(|u| u.seq).collect::<Vec<_>>(),
             (6..=15).collect::<Vec<_>>()
         );
-        assert!(Arc::ptr_eq(&first[3], &second[3]), "serialized once");
+        let (a, b) = (first.iter().nth(3).unwrap().json, second.iter().nth(3).unwrap().json);
+        assert!(std::ptr::eq(a, b), "serialized once");
         assert_eq!(outbox.available_after(5), 10);
         assert_eq!(outbox.available_after(12), 3);
         // ... and a destination behind them reads the database.
@@ -1344,6 +1468,12 @@ mod tests {
     }
 
     /// A usage event as serde writes it: what the hand-written one must be, byte for byte.
+    fn usage_event(r: &RequestRow) -> String {
+        let mut out = Vec::new();
+        write_usage_event(&mut out, r);
+        String::from_utf8(out).unwrap()
+    }
+
     fn usage_event_by_serde(r: &RequestRow) -> String {
         #[derive(serde::Serialize)]
         #[serde(rename_all = "camelCase")]
