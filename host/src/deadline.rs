@@ -123,9 +123,15 @@ impl Deadlines {
 
     /// Registers a deadline `after` from now.
     pub fn register(&self, after: Duration) -> Deadline {
+        self.register_from(Instant::now(), after)
+    }
+
+    /// Registers a deadline `after` from `from` (a moment just taken, so that a request that
+    /// already read the clock need not read it again).
+    pub fn register_from(&self, from: Instant, after: Duration) -> Deadline {
         let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
         let alarm = Arc::new(Alarm::default());
-        let at_ms = self.inner.now_ms() + after.as_millis() as u64;
+        let at_ms = from.saturating_duration_since(self.inner.epoch).as_millis() as u64 + after.as_millis() as u64;
         self.inner.shard(key).lock().unwrap().insert(
             key,
             Entry {

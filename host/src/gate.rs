@@ -338,8 +338,13 @@ impl Gate {
 
     /// `key` if its status lets it be served: active and not expired.
     pub fn admit(&self, key: Arc<Key>) -> Result<Arc<Key>, Refusal> {
+        self.admit_at(key, crate::ledger::now_ms())
+    }
+
+    /// [`Gate::admit`] at `now_ms` (read once for the whole call).
+    pub fn admit_at(&self, key: Arc<Key>, now_ms: i64) -> Result<Arc<Key>, Refusal> {
         match key.status() {
-            Status::Active if key.is_expired(crate::ledger::now_ms()) => Err(Refusal::Expired),
+            Status::Active if key.is_expired(now_ms) => Err(Refusal::Expired),
             Status::Active => Ok(key),
             Status::Suspended => Err(Refusal::Suspended),
             Status::Revoked => Err(Refusal::Revoked),
@@ -472,9 +477,9 @@ impl Gate {
         &self.inner.window
     }
 
-    /// Reserves the price of a call on `key` under `request_id`.
-    pub fn reserve(&self, key: Arc<Key>, amount: i64, request_id: &str) -> Result<Reservation, Refusal> {
-        Ok(self.inner.ledger.reserve(key, amount, request_id)?)
+    /// Reserves the price of a call on `key` under `request_id`, at `now_ms`.
+    pub fn reserve(&self, key: Arc<Key>, amount: i64, request_id: &str, now_ms: i64) -> Result<Reservation, Refusal> {
+        Ok(self.inner.ledger.reserve_at(key, amount, request_id, now_ms)?)
     }
 
     /// Settles a reservation by the call's outcome and waits until the result is durable. Returns

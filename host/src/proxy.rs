@@ -341,7 +341,7 @@ async fn post(state: &AppState, req: Request<hyper::body::Incoming>, peer: IpAdd
             trace.client = client;
             // Boxed, so that the futures above it (and the one hyper holds) stay small: each is
             // copied whole as it is built, and this one is most of a request's.
-            Box::pin(post_inner(state, &parts, body, peer, &mut id, &mut trace)).await
+            Box::pin(post_inner(state, &parts, body, peer, started, &mut id, &mut trace)).await
         }
         Err(e) => Err(e),
     };
@@ -387,10 +387,10 @@ async fn post_inner(
     parts: &Parts,
     body: hyper::body::Incoming,
     peer: IpAddr,
+    started: std::time::Instant,
     id_out: &mut Value,
     trace: &mut Trace,
 ) -> Result<Response<Body>, Error> {
-    let started = std::time::Instant::now();
     let config = state.config();
     let headers = &parts.headers;
     check_origin(config, headers)?;
@@ -411,7 +411,7 @@ async fn post_inner(
     }
     // One deadline for the whole exchange: reading the body, the upstream call, the answer.
     let call_timeout = config.upstream.call_timeout;
-    let deadline = state.deadlines().register(call_timeout);
+    let deadline = state.deadlines().register_from(started, call_timeout);
     let raw = deadline::race(deadline.alarm(), read_body(parts, body, config.server.max_body_bytes))
         .await
         .map_err(|_| Error::BodyTimeout)??;
@@ -486,7 +486,7 @@ async fn post_inner(
                 }),
                 _ => None,
             };
-            let charge = match state.gate() {
+            let mut charge = match state.gate() {
                 Some(gate) if !gate.is_free(method) => {
                     trace.gated = true;
                     let request_id = trace.id.clone();
@@ -501,7 +501,10 @@ async fn post_inner(
                     let mut price = None;
                     let shadow = gate.is_shadow();
                     let admitted = (|| {
-                        let key = gate.admit(holder.take().expect("looked up for a method that is not free")?)?;
+                        // The wall clock, read once for the key's expiry, the price and the quotas.
+                        let now_ms = crate::ledger::now_ms();
+                        let key =
+                            gate.admit_at(holder.take().expect("looked up for a method that is not free")?, now_ms)?;
                         key_id = Some(CompactString::from(key.id.as_str()));
                         // One read of the key's settings serves every check and the price.
                         let settings = key.settings_now();
@@ -512,7 +515,7 @@ async fn post_inner(
                             tool: gate_tool,
                             arguments,
                             request_id: &request_id,
-                            now_ms: crate::ledger::now_ms(),
+                            now_ms,
                         };
                         let p = gate.price(&key, &settings, &input)?;
                         price = Some(p);
@@ -520,7 +523,7 @@ async fn post_inner(
                             gate.would_reserve(&key, p.reserved())?;
                             return Ok(None);
                         }
-                        gate.reserve(key, p.reserved(), &request_id).map(Some)
+                        gate.reserve(key, p.reserved(), &request_id, now_ms).map(Some)
                     })();
                     let record = CallRecord {
                         request_id: &request_id,
@@ -540,7 +543,8 @@ async fn post_inner(
                             tool,
                             started,
                             client_request_id: trace.client.clone(),
-                            forwarded: std::time::Instant::now(),
+                            // Set below, as the call is forwarded.
+                            forwarded: started,
                         }),
                         Ok(None) => {
                             gate.log_shadow_allowed(&record, price.map_or(0, |p| p.reserved()));
@@ -560,6 +564,9 @@ async fn post_inner(
                 _ => None,
             };
             let forwarded = std::time::Instant::now();
+            if let Some(c) = charge.as_mut() {
+                c.forwarded = forwarded;
+            }
             let reply = with_deadline(&deadline, call_timeout, upstream.request(&session, headers, msg, raw)).await;
             trace.upstream = Some(forwarded.elapsed());
             match gone_ends_session(state, &session, reply).await {

@@ -256,8 +256,18 @@ impl Ledger {
     /// Refused once the store has failed: a call that could not be recorded is not forwarded.
     /// Takes the caller's reference to the key (no count to bump on a line both threads write).
     pub fn reserve(&self, key: Arc<Key>, amount: i64, request_id: &str) -> Result<Reservation, LedgerError> {
+        self.reserve_at(key, amount, request_id, now_ms())
+    }
+
+    /// [`Ledger::reserve`] at `at` (milliseconds since the epoch, read once for the whole call).
+    pub fn reserve_at(
+        &self,
+        key: Arc<Key>,
+        amount: i64,
+        request_id: &str,
+        at: i64,
+    ) -> Result<Reservation, LedgerError> {
         self.inner.store.check()?;
-        let at = now_ms();
         key.charge(amount, at)?;
         Ok(Reservation {
             key,
@@ -274,7 +284,9 @@ impl Ledger {
     /// (0 once journaled; the commit's without a journal).
     pub fn settle(&self, r: Reservation, kept: i64, row: RequestRow) -> Result<u64, LedgerError> {
         let refund = r.amount - kept.clamp(0, r.amount);
-        let now = now_ms();
+        // The request-log row was made just now: its time is the settlement's (never before the
+        // charge's, which would move the key's usage back a day).
+        let now = row.created_at.max(r.at);
         let ledger_row = |entry, amount, at| Op::Ledger {
             request_id: r.request_id.clone(),
             key_id: r.key.id.as_str().into(),
