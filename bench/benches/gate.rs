@@ -56,7 +56,9 @@ fn paid_call(c: &mut Criterion) {
             now_ms: now_ms(),
         };
         let price = gate.price(&key, &settings, &input).unwrap();
-        let reservation = gate.reserve(key.clone(), price.reserved(), &request_id).unwrap();
+        let reservation = gate
+            .reserve(key.clone(), price.reserved(), &request_id, input.now_ms)
+            .unwrap();
         let record = CallRecord {
             request_id: &request_id,
             client_request_id: None,
