@@ -1029,9 +1029,8 @@ impl LogFollower for UsageOutbox {
         }
         if !shared.started || shared.hi != after {
             // The first commit it is told of: what came before is in the database only.
-            let following = shared.following;
             *shared = SharedUsage {
-                following,
+                following: true,
                 started: true,
                 lo: after,
                 ..SharedUsage::default()
