@@ -940,6 +940,31 @@ impl SharedUsage {
             .map_or(0, |(_, chunk)| chunk.events.partition_point(|m| m.seq <= after));
         (c, e)
     }
+
+    /// Up to `limit` usage events after `after`, if the window reaches back that far.
+    fn read(&self, after: i64, limit: usize) -> Option<UsageRead> {
+        (self.started && after >= self.lo).then(|| {
+            let mut read = UsageRead::default();
+            let (first, mut from) = self.first_after(after);
+            for (_, chunk) in self.chunks.range(first..) {
+                if read.len() >= limit {
+                    break;
+                }
+                let to = chunk.events.len().min(from.saturating_add(limit - read.len()));
+                read.push(chunk.clone(), from..to);
+                from = 0;
+            }
+            read
+        })
+    }
+
+    /// How many usage events after `after` the chunks hold.
+    fn count_after(&self, after: i64) -> usize {
+        let (c, e) = self.first_after(after);
+        self.chunks
+            .get(c)
+            .map_or(0, |(before, _)| (self.kept - before) as usize - e)
+    }
 }
 
 impl UsageOutbox {
@@ -962,30 +987,12 @@ impl UsageOutbox {
 
     /// Up to `limit` usage events after `after` from the window, if it reaches back that far.
     fn in_window(&self, after: i64, limit: usize) -> Option<UsageRead> {
-        let shared = self.shared.lock().unwrap();
-        (shared.started && after >= shared.lo).then(|| {
-            let mut read = UsageRead::default();
-            let (first, mut from) = shared.first_after(after);
-            for (_, chunk) in shared.chunks.range(first..) {
-                if read.len() >= limit {
-                    break;
-                }
-                let to = chunk.events.len().min(from.saturating_add(limit - read.len()));
-                read.push(chunk.clone(), from..to);
-                from = 0;
-            }
-            read
-        })
+        self.shared.lock().unwrap().read(after, limit)
     }
 
     /// How many usage events after `after` the window holds.
     fn available_after(&self, after: i64) -> usize {
-        let shared = self.shared.lock().unwrap();
-        let (c, e) = shared.first_after(after);
-        shared
-            .chunks
-            .get(c)
-            .map_or(0, |(before, _)| (shared.kept - before) as usize - e)
+        self.shared.lock().unwrap().count_after(after)
     }
 
     /// Waits until the window holds at least `wanted` usage events after `after` (`false`), or
@@ -1356,9 +1363,12 @@ mod tests {
                     let limit = 1 + next(70) as usize;
                     let read = outbox.after(&conn, cursors[d], limit).unwrap();
                     assert!(read.len() <= limit);
-                    if let Some(held) = outbox.in_window(cursors[d], usize::MAX) {
-                        assert_eq!(outbox.available_after(cursors[d]), held.len());
+                    // Counted and read under one lock: the writer may tell of a commit in between.
+                    let shared = outbox.shared.lock().unwrap();
+                    if let Some(held) = shared.read(cursors[d], usize::MAX) {
+                        assert_eq!(shared.count_after(cursors[d]), held.len());
                     }
+                    drop(shared);
                     if let Some(last) = read.last() {
                         cursors[d] = last.seq;
                     }
