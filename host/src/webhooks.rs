@@ -924,8 +924,6 @@ struct SharedUsage {
     /// Non-empty chunks, oldest first, each with how many events were kept before it since the
     /// window started (so that counting the events after a seq takes no walk over the chunks).
     chunks: std::collections::VecDeque<(u64, Arc<UsageChunk>)>,
-    /// How many events the chunks hold.
-    len: usize,
     /// How many events were kept since the window started.
     kept: u64,
 }
@@ -1048,12 +1046,12 @@ impl LogFollower for UsageOutbox {
         if grew {
             let before = shared.kept;
             shared.kept += fresh.events.len() as u64;
-            shared.len += fresh.events.len();
             shared.chunks.push_back((before, Arc::new(fresh)));
         }
-        while shared.chunks.len() > 1 && shared.len - shared.chunks[0].1.events.len() >= self.cap {
+        // The oldest chunk goes while the chunks after it still hold `cap` events (every event
+        // kept from the second chunk on).
+        while shared.chunks.len() > 1 && shared.kept - shared.chunks[1].0 >= self.cap as u64 {
             let (_, dropped) = shared.chunks.pop_front().expect("more than one");
-            shared.len -= dropped.events.len();
             shared.lo = dropped.last_seq();
         }
         drop(shared);
